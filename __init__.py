@@ -8,7 +8,15 @@ import warnings
 # neureg configures DataJoint itself (embedded server by default), so a missing datajoint.json is normal.
 warnings.filterwarnings("ignore", message="No datajoint.json found", category=UserWarning)
 
-from .connection import ConfigurationError, connect  # noqa: E402
-
 __version__ = "0.1.0"
 __all__ = ["connect", "ConfigurationError", "__version__"]
+
+
+def __getattr__(name: str):
+    """``connect`` and ``ConfigurationError`` load the database layer on first use, so ``neureg.models``
+    (pure torch and numpy) imports on a GPU node or in a notebook that has no DataJoint installed."""
+    if name in ("connect", "ConfigurationError"):
+        from . import connection
+
+        return getattr(connection, name)
+    raise AttributeError(f"module 'neureg' has no attribute {name!r}")

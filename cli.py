@@ -124,6 +124,12 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neureg",
@@ -133,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--home", help="data directory for the embedded database and store (env NEUREG_HOME)")
     parser.add_argument("--prefix", help="schema name prefix (env NEUREG_PREFIX, default 'neureg_')")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at debug level")
+    parser.add_argument("--version", action="version", version=f"neureg {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("init", help="start or reach the database and declare every schema")
@@ -183,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for commands that start copies of themselves
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr
     )

@@ -96,6 +96,18 @@ def _server_configured() -> bool:
     return find_config_file() is not None
 
 
+def _private_folder(folder: Path) -> None:
+    """Create ``folder`` readable by its owner only; warn about an existing one that everyone can read.
+
+    A lab that shares a store through a group gives that folder to the group itself (chmod 2770, see the
+    README); neureg never opens one up, and never narrows a folder it did not create."""
+    if not folder.exists():
+        folder.mkdir(parents=True, mode=0o700)
+        folder.chmod(0o700)
+    elif folder.stat().st_mode & 0o007:
+        logger.warning("the object store %s is readable by every user on this machine (chmod o-rwx it)", folder)
+
+
 def _start_embedded(home: Path) -> dict:
     """Start (or join) the embedded PostgreSQL server under ``home``: about a second cold, socket only."""
     home.mkdir(parents=True, exist_ok=True)
@@ -142,11 +154,12 @@ def connect(home=None, prefix=None, backend=None, *, create_tables=True) -> Simp
         )
     _lab_store_configured()  # snapshot the lab's stores before neureg adds its own
     if settings.store is not None:
-        settings.store.mkdir(parents=True, exist_ok=True)
+        _private_folder(settings.store)
         stores = dict(dj.config.stores or {})
         stores[STORE] = {"protocol": "file", "location": str(settings.store)}
         dj.config.stores = stores
-    dj.config["safemode"] = False  # neureg's own deletes are explicit; DataJoint's prompt blocks workers
+    # safemode (DataJoint's delete/drop confirmation) stays as the user configured it: on by default, so a
+    # notebook's stray delete asks first. Only workers, which never delete interactively, turn it off.
     try:
         dj.conn(reset=True)
     except Exception as exc:

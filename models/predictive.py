@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .runtime import synchronize
 from .predictive_mapping import receptive_field_positions
 from .predictive_modules import (FactorizedReadout, GaussianReadout, Modulator, PredictiveNetwork,
                                  Shifter, SkipCore)
@@ -297,7 +298,8 @@ def _train(model, data, train_idx, val_idx, cfg, seed, device, progress, start) 
     for epoch in range(1, cfg["max_epochs"] + 1):
         tic = time.perf_counter()
         model.train()
-        losses = []
+        loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
+        n_batches = 0
         order = torch.as_tensor(rng.permutation(train_idx), device=device)
         for first in range(0, len(order), cfg["batch_size"]):
             idx = order[first:first + cfg["batch_size"]]
@@ -309,11 +311,13 @@ def _train(model, data, train_idx, val_idx, cfg, seed, device, progress, start) 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(fit_loss.item())
+            loss_sum += fit_loss.detach()
+            n_batches += 1
             images_seen += len(idx)
+        synchronize(device)
         train_seconds = time.perf_counter() - tic
         val_corr = _validation_corr(model, data, val_t, max(cfg["batch_size"], 256))
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_corr": val_corr,
+        row = {"epoch": epoch, "train_loss": float(loss_sum) / max(n_batches, 1), "val_corr": val_corr,
                "lr": optimizer.param_groups[0]["lr"], "train_seconds": train_seconds,
                "seconds": time.perf_counter() - tic}
         history.append(row)

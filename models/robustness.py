@@ -258,8 +258,12 @@ def robust_accuracy(
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | torch.device | None = None,
     seed: int | None = 0,
+    method: str = "pgd",
 ) -> float:
     """Fraction of images still correctly classified after a PGD attack of size ``epsilon``.
+
+    ``method="autoattack"`` runs AutoAttack instead (``autoattack.py``: version standard, or rand for a
+    stochastic model, i.e. when ``eot_samples`` is given); ``steps`` and ``restarts`` then don't apply.
 
     ``norm`` is "linf" or "l2"; ``epsilon`` defaults to the leaderboard budget (Linf 8/255, L2 0.5).
     The attack is foolbox's PGD with a random start, ``steps`` steps of ``rel_stepsize * epsilon``
@@ -272,6 +276,13 @@ def robust_accuracy(
     """
     import foolbox as fb
 
+    if method == "autoattack":
+        from .autoattack import autoattack_robust_accuracy
+
+        return autoattack_robust_accuracy(model, images, labels, norm, epsilon, "rand" if eot_samples else "standard",
+                                          eot_samples, batch_size, device, seed)
+    if method != "pgd":
+        raise ValueError(f"method must be 'pgd' or 'autoattack', got {method!r}")
     if norm not in LEADERBOARD_EPSILONS:
         raise ValueError(f"norm must be one of {sorted(LEADERBOARD_EPSILONS)}, got {norm!r}")
     epsilon = LEADERBOARD_EPSILONS[norm] if epsilon is None else float(epsilon)

@@ -23,14 +23,3 @@ def array_to_state(array, map_location: str = "cpu") -> dict:
     data = np.asarray(array, dtype=np.uint8)
     return torch.load(io.BytesIO(data.tobytes()), map_location=map_location, weights_only=True)
 
-
-def default_device() -> str:
-    """NEUREG_DEVICE if set, else the first CUDA device when one is visible, else the CPU."""
-    import os
-
-    requested = os.environ.get("NEUREG_DEVICE")
-    if requested:
-        if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"NEUREG_DEVICE={requested} but torch sees no CUDA device")
-        return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -10,8 +10,13 @@ Randomness. Every random stream (data order, augmentation, pair sampling, VOne n
 global RNG) is re-seeded at the start of each epoch from (seed, epoch, stream). A run resumed from the
 checkpoint of epoch e therefore replays epoch e + 1 exactly as the uninterrupted run did, without having
 to carry RNG states in the checkpoint. On the CPU the resumed run is bitwise identical to the
-uninterrupted one (the tests check exact equality); on CUDA, with ``deterministic`` on, cuDNN picks
-deterministic kernels, so the same is expected on the same GPU and software stack.
+uninterrupted one (the tests check exact equality); on CUDA, with ``Runtime.deterministic`` on, cuDNN
+picks deterministic kernels, so the same is expected on the same GPU and software stack.
+
+No per-step host sync. All of an epoch's random numbers (order, crops, flips, pairs) are drawn on the
+host at the start of the epoch and copied to the device once; a step only slices device tensors, and
+losses are summed on the device and read once per epoch. That keeps the GPU queue full (a blocking
+host-to-device copy per step would drain it) and lets a whole step be captured as a CUDA graph.
 
 Stimulus images and BatchNorm. The pair images go through the network in train mode (batch statistics,
 as the CIFAR batch does) but with the BatchNorm running statistics frozen: those statistics are what the
@@ -23,8 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
-import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -36,11 +39,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .datasets import Dataset, dataset_checksum
+from .checkpoint import load_checkpoint, run_fingerprint, save_checkpoint
+from .datasets import Dataset
+from .graphs import GraphedStep
 from .networks import build_network, default_network_config, tap_feature_sizes
 from .regularizer import PairSampler, SimilarityRegularizer
+from .runtime import Runtime, as_runtime, synchronize
 
-CHECKPOINT_FORMAT = 1
 AUGMENTATIONS = ("crop_flip", "crop", "none")
 
 
@@ -58,11 +63,7 @@ def default_train_config() -> dict:
         "lr_reset_epochs": 20,  # None or 0: no reset
         "augment": "crop_flip",  # random 32x32 crop of the 4-px zero-padded image, horizontal flip
         "max_train_images": None,  # a fixed (seed-independent) subset of the training set, for demos
-        "eval_batch_size": 500,
-        "amp": True,  # bfloat16 autocast, on CUDA only
-        "channels_last": True,  # on CUDA only
-        "deterministic": True,  # cuDNN deterministic kernels on CUDA (CPU training is deterministic)
-    }
+    }  # how a run executes (device, bf16, channels_last, cuDNN determinism) is a Runtime, never hashed
 
 
 def default_regularizer_config() -> dict:
@@ -121,20 +122,50 @@ def frozen_bn_statistics(model: nn.Module):
             m.momentum = momentum
 
 
-def augment_batch(x: torch.Tensor, generator: torch.Generator, mode: str, pad: int = 4) -> torch.Tensor:
-    """Random crop of the zero-padded images (and horizontal flip) as one gather; random numbers on CPU."""
+@dataclass
+class EpochPlan:
+    """An epoch's random numbers on the device: batch order (steps, B), crop offsets and flips."""
+
+    order: torch.Tensor
+    dy: torch.Tensor
+    dx: torch.Tensor
+    flip: torch.Tensor
+    pair_images: torch.Tensor | None  # (steps, 2P) indices into the stimulus images
+
+
+def plan_epoch(seed: int, epoch: int, n_train: int, batch_size: int, mode: str,
+               sampler: "PairSampler | None", device: torch.device, pad: int = 4) -> EpochPlan:
+    """Draw the epoch's order, augmentation and pairs from (seed, epoch) streams on the host; copy once."""
+    steps = n_train // batch_size
+    order_rng = torch.Generator().manual_seed(derived_seed(seed, epoch, "order"))
+    order = torch.randperm(n_train, generator=order_rng)[: steps * batch_size].view(steps, batch_size)
+    augment_rng = torch.Generator().manual_seed(derived_seed(seed, epoch, "augment"))
+    shape = (steps, batch_size)
+    if mode == "none":
+        dy = dx = torch.zeros(shape, dtype=torch.long)
+        flip = torch.zeros(shape, dtype=torch.bool)
+    else:
+        dy = torch.randint(0, 2 * pad + 1, shape, generator=augment_rng)
+        dx = torch.randint(0, 2 * pad + 1, shape, generator=augment_rng)
+        flip = torch.rand(shape, generator=augment_rng) < 0.5 if mode == "crop_flip" else torch.zeros(shape, dtype=torch.bool)
+    pair_images = None
+    if sampler is not None:
+        sampler.reseed(derived_seed(seed, epoch, "pairs"))
+        pair_images = torch.stack([sampler.sample()[0] for _ in range(steps)])
+    move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+    return EpochPlan(move(order), move(dy), move(dx), move(flip), move(pair_images))
+
+
+def augment_batch(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, mode: str,
+                  pad: int = 4) -> torch.Tensor:
+    """Random crop of the zero-padded images (and horizontal flip) as one gather on x's device."""
     if mode == "none":
         return x
     n, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad)).permute(0, 2, 3, 1)
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    rows = dy[:, None] + torch.arange(h)
-    cols = dx[:, None] + torch.arange(w)
-    if mode == "crop_flip":
-        flip = torch.rand(n, generator=generator) < 0.5
-        cols = torch.where(flip[:, None], cols.flip(1), cols)
-    rows, cols = rows.to(x.device), cols.to(x.device)
+    rows = dy[:, None] + torch.arange(h, device=x.device)
+    cols = dx[:, None] + torch.arange(w, device=x.device)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
     batch = torch.arange(n, device=x.device)[:, None, None]
     return padded[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
@@ -170,21 +201,11 @@ def training_step(
     return {"loss": loss.detach(), "task_loss": task_loss.detach(), "sim_loss": sim_loss, "correct": correct}
 
 
-@torch.no_grad()
 def evaluate_accuracy(model: nn.Module, x, y, batch_size: int = 500) -> float:
-    """Top-1 accuracy in eval mode; VOne noise stays as the model's ``noise`` flag says."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    x, y = torch.as_tensor(x), torch.as_tensor(y)
-    correct = 0
-    try:
-        for start in range(0, len(x), batch_size):
-            logits = model(x[start : start + batch_size].to(device))
-            correct += int((logits.argmax(dim=1).cpu() == y[start : start + batch_size]).sum())
-    finally:
-        model.train(was_training)
-    return correct / max(1, len(x))
+    """Top-1 accuracy in eval mode (the one accuracy function: ``robustness.accuracy``)."""
+    from .robustness import accuracy
+
+    return accuracy(model, x, y, batch_size=batch_size)
 
 
 def stimuli_tensor(images) -> torch.Tensor:
@@ -202,40 +223,142 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()}
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _fingerprint(configs: dict, seed: int, dataset: Dataset, stimuli, target) -> str:
-    """What a checkpoint must match to be resumed: configs, seed, and the exact data and target."""
-    digest = hashlib.sha256(json.dumps({"configs": configs, "seed": seed}, sort_keys=True, default=str).encode())
-    digest.update(dataset_checksum(dataset).encode())
-    for array in (stimuli, target):
-        if array is not None:
-            array = array.detach().cpu().contiguous()
-            digest.update(f"{array.dtype}:{tuple(array.shape)};".encode())
-            digest.update(array.numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _save_atomically(state: dict, path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: a kill leaves the old or the new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(temporary, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-
-
 def _training_subset(dataset: Dataset, max_images: int | None) -> tuple[np.ndarray, np.ndarray]:
     if max_images is None or max_images >= len(dataset.train_y):
         return dataset.train_x, dataset.train_y
     keep = np.sort(np.random.default_rng(0).permutation(len(dataset.train_y))[:max_images])
     return dataset.train_x[keep], dataset.train_y[keep]
+
+
+@dataclass
+class TrainingRun:
+    """Everything one run holds on the device: network, optimizer, regularizer, data, configs."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    regularizer: SimilarityRegularizer | None
+    sampler: PairSampler | None
+    stimuli: torch.Tensor | None
+    target: torch.Tensor | None
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    configs: dict
+    seed: int
+    runtime: Runtime
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def alpha(self) -> float:
+        return float(self.configs["regularizer"]["alpha"])
+
+    @property
+    def steps(self) -> int:
+        return len(self.train_y) // self.configs["train"]["batch_size"]
+
+
+def build_run(net_config: dict, train_config: dict, reg_config: dict, dataset: Dataset, target_images=None,
+              target_similarity=None, seed: int = 0, runtime: Runtime | str | None = None) -> TrainingRun:
+    """A fresh run: seeded network and optimizer, target on the device, training data on the device."""
+    runtime = as_runtime(runtime)
+    net_cfg = {**default_network_config(), **net_config, "n_classes": dataset.n_classes}
+    train_cfg = {**default_train_config(), **train_config}
+    reg_cfg = {**default_regularizer_config(), **reg_config}
+    if train_cfg["augment"] not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {train_cfg['augment']!r}")
+    device, memory_format = runtime.torch_device, runtime.memory_format
+    torch.manual_seed(derived_seed(seed, 0, "init"))
+    model = build_network(net_cfg).to(device, memory_format=memory_format)
+
+    regularizer = sampler = stimuli = target = None
+    if float(reg_cfg["alpha"]) > 0:
+        if target_images is None or target_similarity is None:
+            raise ValueError("alpha > 0 needs target_images and target_similarity")
+        stimuli = stimuli_tensor(target_images).to(device, memory_format=memory_format)
+        target = torch.as_tensor(np.asarray(target_similarity), dtype=torch.float32, device=device)
+        if target.shape != (len(stimuli), len(stimuli)):
+            raise ValueError(f"target similarity {tuple(target.shape)} does not match {len(stimuli)} images")
+        sizes = tap_feature_sizes(model, tuple(stimuli.shape[1:]))
+        regularizer = SimilarityRegularizer(sizes, reg_cfg["centre_momentum"], reg_cfg["eps"]).to(device)
+        sampler = PairSampler(len(stimuli), reg_cfg["pairs_per_step"], seed)
+
+    groups = [{"params": list(model.parameters()), "weight_decay": train_cfg["weight_decay"]}]
+    if regularizer is not None:
+        groups.append({"params": [regularizer.gamma_logits], "weight_decay": 0.0})
+    optimizer = torch.optim.SGD(groups, lr=train_cfg["lr"], momentum=train_cfg["momentum"],
+                                nesterov=train_cfg["nesterov"])
+    train_x, train_y = _training_subset(dataset, train_cfg["max_train_images"])
+    run = TrainingRun(model, optimizer, regularizer, sampler, stimuli, target,
+                      torch.from_numpy(np.ascontiguousarray(train_x)).to(device),
+                      torch.from_numpy(np.ascontiguousarray(train_y)).to(device),
+                      {"network": net_cfg, "train": train_cfg, "regularizer": reg_cfg}, seed, runtime)
+    if run.steps == 0:
+        raise ValueError(f"{len(train_y)} training images make no full batch of {train_cfg['batch_size']}")
+    return run
+
+
+def resume(run: TrainingRun, checkpoint_path: Path | None, fingerprint: str) -> int:
+    """Load the run's last finished epoch from its checkpoint, if there is one; returns that epoch."""
+    state = load_checkpoint(checkpoint_path, fingerprint, run.runtime.torch_device)
+    if state is None:
+        return 0
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.regularizer is not None:
+        run.regularizer.load_state_dict(state["regularizer"])
+    run.history = list(state["history"])
+    return len(run.history)
+
+
+def run_epoch(run: TrainingRun, epoch: int) -> dict:
+    """One epoch (0-based) of SGD; returns its history record. Reads the device once, at the end."""
+    train_cfg, runtime = run.configs["train"], run.runtime
+    started = time.perf_counter()
+    lr = learning_rate(epoch, train_cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    plan = plan_epoch(run.seed, epoch, len(run.train_y), train_cfg["batch_size"], train_cfg["augment"],
+                      run.sampler, runtime.torch_device)
+    torch.manual_seed(derived_seed(run.seed, epoch, "noise"))
+    totals = torch.zeros(4, device=runtime.torch_device)  # loss, task loss, similarity loss, correct
+    pairs = None if run.sampler is None else torch.arange(2 * run.sampler.pairs_per_step,
+                                                         device=runtime.torch_device).view(-1, 2)
+    run.model.train()
+
+    def step_fn(x, y, pair_batch):
+        return training_step(run.model, run.optimizer, x, y, run.alpha, run.regularizer, pair_batch,
+                             runtime.amp_dtype)
+
+    graphed = None
+    for step in range(run.steps):
+        index = plan.order[step]
+        x = augment_batch(run.train_x[index], plan.dy[step], plan.dx[step], plan.flip[step], train_cfg["augment"])
+        x = x.contiguous(memory_format=runtime.memory_format)
+        pair_batch = None
+        if plan.pair_images is not None:
+            images = plan.pair_images[step]
+            pair_batch = PairBatch(run.stimuli[images], pairs, run.target[images[0::2], images[1::2]])
+        if runtime.cuda_graphs and runtime.on_cuda:
+            if graphed is None:  # once per epoch: the epoch's lr is baked into the captured SGD step
+                modules = [run.model] + ([run.regularizer] if run.regularizer is not None else [])
+                graphed = GraphedStep(step_fn, modules, run.optimizer, x, run.train_y[index], pair_batch)
+            out = graphed(x, run.train_y[index], pair_batch)
+        else:
+            out = step_fn(x, run.train_y[index], pair_batch)
+        totals += torch.stack([out["loss"], out["task_loss"],
+                               out["sim_loss"] if out["sim_loss"] is not None else out["loss"] * 0,
+                               out["correct"].float()]).float()
+    synchronize(runtime.torch_device)
+    loss, task, sim, correct = (float(v) for v in totals.cpu())
+    return {
+        "epoch": epoch + 1,
+        "train_loss": loss / run.steps,
+        "task_loss": task / run.steps,
+        "sim_loss": sim / run.steps if run.alpha > 0 else None,
+        "train_acc": correct / (run.steps * train_cfg["batch_size"]),
+        "lr": lr,
+        "gamma": run.regularizer.gamma().tolist() if run.regularizer is not None else None,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def train_network(
@@ -246,149 +369,46 @@ def train_network(
     target_images=None,
     target_similarity=None,
     seed: int = 0,
-    device: str | torch.device = "cpu",
+    runtime: Runtime | str | None = None,
     checkpoint_path: str | Path | None = None,
     progress: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Train one network; resume from ``checkpoint_path`` if it holds a finished epoch of this same run.
 
-    ``target_images`` (N, H, W) and ``target_similarity`` (N, N) are needed when alpha > 0. ``progress``
-    is called with each epoch's history record. The checkpoint is left in place at the end (the caller
-    deletes it once the result is stored); a checkpoint of a different run (configs, seed, data, target)
-    raises ValueError. Seeds torch's global RNG (initialisation, and each epoch for VOne noise).
+    ``target_images`` (N, H, W) and ``target_similarity`` (N, N) are needed when alpha > 0. ``runtime``
+    (a Runtime or a device string; default the CPU) says how to execute, never what to compute.
+    ``progress`` is called with each epoch's history record. The checkpoint is left in place at the end
+    (the caller deletes it once the result is stored); a checkpoint of a different run (configs, seed,
+    data, target) raises ValueError. Seeds torch's global RNG (initialisation, each epoch's VOne noise).
     """
-    net_cfg = {**default_network_config(), **net_config, "n_classes": dataset.n_classes}
-    train_cfg = {**default_train_config(), **train_config}
-    reg_cfg = {**default_regularizer_config(), **reg_config}
-    if train_cfg["augment"] not in AUGMENTATIONS:
-        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {train_cfg['augment']!r}")
-    alpha = float(reg_cfg["alpha"])
-    device = torch.device(device)
-    on_cuda = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if on_cuda and train_cfg["amp"] else None
-    memory_format = torch.channels_last if on_cuda and train_cfg["channels_last"] else torch.contiguous_format
-
-    cudnn_flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    if on_cuda:
-        torch.backends.cudnn.deterministic = bool(train_cfg["deterministic"])
-        torch.backends.cudnn.benchmark = not train_cfg["deterministic"]
-    try:
-        torch.manual_seed(derived_seed(seed, 0, "init"))
-        model = build_network(net_cfg).to(device, memory_format=memory_format)
-
-        regularizer = sampler = stimuli = target = None
-        if alpha > 0:
-            if target_images is None or target_similarity is None:
-                raise ValueError("alpha > 0 needs target_images and target_similarity")
-            stimuli = stimuli_tensor(target_images).to(device, memory_format=memory_format)
-            target = torch.as_tensor(np.asarray(target_similarity), dtype=torch.float32, device=device)
-            if target.shape != (len(stimuli), len(stimuli)):
-                raise ValueError(f"target similarity {tuple(target.shape)} does not match {len(stimuli)} images")
-            sizes = tap_feature_sizes(model, tuple(stimuli.shape[1:]))
-            regularizer = SimilarityRegularizer(sizes, reg_cfg["centre_momentum"], reg_cfg["eps"]).to(device)
-            sampler = PairSampler(len(stimuli), reg_cfg["pairs_per_step"], seed)
-
-        groups = [{"params": list(model.parameters()), "weight_decay": train_cfg["weight_decay"]}]
-        if regularizer is not None:
-            groups.append({"params": [regularizer.gamma_logits], "weight_decay": 0.0})
-        optimizer = torch.optim.SGD(
-            groups, lr=train_cfg["lr"], momentum=train_cfg["momentum"], nesterov=train_cfg["nesterov"]
-        )
-
-        configs = {"network": net_cfg, "train": train_cfg, "regularizer": reg_cfg}
-        fingerprint = _fingerprint(configs, seed, dataset, stimuli, target)
-        history: list[dict] = []
-        checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
-        if checkpoint_path is not None and checkpoint_path.exists():
-            state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-            if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != fingerprint:
-                raise ValueError(f"checkpoint {checkpoint_path} belongs to a different run; delete it to start over")
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            if regularizer is not None:
-                regularizer.load_state_dict(state["regularizer"])
-            history = list(state["history"])
-        resumed_from = len(history)
-
-        train_x, train_y = _training_subset(dataset, train_cfg["max_train_images"])
-        train_x = torch.from_numpy(np.ascontiguousarray(train_x)).to(device)
-        train_y = torch.from_numpy(np.ascontiguousarray(train_y)).to(device)
-        batch_size = train_cfg["batch_size"]
-        steps = len(train_y) // batch_size
-        if steps == 0:
-            raise ValueError(f"{len(train_y)} training images make no full batch of {batch_size}")
-
-        model.train()
-        for epoch in range(resumed_from, train_cfg["epochs"]):
-            started = time.perf_counter()
-            lr = learning_rate(epoch, train_cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            order_rng = torch.Generator().manual_seed(derived_seed(seed, epoch, "order"))
-            order = torch.randperm(len(train_y), generator=order_rng)
-            augment_rng = torch.Generator().manual_seed(derived_seed(seed, epoch, "augment"))
-            if sampler is not None:
-                sampler.reseed(derived_seed(seed, epoch, "pairs"))
-            torch.manual_seed(derived_seed(seed, epoch, "noise"))
-            totals = {key: torch.zeros((), device=device) for key in ("loss", "task_loss", "sim_loss", "correct")}
-            order = order.to(device)
-            for step in range(steps):
-                index = order[step * batch_size : (step + 1) * batch_size]
-                x = augment_batch(train_x[index], augment_rng, train_cfg["augment"])
-                x = x.contiguous(memory_format=memory_format)
-                pair_batch = None
-                if sampler is not None:
-                    images, pairs = sampler.sample()
-                    images = images.to(device)
-                    pair_values = target[images[pairs[:, 0]], images[pairs[:, 1]]]
-                    pair_batch = PairBatch(stimuli[images], pairs.to(device), pair_values)
-                out = training_step(model, optimizer, x, train_y[index], alpha, regularizer, pair_batch, amp_dtype)
-                for key, value in out.items():
-                    if value is not None:
-                        totals[key] += value.float()
-            if on_cuda:
-                torch.cuda.synchronize(device)
-            record = {
-                "epoch": epoch + 1,
-                "train_loss": float(totals["loss"]) / steps,
-                "task_loss": float(totals["task_loss"]) / steps,
-                "sim_loss": float(totals["sim_loss"]) / steps if alpha > 0 else None,
-                "train_acc": float(totals["correct"]) / (steps * batch_size),
-                "lr": lr,
-                "gamma": regularizer.gamma().tolist() if regularizer is not None else None,
-                "seconds": time.perf_counter() - started,
-            }
-            history.append(record)
+    runtime = as_runtime(runtime)
+    checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
+    with runtime.kernels():
+        run = build_run(net_config, train_config, reg_config, dataset, target_images, target_similarity,
+                        seed, runtime)
+        fingerprint = run_fingerprint(run.configs, seed, dataset, run.stimuli, run.target)
+        resumed_from = resume(run, checkpoint_path, fingerprint)
+        for epoch in range(resumed_from, run.configs["train"]["epochs"]):
+            record = run_epoch(run, epoch)
+            run.history.append(record)
             if checkpoint_path is not None:
-                state = {
-                    "format": CHECKPOINT_FORMAT,
-                    "fingerprint": fingerprint,
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "regularizer": regularizer.state_dict() if regularizer is not None else None,
-                    "history": history,
-                }
-                _save_atomically(state, checkpoint_path)
+                save_checkpoint(checkpoint_path, fingerprint, run.model, run.optimizer, run.regularizer,
+                                run.history)
             if progress is not None:
                 progress(record)
-
         eval_started = time.perf_counter()
-        torch.manual_seed(derived_seed(seed, train_cfg["epochs"], "evaluation"))
-        test_accuracy = evaluate_accuracy(model, dataset.test_x, dataset.test_y, train_cfg["eval_batch_size"])
+        torch.manual_seed(derived_seed(seed, run.configs["train"]["epochs"], "evaluation"))
+        test_accuracy = evaluate_accuracy(run.model, dataset.test_x, dataset.test_y, runtime.eval_batch_size)
         eval_seconds = time.perf_counter() - eval_started
-    finally:
-        if on_cuda:
-            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_flags
 
     return TrainResult(
-        state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
-        history=history,
+        state_dict={k: v.detach().cpu() for k, v in run.model.state_dict().items()},
+        history=run.history,
         test_accuracy=test_accuracy,
-        gamma=regularizer.gamma().tolist() if regularizer is not None else None,
-        wall_seconds=sum(r["seconds"] for r in history) + eval_seconds,
-        device=_device_name(device),
+        gamma=run.regularizer.gamma().tolist() if run.regularizer is not None else None,
+        wall_seconds=sum(r["seconds"] for r in run.history) + eval_seconds,
+        device=runtime.describe(),
         versions=_versions(),
         resumed_from_epoch=resumed_from,
-        configs=configs,
+        configs=run.configs,
     )

@@ -30,7 +30,7 @@ SIZES = {
         seeds=(0, 1),
         network=dict(width=0.125),
         vone=dict(arch="vone_resnet18", width=0.125, vone_simple_channels=16, vone_complex_channels=16),
-        train=dict(epochs=2, max_train_images=800, batch_size=32, lr=0.02, augment="none", eval_batch_size=500),
+        train=dict(epochs=2, max_train_images=800, batch_size=32, lr=0.02, augment="none"),
         n_eval=200, n_attack=10, n_robust=64,
     ),
     "fast": dict(
@@ -40,7 +40,7 @@ SIZES = {
         seeds=(0, 1),
         network=dict(width=0.0625),
         vone=dict(arch="vone_resnet18", width=0.0625, vone_simple_channels=8, vone_complex_channels=8),
-        train=dict(epochs=1, max_train_images=256, batch_size=32, lr=0.02, augment="none", eval_batch_size=500),
+        train=dict(epochs=1, max_train_images=256, batch_size=32, lr=0.02, augment="none"),
         n_eval=40, n_attack=6, n_robust=24,
     ),
 }

@@ -393,7 +393,7 @@ def select_device(requested: str | None) -> str:
         os.environ["NEUREG_DEVICE"] = requested
     import torch
 
-    from ..models.serialization import default_device
+    from ..models.runtime import default_device
 
     try:
         device = default_device()
@@ -430,6 +430,9 @@ def add_worker_arguments(parser) -> None:
                         help="retry a failed job up to N times (default 2), waiting --retry-delay, then doubling")
     parser.add_argument("--retry-delay", type=int, default=300, metavar="S",
                         help="seconds before the first retry (default 300)")
+    parser.add_argument("--per-gpu", type=int, default=1, metavar="K",
+                        help="run K worker processes on this device (they share its GPU; see README for MPS). "
+                        "Default 1")
     parser.add_argument("--device", metavar="DEV",
                         help="torch device, e.g. cuda:1 or cpu (sets NEUREG_DEVICE; default: NEUREG_DEVICE, else the "
                         "first GPU in CUDA_VISIBLE_DEVICES, else cpu)")
@@ -447,6 +450,13 @@ def cmd_worker(args) -> int:
 
     from ..connection import STAGES, connect
 
+    if args.per_gpu < 1:
+        print(f"error: --per-gpu must be at least 1, got {args.per_gpu}", file=sys.stderr)
+        return 2
+    if args.per_gpu > 1:
+        from .supervisor import run_copies
+
+        return run_copies(args.argv, args.per_gpu)
     try:
         options = options_from_args(args)
         unknown = [s for s in options.stages or () if s not in STAGES]
@@ -456,6 +466,9 @@ def cmd_worker(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     pipeline = connect(home=getattr(args, "home", None), prefix=getattr(args, "prefix", None))
+    import datajoint as dj
+
+    dj.config["safemode"] = False  # a worker has no one to answer DataJoint's delete prompt
     select_device(args.device)
     try:
         worker = Worker(pipeline, options)

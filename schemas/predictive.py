@@ -15,7 +15,8 @@ import datajoint as dj
 import numpy as np
 
 from ..models import predictive as fit
-from ..models.serialization import array_to_state, default_device, state_to_array
+from ..models.runtime import default_device
+from ..models.serialization import array_to_state, state_to_array
 from . import experiment, oracle
 from ._config import ConfigTable
 

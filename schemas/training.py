@@ -18,7 +18,8 @@ import numpy as np
 from ..hashing import stable_hash
 from ..models import datasets as data
 from ..models import networks, training
-from ..models.serialization import array_to_state, default_device, state_to_array
+from ..models.runtime import Runtime
+from ..models.serialization import array_to_state, state_to_array
 from . import similarity
 from ._config import ConfigTable
 
@@ -272,16 +273,16 @@ class TrainedNetwork(dj.Computed):
         images = matrix = None
         if target is not None:
             images, matrix = (similarity.SimilarityTarget & target).load()
-        device = default_device()
+        runtime = Runtime.from_env()
         checkpoint = checkpoint_dir() / f"{stable_hash({k: str(v) for k, v in key.items()})}.pt"
-        logger.info("training %s on %s (checkpoint %s)", key, device, checkpoint)
+        logger.info("training %s on %s (checkpoint %s)", key, runtime, checkpoint)
 
         def progress(row):
             logger.info("  epoch %d/%d: loss %.4f, train acc %.3f, lr %.4g, %.1f s", row["epoch"],
                         train["epochs"], row["train_loss"], row["train_acc"], row["lr"], row["seconds"])
 
         result = training.train_network(
-            net, train, reg, dataset, images, matrix, seed=key["seed"], device=device,
+            net, train, reg, dataset, images, matrix, seed=key["seed"], runtime=runtime,
             checkpoint_path=checkpoint, progress=progress,
         )
         return state_to_array(result.state_dict), result, str(checkpoint)

@@ -192,7 +192,7 @@ def targets(pipeline, oracle_populated, predictive_populated):
 
 TINY_NETWORK = dict(width=0.0625)
 TINY_VONE = dict(arch="vone_resnet18", width=0.0625, vone_simple_channels=8, vone_complex_channels=8)
-TINY_TRAIN = dict(epochs=2, max_train_images=192, batch_size=32, eval_batch_size=250)
+TINY_TRAIN = dict(epochs=2, max_train_images=192, batch_size=32)
 
 
 @pytest.fixture(scope="session")

@@ -54,3 +54,26 @@ def test_neureg_home_keeps_installations_apart(tmp_path, scan_folder_factory):
     scan = next(name for name in counts_one if name.endswith('."scan"'))
     assert counts_one[scan] == 1 and counts_two[scan] == 0
     assert (tmp_path / "one" / "store").is_dir() and (tmp_path / "one" / "pgdata").is_dir()
+    # The store neureg creates is its owner's alone (the responses of a lab's scans are in it).
+    assert (tmp_path / "one" / "store").stat().st_mode & 0o777 == 0o700
+
+
+def test_connect_leaves_datajoint_safemode_on(tmp_path):
+    """Only workers turn DataJoint's delete confirmation off; a notebook's connect() keeps it."""
+    code = ("import datajoint as dj, neureg, sys; neureg.connect(home=sys.argv[1]); "
+            "print('safemode', dj.config['safemode'])")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DJ_", "NEUREG_"))}
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "home")], capture_output=True, text=True,
+                         env=base, timeout=120)
+    assert run.returncode == 0 and "safemode True" in run.stdout, run.stderr[-2000:]
+
+
+def test_version_and_module_entry_point():
+    from neureg import __version__
+
+    for command in ([sys.executable, "-m", "neureg", "--version"], [sys.executable, "-m", "neureg.cli", "--version"]):
+        run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and run.stdout.strip() == f"neureg {__version__}", run
+    run = subprocess.run([sys.executable, "-m", "neureg", "status", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and "usage: neureg status" in run.stdout

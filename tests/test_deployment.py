@@ -204,3 +204,51 @@ def test_lab_member_adds_scans_and_reads_but_cannot_delete_results(pipeline, sub
     finally:
         for user in (lab, worker):
             admin.query(f"DROP USER IF EXISTS '{user}'@'%%'")
+
+
+def _dockerignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: root-relative patterns, ``**`` spans folders, the last matching line wins, ``!`` re-includes.
+    A path is also excluded when one of its parent folders is."""
+    def regex(pattern: str) -> str:
+        out, segments = "", pattern.split("/")
+        for i, segment in enumerate(segments):
+            last = i == len(segments) - 1
+            if segment == "**":
+                out += ".*" if last else "(?:[^/]+/)*"
+                continue
+            out += "".join("[^/]*" if ch == "*" else "[^/]" if ch == "?" else re.escape(ch) for ch in segment)
+            out += "" if last else "/"
+        return f"^{out}$"
+
+    def matches(pattern: str, candidate: str) -> bool:
+        return re.match(regex(pattern), candidate) is not None
+
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for line in patterns:
+        negate = line.startswith("!")
+        pattern = line[1:] if negate else line
+        if any(matches(pattern, c) for c in candidates):
+            excluded = not negate
+    return excluded
+
+
+def test_dockerignore_keeps_secrets_environments_and_vcs_out_of_images():
+    """Every Dockerfile COPYs the build context; nothing secret or local may be in it."""
+    root = Path(__file__).resolve().parents[1]
+    patterns = [line.strip() for line in (root / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    secret = [".env", ".env.local", ".secrets/db.json", "datajoint.json", "dj_local_conf.json", "certs/server.key",
+              ".git/config", ".venv/bin/python", "sub/.venv/lib/x.py", ".devsite/foolbox/__init__.py",
+              "data/scan1/data/responses/0.npy", "ckpt/run.pt", "static-1-2-3.zip"]
+    for path in secret:
+        assert _dockerignored(path, patterns), path
+    for path in ("pyproject.toml", "constraints.txt", "models/training.py", ".env.example", "tests/conftest.py"):
+        assert not _dockerignored(path, patterns), path
+    dockerfiles = list(root.glob("**/Dockerfile*"))
+    assert dockerfiles
+    for dockerfile in dockerfiles:
+        text = dockerfile.read_text()
+        for word in (".env ", ".secrets", "datajoint.json", "PASSWORD=", "DJ_PASS="):
+            assert word not in text.replace(".env.example", ""), (dockerfile, word)

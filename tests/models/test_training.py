@@ -11,7 +11,7 @@ from torch import nn
 
 from neureg.models.datasets import Dataset, load_mnist_demo
 from neureg.models.networks import build_network
-from neureg.models.regularizer import SimilarityRegularizer, evaluate_similarity_loss
+from neureg.models.regularizer import PairSampler, SimilarityRegularizer, evaluate_similarity_loss
 from neureg.models.rsa import centered_cosine
 from neureg.models.training import (
     PairBatch,
@@ -20,6 +20,7 @@ from neureg.models.training import (
     evaluate_accuracy,
     frozen_bn_statistics,
     learning_rate,
+    plan_epoch,
     train_network,
     training_step,
 )
@@ -63,15 +64,34 @@ def test_paper_schedule():
 def test_augmentation_crops_and_flips_the_padded_image():
     x = torch.rand(6, 1, 32, 32)
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
-    out = augment_batch(x, torch.Generator().manual_seed(0), "crop_flip")
+    plan = plan_epoch(seed=3, epoch=0, n_train=6, batch_size=6, mode="crop_flip", sampler=None, device="cpu")
+    out = augment_batch(x, plan.dy[0], plan.dx[0], plan.flip[0], "crop_flip")
     assert out.shape == x.shape
     for i in range(6):
-        windows = [padded[i, :, r : r + 32, c : c + 32] for r in range(9) for c in range(9)]
-        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(-1)) for w in windows)
-    crops = augment_batch(x, torch.Generator().manual_seed(0), "crop")
+        r, c = int(plan.dy[0, i]), int(plan.dx[0, i])
+        window = padded[i, :, r : r + 32, c : c + 32]
+        assert torch.equal(out[i], window.flip(-1) if plan.flip[0, i] else window)
+    crop_plan = plan_epoch(3, 0, 6, 6, "crop", None, "cpu")
+    assert not crop_plan.flip.any() and crop_plan.dy.max() <= 8
+    crops = augment_batch(x, crop_plan.dy[0], crop_plan.dx[0], crop_plan.flip[0], "crop")
     for i in range(6):
-        assert any(torch.equal(crops[i], padded[i, :, r : r + 32, c : c + 32]) for r in range(9) for c in range(9))
-    assert augment_batch(x, torch.Generator(), "none") is x
+        r, c = int(crop_plan.dy[0, i]), int(crop_plan.dx[0, i])
+        assert torch.equal(crops[i], padded[i, :, r : r + 32, c : c + 32])
+    assert augment_batch(x, plan.dy[0], plan.dx[0], plan.flip[0], "none") is x
+
+
+def test_epoch_plan_is_a_pure_function_of_seed_and_epoch():
+    """Resuming replays an epoch exactly only if its random numbers depend on (seed, epoch) alone."""
+    sampler = PairSampler(40, 4, seed=9)
+    a = plan_epoch(5, 2, 100, 16, "crop_flip", sampler, "cpu")
+    sampler.sample()  # a used generator must not change the next plan
+    b = plan_epoch(5, 2, 100, 16, "crop_flip", sampler, "cpu")
+    c = plan_epoch(5, 3, 100, 16, "crop_flip", sampler, "cpu")
+    for field in ("order", "dy", "dx", "flip", "pair_images"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert not torch.equal(a.order, c.order)
+    assert a.order.shape == (6, 16) and len(set(a.order.flatten().tolist())) == 96  # no image twice
+    assert a.pair_images.shape == (6, 8) and all(len(set(row.tolist())) == 8 for row in a.pair_images)
 
 
 def test_stimulus_pass_leaves_batchnorm_running_statistics_alone():

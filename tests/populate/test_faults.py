@@ -136,6 +136,31 @@ def test_neureg_workers_compute_each_oracle_key_once(pipeline, subprocess_env, s
         assert sorted(j["status"] for j in done) == ["success"] * 3
 
 
+def test_per_gpu_starts_k_workers_that_share_the_keys(pipeline, subprocess_env, scan_folder_factory, unique_mouse,
+                                                      tmp_path, workers):
+    """`neureg worker --per-gpu 2`: one command, two worker processes, every key computed exactly once."""
+    from neureg.populate.ingest import ingest_folder
+
+    keys = [ingest_folder(scan_folder_factory(tmp_path / f"scan{i}", mouse=unique_mouse, scan=i, seed=i), pipeline)
+            for i in (1, 2)]
+    env = dict(subprocess_env, NEUREG_STORE=dj.config.get_store_spec("neureg")["location"])
+    group = workers(env)
+    group.start([*NEUREG, "worker", "--once", "--stage", "oracle", "--per-gpu", "2", "--orphan-timeout", "60"])
+    assert group.wait(timeout=300) == [0], group.output()
+    log = group.output()
+    assert log.count("worker: stopped:") == 2, log[-2000:]  # two worker processes ran and finished
+    for key in keys:
+        described = " ".join(f"{k}={v}" for k, v in key.items())
+        assert len(re.findall(rf"done OracleStats {re.escape(described)} in ", log)) == 1, (key, log[-2000:])
+        assert len(pipeline.oracle.OracleStats & key) == 1
+
+
+def test_per_gpu_must_be_positive(tmp_path):
+    proc = subprocess.run([*NEUREG, "worker", "--once", "--per-gpu", "0"], capture_output=True, text=True,
+                          env=clean_env({"NEUREG_HOME": str(tmp_path)}), timeout=120)
+    assert proc.returncode == 2 and "--per-gpu must be at least 1" in proc.stderr
+
+
 def test_running_workers_pick_up_new_keys_and_share_them_exactly_once(toy_here, workers):
     """Three idle workers; 60 keys appear; each is computed by exactly one of them, without a restart."""
     group = workers(toy_here.env)

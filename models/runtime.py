@@ -1,0 +1,134 @@
+"""How a run executes, as opposed to what it computes: device, precision, memory layout, kernels.
+
+None of these settings enters a config hash. Two runs that differ only here are the same science
+(the same row), so they live outside the config tables and come from the worker's environment:
+
+- ``NEUREG_DEVICE``: a torch device (default: the first visible GPU, else the CPU);
+- ``NEUREG_AMP=1``: bfloat16 autocast on CUDA (faster on tensor cores; float32 accumulation);
+- ``NEUREG_CHANNELS_LAST=1``: NHWC activations on CUDA (faster convolutions under autocast);
+- ``NEUREG_DETERMINISTIC=1``: cuDNN's deterministic kernels. Off by default because it forbids the
+  fastest convolution algorithms (cuDNN benchmark mode); on, a resumed CUDA run replays the
+  uninterrupted one exactly on the same GPU and software stack. CPU runs are deterministic either way.
+- ``NEUREG_EVAL_BATCH``: images per evaluation forward pass (memory, not results).
+- ``NEUREG_CUDA_GRAPHS=1``: capture each training step as one CUDA graph (``graphs.py``): 4-5x
+  faster steps at batch 64 on an H200, where eager launches leave the GPU mostly idle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from dataclasses import dataclass, replace
+
+import torch
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+def default_device() -> str:
+    """NEUREG_DEVICE if set, else the first CUDA device when one is visible, else the CPU."""
+    requested = os.environ.get("NEUREG_DEVICE")
+    if requested:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"NEUREG_DEVICE={requested} but torch sees no CUDA device")
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    if value.strip().lower() in _TRUE:
+        return True
+    if value.strip().lower() in _FALSE:
+        return False
+    raise ValueError(f"{name}={value!r}: expected 1/0, true/false, yes/no or on/off")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Execution settings of one run; see the module docstring for what each one trades."""
+
+    device: str = "cpu"
+    amp: bool = False
+    channels_last: bool = False
+    deterministic: bool = False
+    eval_batch_size: int = 500
+    cuda_graphs: bool = False
+
+    @classmethod
+    def from_env(cls, **overrides) -> "Runtime":
+        """The worker's settings: NEUREG_* variables, then explicit ``overrides``."""
+        batch = os.environ.get("NEUREG_EVAL_BATCH", "500")
+        if not batch.isdigit() or int(batch) < 1:
+            raise ValueError(f"NEUREG_EVAL_BATCH={batch!r}: expected a positive integer")
+        runtime = cls(
+            device=default_device(),
+            amp=_flag("NEUREG_AMP", False),
+            channels_last=_flag("NEUREG_CHANNELS_LAST", False),
+            deterministic=_flag("NEUREG_DETERMINISTIC", False),
+            eval_batch_size=int(batch),
+            cuda_graphs=_flag("NEUREG_CUDA_GRAPHS", False),
+        )
+        return replace(runtime, **overrides)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.torch_device.type == "cuda"
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """bfloat16 under ``amp`` on CUDA; None (float32) otherwise."""
+        return torch.bfloat16 if self.amp and self.on_cuda else None
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last and self.on_cuda else torch.contiguous_format
+
+    def autocast(self):
+        """The autocast context of this runtime (a no-op without ``amp`` or off CUDA)."""
+        dtype = self.amp_dtype
+        return torch.autocast(self.torch_device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def kernels(self):
+        """cuDNN flags for the duration: deterministic, or benchmark mode (fastest algorithms)."""
+        if not self.on_cuda:
+            yield
+            return
+        saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+        torch.backends.cudnn.deterministic = self.deterministic
+        torch.backends.cudnn.benchmark = not self.deterministic
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+    def describe(self) -> str:
+        """The device as a person reads it: GPU name, or CPU model and thread count."""
+        if self.on_cuda:
+            return f"{self.device} ({torch.cuda.get_device_name(self.torch_device)})"
+        return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def as_runtime(runtime: "Runtime | str | None") -> Runtime:
+    """A Runtime from a Runtime, a device string, or None (the CPU with every default)."""
+    if runtime is None:
+        return Runtime()
+    if isinstance(runtime, str):
+        return Runtime(device=runtime)
+    return runtime
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (a no-op on the CPU): for timings and epoch boundaries."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
