@@ -78,7 +78,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from .models.simulator import simulate_cohort
+    from .populate.simulate import simulate_cohort
 
     folders = simulate_cohort(
         args.out, n_mice=args.mice, n_days=args.days, scans_per_day=args.scans_per_day, n_units=args.units,

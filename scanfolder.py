@@ -1,6 +1,6 @@
 """The scan-folder format that lab members bring, and its validation.
 
-One folder per scan, in the layout the mouse-V1 community already uses (DESIGN.md section 5)::
+One folder per scan, in the layout the mouse-V1 community already uses (README, "Ingesting a scan")::
 
     scan.json                              mouse, session (YYYY-MM-DD), scan; optional area, depth, frame_rate, notes
     data/images/<trial>.npy                uint8 (H, W) or (1, H, W): the image shown on that trial
@@ -226,7 +226,14 @@ def _per_trial(root: Path, sub: str, n_trials: int, shape: tuple | None, what: s
                 raise ScanFolderError(path, f"{what} must be real numbers, got dtype {value.dtype}")
             if not np.all(np.isfinite(value)):
                 raise ScanFolderError(path, f"{what} contains NaN or infinite values")
-            out[trial] = value
+            # Finite in the file's dtype is not finite in the stored one: 1e39 as float64 becomes inf
+            # as float32. Check again after the cast.
+            with np.errstate(over="ignore", invalid="ignore"):
+                stored = value.astype(out.dtype)
+            if not np.all(np.isfinite(stored)):
+                limit = np.finfo(out.dtype).max
+                raise ScanFolderError(path, f"{what} has values beyond the stored {out.dtype} range (|x| > {limit:.3g})")
+            out[trial] = stored
         else:
             arrays.append(value)
     return arrays

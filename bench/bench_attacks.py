@@ -22,8 +22,8 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from neureg.models.attacks import default_attack_configs, minimal_perturbations
-from neureg.models.robustness import accuracy
+from neureg.models.robustness.attacks import default_attack_configs, minimal_perturbations
+from neureg.models.robustness.evaluation import accuracy
 
 
 class SmallCNN(nn.Module):

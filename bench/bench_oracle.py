@@ -1,4 +1,4 @@
-"""Benchmark: simulate one paper-sized scan, then the oracle stage on it (issue 3's performance goals).
+"""Benchmark: simulate one paper-sized scan, then the oracle stage on it (the oracle stage's performance goals).
 
 Goals on the project's 2-core machines: simulating a 5000-image (+100 oracle x 10) x 8000-unit scan in
 <= 60 s; OracleStats plus the similarity matrices in <= 20 s. Prints wall and CPU seconds per step and
@@ -19,10 +19,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from neureg.models import oracle as orc
-from neureg.models import simulator as sim
-
-
+from neureg.models.neural import oracle as orc
+from neureg.models.neural import simulator as sim
 @contextmanager
 def timed(label: str, totals: dict):
     wall, cpu = time.perf_counter(), time.process_time()

@@ -1,4 +1,4 @@
-"""Benchmark: fit one predictive model on a simulated scan (issue 4: goal <= 5 min for 1000 units x
+"""Benchmark: fit one predictive model on a simulated scan (goal <= 5 min for 1000 units x
 1100 images on the CPU).
 
     python bench/bench_predictive.py                      # 1000 units, 1100 images, CPU
@@ -7,7 +7,7 @@
 Trains on the single-shown images (a random tenth held out for early stopping), as the pipeline does,
 and reports fit wall time, process CPU time (the honest number on a shared machine), epochs, training
 images/s and, with the simulator's truth, how well the denoised responses match the noise-free rates of
-the oracle images. Falls back to the tiny LN generator of tests/models/test_predictive.py when the
+the oracle images. Falls back to the tiny LN generator of tests/models/neural/test_predictive.py when the
 simulator is not importable.
 """
 
@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from neureg.models.predictive import fit_predictor, predict_responses, unit_correlations
-from neureg.models.rsa import centered_cosine
-from neureg.models.similarity import data_similarity, model_similarity, similarity_agreement
+from neureg.models.neural.predictive import fit_predictor, predict_responses, unit_correlations
+from neureg.models.neural.rsa import centered_cosine
+from neureg.models.neural.similarity import data_similarity, model_similarity, similarity_agreement
 
 
 def simulated(n_units: int, n_images: int, n_oracle: int, n_repeats: int, seed: int) -> dict:
     try:
-        from neureg.models.simulator import simulate_scan
+        from neureg.models.neural.simulator import simulate_scan
     except ImportError:
         return ln_fallback(n_units, n_images, seed)
     sim = simulate_scan(n_units=n_units, n_images=n_images, n_oracle=n_oracle, n_repeats=n_repeats, seed=seed)
@@ -65,7 +65,7 @@ def oracle_similarity_check(sim, model) -> dict:
 
 
 def ln_fallback(n_units: int, n_images: int, seed: int) -> dict:
-    path = Path(__file__).resolve().parents[1] / "tests" / "models" / "test_predictive.py"
+    path = Path(__file__).resolve().parents[1] / "tests" / "models" / "neural" / "test_predictive.py"
     spec = importlib.util.spec_from_file_location("_ln_generator", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

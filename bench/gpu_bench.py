@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -36,10 +35,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from neureg.models.networks import build_network, tap_feature_sizes
-from neureg.models.regularizer import SimilarityRegularizer
+from neureg.models.vision.networks import build_network, tap_feature_sizes
+from neureg.models.vision.regularizer import SimilarityRegularizer
 from neureg.models.runtime import Runtime, synchronize
-from neureg.models.training import PairBatch, training_step
+from neureg.models.vision.training import PairBatch, training_step
 
 PAPER_STEPS = 31_250  # 40 epochs x 50,000 images / 64
 STARTED = time.perf_counter()
@@ -153,7 +152,7 @@ def kernel_ms_per_step(run_step, device, n: int = 5) -> float:
 def graphed_step(rig: StepRig, warmup: int):
     """The step as the pipeline runs it under NEUREG_CUDA_GRAPHS: models.graphs.GraphedStep, with the
     per-step copies of the batch into the static buffers included in the timing."""
-    from neureg.models.graphs import GraphedStep
+    from neureg.models.vision.graphs import GraphedStep
 
     def step_fn(x, y, pair_batch):
         if rig.kind == "same_images":
@@ -299,7 +298,7 @@ def sensorium_like_scan(s: dict, seed: int = 0) -> dict:
 
 
 def bench_predictive(s: dict, runtime: Runtime, budget: float, results: dict) -> None:
-    from neureg.models.predictive import fit_predictor, predict_responses, unit_correlations
+    from neureg.models.neural.predictive import fit_predictor, predict_responses, unit_correlations
 
     if time_left(budget) < 30:
         results["predictive"] = {"status": "skipped (budget)"}
@@ -371,9 +370,9 @@ def trained_network(s: dict, runtime: Runtime):
 
 
 def bench_robustness(s: dict, runtime: Runtime, budget: float, results: dict) -> None:
-    from neureg.models.attacks import default_attack_configs, minimal_perturbations
-    from neureg.models.corruptions import CORRUPTIONS, corruption_accuracy
-    from neureg.models.robustness import accuracy, default_noise_ladder, noise_accuracy, robust_accuracy
+    from neureg.models.robustness.attacks import default_attack_configs, minimal_perturbations
+    from neureg.models.robustness.corruptions import CORRUPTIONS, corruption_accuracy
+    from neureg.models.robustness.evaluation import accuracy, default_noise_ladder, noise_accuracy, robust_accuracy
 
     device = runtime.device
     model = trained_network(s, runtime)

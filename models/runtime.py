@@ -1,4 +1,5 @@
-"""How a run executes, as opposed to what it computes: device, precision, memory layout, kernels.
+"""How a run executes, as opposed to what it computes: device, precision, memory layout, kernels; and
+the small torch plumbing every model path shares (device choice, the evaluation-mode context).
 
 None of these settings enters a config hash. Two runs that differ only here are the same science
 (the same row), so they live outside the config tables and come from the worker's environment:
@@ -20,8 +21,10 @@ import contextlib
 import os
 import platform
 from dataclasses import dataclass, replace
+from typing import Iterator
 
 import torch
+from torch import nn
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
@@ -132,3 +135,27 @@ def synchronize(device: torch.device | str) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """The device to evaluate on: the one asked for, else where the model's parameters already live.
+
+    Defaulting to the model's own device (not "cuda if available", as foolbox does) means evaluating
+    never silently moves a caller's model.
+    """
+    if device is not None:
+        return torch.device(device)
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in ``eval()`` for the duration and give it back in the mode it came in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

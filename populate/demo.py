@@ -51,7 +51,7 @@ def _say(message: str) -> None:
 
 
 def simulate_demo_cohort(out: Path, sizes: dict) -> list[Path]:
-    from ..models.simulator import simulate_cohort
+    from .simulate import simulate_cohort
 
     existing = sorted(p for p in out.glob("sim_m*") if (p / "scan.json").exists())
     cohort = sizes["cohort"]
@@ -129,7 +129,7 @@ def run_demo(pipeline, out: Path | None = None, fast: bool = False) -> int:
 
 
 def _demo_evaluation(rb, sizes: dict) -> list[dict]:
-    """CPU-sized versions of the issue's evaluation: the same tables, fewer images and steps."""
+    """CPU-sized versions of the standard evaluation: the same tables, fewer images and steps."""
     n = sizes["n_eval"]
     attacks = [rb.AttackConfig.add(dict(attack="linf_pgd", steps=10, search_steps=6), label="pgd (demo)"),
                rb.AttackConfig.add(dict(attack="l2_ddn", steps=30), label="ddn (demo)"),

@@ -12,7 +12,7 @@ The reservation is an atomic UPDATE on the jobs table, so each key is computed b
 The worker reserves the key itself and runs ``populate`` in direct mode restricted to it, rather than
 ``populate(reserve_jobs=True)``: it knows which job it holds (for the log, the heartbeat and the attempt
 count), and DataJoint's own SIGTERM handler, which turns a stop into a failed job, is not in the way.
-(DESIGN.md's note on datajoint issue 1413 -- restrictions ignored with reserve_jobs=True -- does not hold
+(the upstream report, datajoint-python issue 1413, that restrictions are ignored with reserve_jobs=True, does not hold
 for 2.3.5; tests/populate/test_worker.py checks it, but nothing here depends on it.) ``make`` runs in one
 transaction, so an interrupted or killed job leaves no rows.
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..models import oracle as eq
+from ..models.neural import oracle as eq
 from ._plot import cluster_order, plt, save, symmetric_limit
 
 

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..models import attacks as atk
-
+from ..models.robustness import attacks as atk
 from ._plot import plt, save
 
 CONDITION_ORDER = ("None", "Shuffle", "Random", "Pixel", "Pixel threshold", "VGG", "Neural (data)",

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..models import oracle as eq
-from ..models.similarity import similarity_agreement
+from ..models.neural import oracle as eq
+from ..models.neural.similarity import similarity_agreement
 from ._plot import cluster_order, plt, save, symmetric_limit
 
 
@@ -51,7 +51,7 @@ def _scatter(pipeline, key: dict, out: Path) -> Path:
     weights = sim._oracle_weights(key)
     responses, trials = exp.load_responses(key), exp.load_trials(key)
     oracle_trials = np.flatnonzero(np.isin(trials["image_hash"], labeled.labels))
-    from ..models.rsa import centered_cosine
+    from ..models.neural.rsa import centered_cosine
 
     r = responses[oracle_trials] * weights
     image_of = np.searchsorted(labeled.labels, trials["image_hash"][oracle_trials])

@@ -1,6 +1,6 @@
-"""oracle: reliability of every unit and the data-based similarity matrices (DESIGN.md equations 1-5).
+"""oracle: reliability of every unit and the data-based similarity matrices (docs/science.md §1-§4).
 
-The equations live in ``neureg.models.oracle``; these tables fetch a scan, call them, and store what
+The equations live in ``neureg.models.neural.oracle``; these tables fetch a scan, call them, and store what
 they return with its lineage: every matrix row is an ``experiment.Image``.
 """
 
@@ -11,7 +11,7 @@ import logging
 import datajoint as dj
 import numpy as np
 
-from ..models import oracle as eq
+from ..models.neural import oracle as eq
 from . import experiment
 
 logger = logging.getLogger("neureg")

@@ -14,7 +14,7 @@ import time
 import datajoint as dj
 import numpy as np
 
-from ..models import predictive as fit
+from ..models.neural import predictive as fit
 from ..models.runtime import default_device
 from ..models.serialization import array_to_state, state_to_array
 from . import experiment, oracle

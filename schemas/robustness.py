@@ -15,9 +15,9 @@ import datajoint as dj
 import numpy as np
 import torch
 
-from ..models import attacks as atk
-from ..models import corruptions as corr
-from ..models import robustness as rob
+from ..models.robustness import attacks as atk
+from ..models.robustness import corruptions as corr
+from ..models.robustness import evaluation as rob
 from ..models.runtime import default_device
 from . import training
 from ._config import ConfigTable

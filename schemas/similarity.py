@@ -2,7 +2,7 @@
 
 A target is a similarity matrix over stimulus images (rows are ``experiment.Image``): the non-oracle
 images that every scan of the set was shown, as in the paper (5000 images, averaged over 8 scans).
-Methods (DESIGN.md equation 6, sections 2-3): ``neural_model`` (S^model with w_a * v_a weights),
+Methods (docs/science.md §5, §7): ``neural_model`` (S^model with w_a * v_a weights),
 ``neural_data`` (S^data), ``shuffle`` (neural_model with images permuted), ``pixel``,
 ``pixel_threshold`` (S^Th), ``vgg`` (VGG19 conv3_1 features; needs a weights file), ``random``.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import datajoint as dj
 import numpy as np
 
-from ..models import similarity as sim
+from ..models.neural import similarity as sim
 from . import experiment, oracle, predictive
 from ._config import ConfigTable
 
@@ -212,7 +212,11 @@ class SimilarityTarget(dj.Computed):
             per_scan = [scan_model_similarity(_predictor_key(m, config), images) for m in members]
             matrix = np.mean(per_scan, axis=0)
             if method == "shuffle":
-                matrix, extra["permutation"] = sim.shuffled(matrix, config["shuffle_seed"])
+                # The agreement compares like with like: each scan's matrix under the same permutation
+                # (docs/science.md §5), so it measures scan-to-target consistency, as for neural_model.
+                matrix, perm = sim.shuffled(matrix, config["shuffle_seed"])
+                extra["permutation"] = perm
+                per_scan = [s[np.ix_(perm, perm)] for s in per_scan]
         elif method == "neural_data":
             for m in members:
                 hashes, scan_matrix = (oracle.DataSimilarity & m).matrix()

@@ -1,4 +1,4 @@
-"""training: classifiers trained with L = L_task + alpha * L_sim (DESIGN.md equations 7-10).
+"""training: classifiers trained with L = L_task + alpha * L_sim (docs/science.md §6).
 
 A run is ``TrainingPlan`` (dataset, network, schedule and regularizer configs a lab asked for) x ``Seed``.
 Training takes minutes to hours, so ``TrainedNetwork`` uses the three-part make and writes a checkpoint
@@ -16,8 +16,8 @@ import datajoint as dj
 import numpy as np
 
 from ..hashing import stable_hash
-from ..models import datasets as data
-from ..models import networks, training
+from ..models.vision import datasets as data
+from ..models.vision import networks, training
 from ..models.runtime import Runtime
 from ..models.serialization import array_to_state, state_to_array
 from . import similarity

@@ -137,7 +137,7 @@ TEST_COHORT = dict(n_mice=2, n_days=1, scans_per_day=2, n_units=80, n_images=170
 
 @pytest.fixture(scope="session")
 def cohort_folders(tmp_path_factory):
-    from neureg.models.simulator import simulate_cohort
+    from neureg.populate.simulate import simulate_cohort
 
     return simulate_cohort(tmp_path_factory.mktemp("cohort"), **TEST_COHORT)
 

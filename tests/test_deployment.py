@@ -244,7 +244,7 @@ def test_dockerignore_keeps_secrets_environments_and_vcs_out_of_images():
               "data/scan1/data/responses/0.npy", "ckpt/run.pt", "static-1-2-3.zip"]
     for path in secret:
         assert _dockerignored(path, patterns), path
-    for path in ("pyproject.toml", "constraints.txt", "models/training.py", ".env.example", "tests/conftest.py"):
+    for path in ("pyproject.toml", "constraints.txt", "models/vision/training.py", ".env.example", "tests/conftest.py"):
         assert not _dockerignored(path, patterns), path
     dockerfiles = list(root.glob("**/Dockerfile*"))
     assert dockerfiles

@@ -13,27 +13,19 @@ import pytest
 import torch
 from torch import nn
 
-from neureg.models.attacks import minimal_perturbations, perturbation_norm
-from neureg.models.autoattack import autoattack_robust_accuracy
-from neureg.models.datasets import Dataset
-from neureg.models.predictive import fit_predictor, predict_responses, unit_correlations
-from neureg.models.regularizer import similarity_loss
-from neureg.models.robustness import accuracy, robust_accuracy
+from neureg.models.robustness.attacks import minimal_perturbations, perturbation_norm
+from neureg.models.robustness.autoattack import autoattack_robust_accuracy
+from neureg.models.vision.datasets import Dataset
+from neureg.models.neural.predictive import fit_predictor, predict_responses, unit_correlations
+from neureg.models.vision.regularizer import similarity_loss
+from neureg.models.robustness.evaluation import accuracy, robust_accuracy
 from neureg.models.runtime import Runtime
-from neureg.models.training import train_network
-from neureg.models.vonenet import VOneBlock
+from neureg.models.vision.training import train_network
+from neureg.models.vision.vonenet import VOneBlock
 
 pytestmark = pytest.mark.cuda
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def toy_dataset(n_train=128, n_test=64, seed=0) -> Dataset:

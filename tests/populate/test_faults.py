@@ -119,7 +119,7 @@ def test_neureg_workers_compute_each_oracle_key_once(pipeline, subprocess_env, s
     keys = [ingest_folder(scan_folder_factory(tmp_path / f"scan{i}", mouse=unique_mouse, scan=i, seed=i), pipeline)
             for i in (1, 2, 3)]
     # The workers must read the object store this process wrote the scans' responses to. (After the
-    # postgres half of a session, this process still uses that home's store: see the report on issue 7.)
+    # postgres half of a session, this process still uses that home's store.)
     env = dict(subprocess_env, NEUREG_STORE=dj.config.get_store_spec("neureg")["location"])
     group = workers(env)
     for _ in range(3):

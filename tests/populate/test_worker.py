@@ -171,7 +171,7 @@ def run_once(stage, **options) -> int:
 
 # ------------------------------------------------------------------------------------------------ tests
 def test_restriction_with_reserve_jobs_is_honoured(toy):
-    """DESIGN.md warns (datajoint issue 1413) that populate(restriction, reserve_jobs=True) may ignore the
+    """An upstream report (datajoint-python issue 1413) warns that populate(restriction, reserve_jobs=True) may ignore the
     restriction. In 2.3.5 it does not, for new jobs (refresh) and for pending ones; the worker does not rely
     on it, but a DataJoint upgrade that breaks it should be noticed here."""
     toy.Item.insert(dict(item=i) for i in range(4))

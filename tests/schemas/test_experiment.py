@@ -165,6 +165,13 @@ def _(f):
     return "2.npy: responses (one value per unit, 12 units) contains NaN"
 
 
+@_edit("response-overflows-float32")
+def _(f):
+    # Finite as float64, inf once stored as float32: must be refused, not stored as inf.
+    np.save(f / "data/responses/3.npy", np.full(12, 1e39, np.float64))
+    return "responses/3.npy: responses (one value per unit, 12 units) has values beyond the stored float32 range"
+
+
 @_edit("behavior-inf")
 def _(f):
     np.save(f / "data/behavior/4.npy", np.array([1.0, np.inf, 0.0], np.float32))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from neureg.models.simulator import load_ground_truth
-from neureg.models.rsa import centered_cosine
+from neureg.populate.simulate import load_ground_truth
+from neureg.models.neural.rsa import centered_cosine
 
 
 def folder_arrays(folder):

@@ -5,9 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from neureg.models import predictive as fit
-
-
+from neureg.models.neural import predictive as fit
 def test_one_model_per_scan_with_units_and_history(pipeline, oracle_populated, predictive_populated):
     pred = pipeline.predictive
     for _, scan_key in oracle_populated:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from neureg.models.rsa import centered_cosine
+from neureg.models.neural.rsa import centered_cosine
 
 
 def _load(pipeline, key):
@@ -81,6 +81,13 @@ def test_shuffle_permutes_the_neural_model_target(pipeline, targets):
     perm = (pipeline.similarity.SimilarityTarget & targets["shuffle"]).fetch1("permutation").ravel().astype(int)
     assert sorted(perm) == list(range(len(model))) and not np.array_equal(perm, np.arange(len(model)))
     np.testing.assert_allclose(shuffled, model[np.ix_(perm, perm)], atol=1e-7)
+    # Its per-scan agreement compares each scan's matrix under the same permutation: the consistency of
+    # the scans with the target, as for neural_model (not ~0, which comparing unpermuted scans gave).
+    agreement = pipeline.similarity.SimilarityTarget.Agreement
+    for row in (agreement & targets["neural_model"]).to_dicts():
+        scan = {k: row[k] for k in ("mouse", "session_date", "scan_idx")}
+        shuffled_r = (agreement & targets["shuffle"] & scan).fetch1("scan_target_r")
+        assert shuffled_r == pytest.approx(row["scan_target_r"], abs=1e-5), scan
 
 
 def test_random_target_has_no_image_structure(pipeline, targets):
@@ -121,7 +128,7 @@ def test_vgg_target_from_a_weights_file(pipeline, targets, tmp_path):
     torch = pytest.importorskip("torch")
     from torchvision.models import vgg19
 
-    from neureg.models.similarity import vgg_similarity
+    from neureg.models.neural.similarity import vgg_similarity
     from neureg.populate.stages import populate_stage
 
     torch.manual_seed(0)

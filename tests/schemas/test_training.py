@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 
 from neureg.hashing import stable_hash
-from neureg.models import datasets, training
-
-
+from neureg.models.vision import datasets, training
 def test_each_plan_and_seed_is_one_trained_network(pipeline, trained):
     tr = pipeline.training
     for condition, plan in trained.items():

@@ -44,7 +44,7 @@ from .datasets import Dataset
 from .graphs import GraphedStep
 from .networks import build_network, default_network_config, tap_feature_sizes
 from .regularizer import PairSampler, SimilarityRegularizer
-from .runtime import Runtime, as_runtime, synchronize
+from ..runtime import Runtime, as_runtime, synchronize
 
 AUGMENTATIONS = ("crop_flip", "crop", "none")
 
@@ -203,7 +203,7 @@ def training_step(
 
 def evaluate_accuracy(model: nn.Module, x, y, batch_size: int = 500) -> float:
     """Top-1 accuracy in eval mode (the one accuracy function: ``robustness.accuracy``)."""
-    from .robustness import accuracy
+    from ..robustness.evaluation import accuracy
 
     return accuracy(model, x, y, batch_size=batch_size)
 

@@ -1,8 +1,8 @@
-"""Fit and use the predictive (denoising) model of one scan (Li et al. 2019, section 2.2; issue 4).
+"""Fit and use the predictive (denoising) model of one scan (Li et al. 2019, section 2.2).
 
 Single-trial responses are too noisy for a similarity target; a model that predicts every unit from
 the image (and accounts for eye position and behaviour) gives deterministic, denoised responses
-rhohat_ai, and its held-out correlation v_a says how far to trust each unit (DESIGN.md equation 6).
+rhohat_ai, and its held-out correlation v_a says how far to trust each unit (docs/science.md §5).
 
 Pure torch / numpy: the DataJoint tables call these functions and store what they return.
 
@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .runtime import synchronize
+from ..runtime import evaluation_mode, synchronize
 from .predictive_mapping import receptive_field_positions
 from .predictive_modules import (FactorizedReadout, GaussianReadout, Modulator, PredictiveNetwork,
                                  Shifter, SkipCore)
@@ -353,15 +353,10 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 
 def _batched(model, n: int, batch_size: int, step) -> np.ndarray:
-    was_training = model.training
-    model.eval()
     out = []
-    try:
-        with torch.no_grad():
-            for start in range(0, n, batch_size):
-                out.append(step(slice(start, start + batch_size)).float().cpu().numpy())
-    finally:
-        model.train(was_training)
+    with evaluation_mode(model), torch.no_grad():
+        for start in range(0, n, batch_size):
+            out.append(step(slice(start, start + batch_size)).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 

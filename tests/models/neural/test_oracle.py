@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from scipy.stats import pearsonr, spearmanr
 
-from neureg.models import oracle as orc
-from neureg.models import simulator as sim
-from neureg.models.rsa import centered_cosine
+from neureg.models.neural import oracle as orc
+from neureg.models.neural import simulator as sim
+from neureg.populate import simulate as simulated_cohort
+from neureg.models.neural.rsa import centered_cosine
 from neureg.scanfolder import read_scan_folder
 
 
@@ -126,6 +127,32 @@ def test_oracle_similarity_matches_loops(ragged):
     assert np.all(np.diag(result.matrix) < 1), "self-pairs (S = 1) must be left out"
 
 
+def test_trial_oracle_agreement_leaves_the_compared_pair_out(ragged):
+    """Fig. 1D by loops: every trial pair of two different oracle images against the mean of the *other*
+    repeat pairs of those images; the pair itself is not in its own reference."""
+    responses, labels, weights = ragged
+    images, trials, trial_sim = naive_trial_similarity(responses.astype(np.float64), labels, weights)
+    single, reference = [], []
+    for p in range(len(trials)):
+        for q in range(p + 1, len(trials)):
+            a, b = labels[trials[p]], labels[trials[q]]
+            if a == b:
+                continue
+            others = [trial_sim[u, v] for u, tu in enumerate(trials) for v, tv in enumerate(trials)
+                      if labels[tu] == a and labels[tv] == b and (u, v) != (p, q)]
+            single.append(trial_sim[p, q])
+            reference.append(sum(others) / len(others))
+    expected = np.corrcoef(single, reference)[0, 1]
+    assert orc.trial_oracle_agreement(responses, labels, weights) == pytest.approx(expected, abs=1e-6)
+    # Including the pair in its own average gives a larger (inflated) agreement on this data.
+    _, oracle = naive_oracle_similarity(responses.astype(np.float64), labels, weights)
+    index = {im: k for k, im in enumerate(images)}
+    inflated = [oracle[index[labels[trials[p]]], index[labels[trials[q]]]]
+                for p in range(len(trials)) for q in range(p + 1, len(trials))
+                if labels[trials[p]] != labels[trials[q]]]
+    assert np.corrcoef(single, inflated)[0, 1] > expected
+
+
 def test_repeat_fluctuations_match_loops(ragged):
     responses, labels, weights = ragged
     values = orc.repeat_fluctuations(responses, labels, weights)
@@ -228,7 +255,7 @@ def test_oracle_similarity_is_closer_to_truth_than_single_trials(scan):
 
 def test_scan_fluctuations_are_narrower_than_repeat_fluctuations(tmp_path):
     """The paper's Fig. 1C on a small cohort written to disk and read back as scan folders."""
-    folders = sim.simulate_cohort(tmp_path, n_mice=3, n_days=1, scans_per_day=1, n_units=250, n_images=45,
+    folders = simulated_cohort.simulate_cohort(tmp_path, n_mice=3, n_days=1, scans_per_day=1, n_units=250, n_images=45,
                                   n_oracle=40, n_repeats=5, seed=1)
     similarities, repeats = [], []
     for folder in folders:

@@ -5,7 +5,7 @@ stem with no max-pool, so a 32-px image keeps 32x32 maps in stage 1. The network
 up to the global average pool, which is what lets stimulus images (e.g. 36x64) go through the same core
 at their own size (Li et al. 2019, figure 3).
 
-Taps (DESIGN.md eq. 10). Li et al. use ResNet18 conv layers 1, 5, 9, 13, 17: counting the 3x3 convs on
+Taps (docs/science.md §6). Li et al. use ResNet18 conv layers 1, 5, 9, 13, 17: counting the 3x3 convs on
 the main path (the 1x1 shortcut convs are not counted), conv 1 is the stem and convs 5, 9, 13, 17 are the
 last convs of the four stages. A tap is taken *after* that layer's block is complete (BN, residual add,
 ReLU), i.e. the stem output and the output of each stage. For ResNet34 (blocks 3, 4, 6, 3) the same rule,
@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from ..runtime import evaluation_mode
 
 STAGE_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
 ARCHITECTURES = ("resnet18", "resnet34", "vone_resnet18")
@@ -163,12 +165,6 @@ def tap_feature_sizes(model: nn.Module, image_shape: tuple[int, int, int]) -> li
 
     The probe runs in eval mode under no_grad, so neither BN statistics nor gradients are touched.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            taps = model.taps(torch.zeros((1, *image_shape), device=device))
-    finally:
-        model.train(was_training)
+    with evaluation_mode(model), torch.no_grad():
+        taps = model.taps(torch.zeros((1, *image_shape), device=next(model.parameters()).device))
     return [int(t[0].numel()) for t in taps]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from neureg.models.networks import build_network, tap_feature_sizes
-from neureg.models.regularizer import (
+from neureg.models.vision.networks import build_network, tap_feature_sizes
+from neureg.models.vision.regularizer import (
     PairSampler,
     SimilarityRegularizer,
     evaluate_similarity_loss,
@@ -17,15 +17,7 @@ from neureg.models.regularizer import (
     similarity_loss,
     stimulus_centres,
 )
-from neureg.models.rsa import centered_cosine
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+from neureg.models.neural.rsa import centered_cosine
 
 
 def _taps(n=6, seed=0):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from neureg.models.attacks import (
+from neureg.models.robustness.attacks import (
     ATTACKS,
     DISTANCE_TOLERANCE,
     attack_norm,
@@ -17,15 +17,6 @@ from neureg.models.attacks import (
 )
 
 D = 32 * 32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two shared cores: torch's default two threads spin against each other and go 30x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 class LinearTwoClass(nn.Module):
@@ -171,6 +162,19 @@ def test_misclassified_images_have_distance_zero(linear):
     assert np.all(result.distances[0, 2:] > 0)
 
 
+def test_misclassified_images_are_credited_to_no_attack(linear):
+    """An image wrong before any attack names no attack as its best, though every attack 'found' 0."""
+    model, x, y, _, _ = linear
+    wrong = y.clone()
+    wrong[:2] = 1 - wrong[:2]
+    result = minimal_perturbations(model, x, wrong, [{"attack": "l2_ddn", "steps": 20},
+                                                     {"attack": "l2_fmn", "steps": 20}])
+    best, index = result.best("l2")
+    assert np.all(best[:2] == 0) and np.all(index[:2] == -1)
+    assert np.all(index[2:] >= 0)
+    np.testing.assert_array_equal(result.best_adversarials("l2")[:2], x[:2].numpy())
+
+
 def test_failed_attacks_give_inf(linear):
     model, x, y, _, pool = linear
     configs = [
@@ -246,7 +250,7 @@ def test_seeded_runs_repeat(linear):
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_default_configs_cover_the_issue_and_validate():
+def test_default_configs_cover_every_attack_and_validate():
     full = default_attack_configs()
     assert {c["attack"] for c in full} == set(ATTACKS)
     for config in full + default_attack_configs(quick=True):

@@ -1,4 +1,4 @@
-"""The similarity loss (DESIGN.md eqs. 8-10): make the network's image-pair similarities match a target.
+"""The similarity loss (docs/science.md §6): make the network's image-pair similarities match a target.
 
 S^CNN-k_ij is the cosine similarity of the *centred*, flattened layer-k features of images i and j; the
 centre is the mean feature over the target's images. During training that mean is a running mean over
@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ..runtime import evaluation_mode
 
 
 def layer_similarities(taps: list[torch.Tensor], centres: list[torch.Tensor], pairs: torch.Tensor) -> torch.Tensor:
@@ -149,9 +151,7 @@ def evaluate_similarity_loss(
     For comparing conditions after training (alpha = 0 never computes the loss while it trains). Pairs
     are taken ``batch_size // 2`` at a time, so memory stays bounded for any number of pairs.
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluation_mode(model):
         centres = stimulus_centres(model, stimuli, batch_size)
         total = 0.0
         chunk = max(1, batch_size // 2)
@@ -162,6 +162,4 @@ def evaluate_similarity_loss(
             values = target[part[:, 0], part[:, 1]]
             loss = similarity_loss(taps, centres, positions.view(-1, 2), values, gamma_logits.double(), eps)
             total += float(loss) * len(part)
-    finally:
-        model.train(was_training)
     return total / len(pairs)

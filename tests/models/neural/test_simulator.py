@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from neureg.models import simulator as sim
-from neureg.models.oracle import oracle_stats
+from neureg.models.neural import simulator as sim
+from neureg.populate import simulate as simulated_cohort
+from neureg.models.neural.oracle import oracle_stats
 from neureg.scanfolder import image_hash, read_scan_folder
 
 N_UNITS, N_IMAGES, N_ORACLE, N_REPEATS = 300, 140, 40, 5
@@ -213,7 +214,7 @@ def test_bad_images_raise():
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     out = tmp_path_factory.mktemp("cohort")
-    folders = sim.simulate_cohort(out, n_mice=2, n_days=2, scans_per_day=1, n_units=30, n_images=25,
+    folders = simulated_cohort.simulate_cohort(out, n_mice=2, n_days=2, scans_per_day=1, n_units=30, n_images=25,
                                   n_oracle=8, n_repeats=3, seed=11)
     return out, folders
 
@@ -238,7 +239,7 @@ def test_cohort_shares_images_but_not_units(cohort):
     oracle_sets = [{h for h, t in zip(s.trial_images, s.tiers) if t == "oracle"} for s in scans]
     assert all(o == oracle_sets[0] for o in oracle_sets)
     assert all(set(s.images) == set(scans[0].images) for s in scans)
-    truths = [sim.load_ground_truth(folder) for folder in folders]
+    truths = [simulated_cohort.load_ground_truth(folder) for folder in folders]
     assert not np.allclose(truths[0]["rf_center_x"], truths[1]["rf_center_x"])
 
 
@@ -247,19 +248,19 @@ def test_ground_truth_lies_beside_the_scan_folders(cohort):
     for folder in folders:
         inside = [p.name for p in folder.rglob("*")]
         assert not any("truth" in name or name.endswith(".npz") for name in inside)
-        assert (out / sim.GROUND_TRUTH_DIR / f"{folder.name}.npz").is_file()
-        data, truth = read_scan_folder(folder), sim.load_ground_truth(folder)
+        assert (out / simulated_cohort.GROUND_TRUTH_DIR / f"{folder.name}.npz").is_file()
+        data, truth = read_scan_folder(folder), simulated_cohort.load_ground_truth(folder)
         np.testing.assert_array_equal(truth["unit_ids"], data.unit_ids)
         assert set(truth["image_hash"].tolist()) == set(data.images)
-        pixels = np.load(out / sim.GROUND_TRUTH_DIR / "images.npy")
+        pixels = np.load(out / simulated_cohort.GROUND_TRUTH_DIR / "images.npy")
         assert [image_hash(p) for p in pixels] == truth["image_hash"].tolist()
         assert truth["true_rates"].shape == (25, 30) and truth["is_oracle"].sum() == 8
     with pytest.raises(FileNotFoundError):
-        sim.load_ground_truth(out / "not_a_scan")
+        simulated_cohort.load_ground_truth(out / "not_a_scan")
 
 
 def test_cohort_bad_arguments_raise(tmp_path):
     with pytest.raises(ValueError, match="n_mice"):
-        sim.simulate_cohort(tmp_path, n_mice=0)
+        simulated_cohort.simulate_cohort(tmp_path, n_mice=0)
     with pytest.raises(ValueError, match="cannot exceed"):
-        sim.simulate_cohort(tmp_path, n_images=5, n_oracle=10)
+        simulated_cohort.simulate_cohort(tmp_path, n_images=5, n_oracle=10)

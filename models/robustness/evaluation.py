@@ -4,7 +4,7 @@ Every function takes a torch ``nn.Module`` mapping (N, 1, H, W) float images in 
 plain arrays (numpy or torch) of images and integer labels, and returns numpy values, so the DataJoint
 tables that call them stay free of torch bookkeeping. Models are evaluated in ``eval()`` mode (their
 previous mode is restored afterwards); stochastic networks such as VOneNet keep their noise on there,
-which is why they must be attacked through :class:`ExpectationOverTransformation` (DESIGN.md section 3).
+which is why they must be attacked through :class:`ExpectationOverTransformation` (docs/science.md §8).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..runtime import evaluation_mode, resolve_device
+
 #: The perturbation budgets the field's leaderboards (RobustBench) report for CIFAR-10.
 LEADERBOARD_EPSILONS = {"linf": 8 / 255, "l2": 0.5}
 
@@ -27,30 +29,6 @@ DEFAULT_BATCH_SIZE = 256
 # ---------------------------------------------------------------------------------------------------
 # plumbing shared with attacks.py and corruptions.py
 # ---------------------------------------------------------------------------------------------------
-
-
-def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
-    """The device to evaluate on: the one asked for, else where the model's parameters already live.
-
-    Defaulting to the model's own device (not "cuda if available", as foolbox does) means evaluating
-    never silently moves a caller's model.
-    """
-    if device is not None:
-        return torch.device(device)
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in ``eval()`` for the duration and give it back in the mode it came in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def as_image_tensor(images) -> torch.Tensor:

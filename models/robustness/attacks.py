@@ -1,4 +1,4 @@
-"""Minimal adversarial perturbations with Foolbox 3 (DESIGN.md section 4, paper Fig. 5).
+"""Minimal adversarial perturbations with Foolbox 3 (docs/attacks.md; Li et al. 2019 Fig. 5).
 
 For every test image and every attack configuration we want the smallest perturbation that changes
 the model's decision, then per image the minimum over configurations of the same norm, then the
@@ -30,13 +30,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .robustness import (
+from ..runtime import evaluation_mode, resolve_device
+from .evaluation import (
     as_image_tensor,
     as_label_tensor,
     attackable_model,
-    evaluation_mode,
     predict_labels,
-    resolve_device,
     seeded_torch,
 )
 
@@ -276,7 +275,8 @@ class MinimalPerturbations:
     def best(self, norm: str) -> tuple[np.ndarray, np.ndarray]:
         """Per image, the smallest distance over configs of ``norm`` and the index of that config.
 
-        The index is -1 where no config of that norm found anything (distance inf).
+        The index is -1 where no config of that norm found anything (distance inf), and where the image
+        was misclassified to begin with (distance 0): no attack earned that image, so none is credited.
         """
         rows = [c for c, n in enumerate(self.norms) if n == norm]
         if not rows:
@@ -284,15 +284,18 @@ class MinimalPerturbations:
         sub = self.distances[rows]
         which = np.argmin(sub, axis=0)
         best = sub[which, np.arange(sub.shape[1])]
-        index = np.where(np.isfinite(best), np.asarray(rows)[which], -1)
+        index = np.where(np.isfinite(best) & self.clean_correct, np.asarray(rows)[which], -1)
         return best, index
 
     def best_adversarials(self, norm: str) -> np.ndarray:
-        """The adversarial achieving :meth:`best` per image (NaN where none)."""
+        """The adversarial achieving :meth:`best` per image: the image itself where it was misclassified,
+        NaN where no attack found one."""
         best, index = self.best(norm)
         out = np.full(self.adversarials.shape[1:], np.nan, dtype=np.float32)
         found = index >= 0
         out[found] = self.adversarials[index[found], np.flatnonzero(found)]
+        wrong = ~np.asarray(self.clean_correct, dtype=bool)
+        out[wrong] = self.adversarials[0, wrong]  # every config stores the clean image there
         return out
 
     def median(self, norm: str) -> float:

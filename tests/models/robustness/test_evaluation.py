@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from neureg.models.robustness import (
+from neureg.models.robustness.evaluation import (
     ExpectationOverTransformation,
     accuracy,
     default_noise_ladder,
@@ -16,15 +16,6 @@ from neureg.models.robustness import (
 )
 
 N_CLASSES = 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two shared cores: torch's default two threads spin against each other and go 30x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def template_images(n, seed, amplitude=0.08):

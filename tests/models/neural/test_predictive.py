@@ -15,25 +15,16 @@ import torch
 from scipy import ndimage
 from torch.nn import functional as F
 
-from neureg.models import predictive
-from neureg.models.predictive import (build_predictor, default_predictor_config, fit_predictor,
+from neureg.models.neural import predictive
+from neureg.models.neural.predictive import (build_predictor, default_predictor_config, fit_predictor,
                                       load_predictor, poisson_loss, predict_gain, predict_responses,
                                       predict_shift, resolve_config, unit_correlations)
-from neureg.models.predictive_mapping import receptive_field_positions
-from neureg.models.predictive_modules import (FactorizedReadout, GaussianReadout, laplace_smoothness,
+from neureg.models.neural.predictive_mapping import receptive_field_positions
+from neureg.models.neural.predictive_modules import (FactorizedReadout, GaussianReadout, laplace_smoothness,
                                               translate_feature_map)
 
 TINY = {"hidden_channels": 6, "input_kernel": 5, "hidden_kernel": 3, "batch_size": 32, "lr": 0.01,
         "max_epochs": 20}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two OpenMP threads on two cores shared with other jobs spin at barriers (~10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- a tiny linear-nonlinear scan with eye shift and behavioural gain -------------------------------------

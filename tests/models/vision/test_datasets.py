@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
-from neureg.models.datasets import (
+from neureg.models.vision.datasets import (
     CIFAR10_FOLDER,
     CIFAR100_FOLDER,
     Dataset,
@@ -74,7 +74,7 @@ def test_cifar10_round_trip(cifar10_root):
 
 def test_luma_is_itu_601():
     """A pure red, green and blue pixel map to 0.299, 0.587 and 0.114: channel order R|G|B is respected."""
-    from neureg.models.datasets import rgb_rows_to_gray
+    from neureg.models.vision.datasets import rgb_rows_to_gray
 
     rows = np.zeros((3, 3072), dtype=np.uint8)
     for channel in range(3):

@@ -1,4 +1,4 @@
-"""Representational similarity: the one definition every stage shares (DESIGN.md equation 2)."""
+"""Representational similarity: the one definition every stage shares (docs/science.md §2)."""
 
 from __future__ import annotations
 

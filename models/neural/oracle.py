@@ -1,4 +1,4 @@
-"""The oracle stage, DESIGN.md equations 1-5 (Li et al. 2019), on responses in trial layout.
+"""The oracle stage, docs/science.md §1-§4 (Li et al. 2019), on responses in trial layout.
 
 Everything takes ``responses`` (n_trials, n_units) and ``image_labels`` (n_trials,), any hashable labels
 (frame ids, image hashes). Oracle images are those shown at least twice; real scans may repeat them
@@ -277,7 +277,10 @@ def trial_oracle_agreement(responses: np.ndarray, image_labels: np.ndarray, weig
     """Pearson r between single-trial S^data of oracle-trial pairs and S^oracle of their images (i != j).
 
     This is the paper's Fig. 1D comparison (r = 0.39 on real data): how far a similarity measured from
-    single trials is from the repeat-averaged one it estimates.
+    single trials is from the repeat-averaged one it estimates. Leave-one-pair-out (docs/science.md §3):
+    each trial pair is compared with the S^oracle average over the *other* repeat pairs of its two
+    images, (n_i n_j S^oracle_ij - S_ab) / (n_i n_j - 1); with the pair inside its own average the
+    agreement was inflated.
     """
     groups, trial_sim = _trial_similarity(responses, image_labels, weights)
     oracle = _block_means(groups, trial_sim)
@@ -285,5 +288,7 @@ def trial_oracle_agreement(responses: np.ndarray, image_labels: np.ndarray, weig
     different = groups.group[first] != groups.group[second]
     first, second = first[different], second[different]
     single = trial_sim[first, second]
-    averaged = oracle[groups.group[first], groups.group[second]]
+    image_a, image_b = groups.group[first], groups.group[second]
+    pairs = groups.counts[image_a].astype(np.float64) * groups.counts[image_b]
+    averaged = (oracle[image_a, image_b] * pairs - single) / (pairs - 1)
     return float(np.corrcoef(single, averaged)[0, 1])

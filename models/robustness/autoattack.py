@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .robustness import (LEADERBOARD_EPSILONS, DEFAULT_BATCH_SIZE, as_image_tensor, as_label_tensor,
-                         attackable_model, evaluation_mode, predict_labels, resolve_device, seeded_torch)
+from .evaluation import (LEADERBOARD_EPSILONS, DEFAULT_BATCH_SIZE, as_image_tensor, as_label_tensor,
+                         attackable_model, predict_labels, seeded_torch)
+from ..runtime import evaluation_mode, resolve_device
 
 VERSIONS = ("standard", "rand")
 _NORM_NAMES = {"linf": "Linf", "l2": "L2"}

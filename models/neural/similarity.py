@@ -1,4 +1,4 @@
-"""Similarity targets over images (issue 4; DESIGN.md equation 6 and sections 2-3), as pure functions.
+"""Similarity targets over images (docs/science.md §5, §7), as pure functions.
 
 Every target is an (n_images, n_images) symmetric matrix built with the project's one definition of
 similarity, ``rsa.centered_cosine`` (equation 2), so targets from neurons, models, pixels and VGG

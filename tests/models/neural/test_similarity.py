@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from neureg.models.rsa import centered_cosine
-from neureg.models.similarity import (VGG19_URL, data_similarity, model_similarity, pixel_similarity,
+from neureg.models.neural.rsa import centered_cosine
+from neureg.models.neural.similarity import (VGG19_URL, data_similarity, model_similarity, pixel_similarity,
                                       random_similarity, shuffled, similarity_agreement,
                                       threshold_similarity, vgg_features, vgg_similarity)
 
@@ -184,10 +184,10 @@ def test_vgg_wrong_file_is_a_value_error(tmp_path, vgg_file):
             vgg_similarity(images, bad)
 
 
-# -- the paper's claim on the simulator (issue 4, item 4; Li et al. Fig. 1D) --------------------------------
+# -- the paper's claim on the simulator (Li et al. Fig. 1D) --------------------------------
 def _simulator():
     try:
-        from neureg.models.simulator import simulate_scan
+        from neureg.models.neural.simulator import simulate_scan
     except ImportError as err:  # a failure, not a skip: this is the verification the issue asks for
         pytest.fail(f"neureg.models.simulator.simulate_scan is needed for the verification test: {err}")
     return simulate_scan
@@ -200,7 +200,7 @@ def simulated_fit():
     The predictor is smaller than the default (8 channels, 3x3 hidden kernels, 20 epochs) to keep this
     file near half a minute of CPU; at the bench's size the gap below is larger.
     """
-    from neureg.models.predictive import fit_predictor
+    from neureg.models.neural.predictive import fit_predictor
 
     sim = _simulator()(n_units=300, n_images=700, n_oracle=50, n_repeats=6, seed=1)
     before = torch.get_num_threads()
@@ -222,7 +222,7 @@ def test_model_similarity_beats_single_trial_similarity_on_simulator(simulated_f
     S^oracle). Weights as the pipeline computes them: w_a from the oracle repeats (equation 1), v_a the
     model's correlation with the oracle trials, which it never saw. The truth is the noise-free
     similarity with the true w_a."""
-    from neureg.models.predictive import predict_responses, unit_correlations
+    from neureg.models.neural.predictive import predict_responses, unit_correlations
 
     sim, model = simulated_fit
     oracle = np.flatnonzero(sim.trial_image < sim.n_oracle)
@@ -245,7 +245,7 @@ def test_model_similarity_beats_single_trial_similarity_on_simulator(simulated_f
 
 @pytest.mark.slow
 def test_shifter_and_modulator_recover_simulated_eye_and_gain(simulated_fit):
-    from neureg.models.predictive import predict_gain, predict_shift
+    from neureg.models.neural.predictive import predict_gain, predict_shift
 
     sim, model = simulated_fit
     shift = predict_shift(model, sim.pupil_center)

@@ -1,10 +1,11 @@
 """VOneBlock: a fixed, primate-V1-like Gabor front end with neuronal noise (Dapello, Marques et al. 2020).
 
-What it computes (DESIGN.md section 3). Input in [0, 1] is mapped to [-1, 1] (VOneNet's 0.5/0.5
+What it computes (docs/science.md §8). Input in [0, 1] is mapped to [-1, 1] (VOneNet's 0.5/0.5
 normalisation: the Gabors see contrast around mid-gray). A bank of Gabor filters g_c, one per channel,
 gives linear responses; simple cells are ReLU(k_exc * <g_c(phase), x>), complex cells are the quadrature
 energy k_exc * sqrt(<g_c(phase), x>^2 + <g_c(phase + 90 deg), x>^2) / sqrt(2). Then, when ``noise`` is on,
-Poisson-like noise x + N(0, 1) * sqrt(relu(x * noise_scale + noise_level)) (the DESIGN.md formula), and a
+Poisson-like noise x + N(0, 1) * sqrt(relu(x * noise_scale + noise_level) + 1e-4) / noise_scale
+(docs/science.md §8), and a
 final ReLU (firing rates are non-negative). The bank is fixed: buffers, not parameters.
 
 Gabor parameters are drawn from published primate V1 statistics (the distributions VOneNet uses), with
@@ -123,12 +124,14 @@ def gabor_kernel(
 ) -> torch.Tensor:
     """g(x, y) = exp(-x'^2 / 2 sx^2 - y'^2 / 2 sy^2) / (2 pi sx sy) * cos(2 pi f x' + phase), float64.
 
-    x is the column offset and y the row offset from the kernel centre (pixels), x' = x cos t + y sin t,
-    y' = -x sin t + y cos t; f in cycles/pixel. The 1 / (2 pi sx sy) gain is VOneNet's.
+    As in the published VOneNet code, x is the *row* offset and y the column offset from the kernel
+    centre (pixels), x' = x cos t + y sin t, y' = -x sin t + y cos t; f in cycles/pixel. That convention
+    fixes what an orientation t means (t = 0: the carrier varies down the rows). The 1 / (2 pi sx sy)
+    gain is VOneNet's.
     """
     half = ksize // 2
     offsets = torch.arange(-half, half + 1, dtype=torch.float64)
-    y, x = torch.meshgrid(offsets, offsets, indexing="ij")
+    x, y = torch.meshgrid(offsets, offsets, indexing="ij")
     x_rot = x * math.cos(theta) + y * math.sin(theta)
     y_rot = -x * math.sin(theta) + y * math.cos(theta)
     envelope = torch.exp(-0.5 * (x_rot**2 / sigma_x**2 + y_rot**2 / sigma_y**2))
@@ -136,9 +139,18 @@ def gabor_kernel(
     return envelope * torch.cos(2 * math.pi * frequency * x_rot + phase)
 
 
+#: The published code's floor under the square root (``eps = 10e-5``).
+NOISE_EPS = 1e-4
+
+
 def neuronal_noise(x: torch.Tensor, scale: float, level: float) -> torch.Tensor:
-    """x + N(0, 1) * sqrt(relu(x * scale + level)): Poisson-like, variance grows with the activity."""
-    return x + torch.randn_like(x) * torch.sqrt(F.relu(x * scale + level))
+    """x + N(0, 1) * sqrt(relu(x * scale + level) + 1e-4) / scale, the published VOneNet noise.
+
+    Poisson-like: the variance (relu(s x + l) + 1e-4) / s^2 grows with the activity. The published code
+    scales x by s, shifts by l, adds noise of standard deviation sqrt(relu(.) + eps), then undoes the
+    shift and the scale, which is where the division by s comes from (docs/science.md §8).
+    """
+    return x + torch.randn_like(x) * torch.sqrt(F.relu(x * scale + level) + NOISE_EPS) / scale
 
 
 class VOneBlock(nn.Module):

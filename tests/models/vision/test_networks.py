@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from neureg.models.networks import (
+from neureg.models.vision.networks import (
     TAP_CONV_LAYERS,
     build_network,
     stem_channels,
@@ -15,15 +15,6 @@ from neureg.models.networks import (
 )
 
 TINY_VONE = {"vone_simple_channels": 6, "vone_complex_channels": 4, "vone_noise": False}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine is shared; one thread avoids oversubscription stalls."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def main_path_convs(model) -> list[nn.Conv2d]:

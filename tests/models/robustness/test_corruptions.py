@@ -6,7 +6,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from neureg.models.corruptions import (
+from neureg.models.robustness.corruptions import (
     CORRUPTIONS,
     PARAMETERS,
     SEVERITIES,
@@ -15,7 +15,7 @@ from neureg.models.corruptions import (
     load_cifar10c,
     rgb_to_gray,
 )
-from neureg.models.robustness import accuracy
+from neureg.models.robustness.evaluation import accuracy
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-from .robustness import DEFAULT_BATCH_SIZE, accuracy, as_image_tensor
+from .evaluation import DEFAULT_BATCH_SIZE, accuracy, as_image_tensor
 
 SEVERITIES = (1, 2, 3, 4, 5)
 

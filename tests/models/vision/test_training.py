@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from neureg.models.datasets import Dataset, load_mnist_demo
-from neureg.models.networks import build_network
-from neureg.models.regularizer import PairSampler, SimilarityRegularizer, evaluate_similarity_loss
-from neureg.models.rsa import centered_cosine
-from neureg.models.training import (
+from neureg.models.vision.datasets import Dataset, load_mnist_demo
+from neureg.models.vision.networks import build_network
+from neureg.models.vision.regularizer import PairSampler, SimilarityRegularizer, evaluate_similarity_loss
+from neureg.models.neural.rsa import centered_cosine
+from neureg.models.vision.training import (
     PairBatch,
     augment_batch,
     default_train_config,
@@ -24,14 +24,6 @@ from neureg.models.training import (
     train_network,
     training_step,
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def quadrant_stimuli(n=96, seed=0):

@@ -1,0 +1,1 @@
+"""Simulated V1, oracle statistics, representational similarity and the predictive model."""

@@ -1,0 +1,1 @@
+"""Evaluation of trained networks: noise, corruptions, minimal perturbations, fixed-epsilon attacks."""

@@ -1,0 +1,1 @@
+"""Networks, the VOneBlock, the similarity regularizer, datasets and the training loop."""
