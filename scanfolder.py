@@ -35,7 +35,11 @@ TIERS = ("train", "validation", "test", "oracle")
 BEHAVIOR_COLUMNS = ("pupil_dilation", "pupil_dilation_derivative", "running_speed")
 REQUIRED_META = ("mouse", "session", "scan")
 OPTIONAL_META = {"area": str, "depth": (int, float), "frame_rate": (int, float), "notes": str}
-_MOUSE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+_MOUSE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")  # used with fullmatch: no trailing newline
+_TRIAL_FILE = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() also takes '²'
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+NOTES_MAX = 4096  # Scan.scan_notes is varchar(4096)
+IMAGE_SIDE_MAX = 32767  # Image.height / width are int16
 VALIDATION_FRACTION = 0.1  # share of non-repeated images put in the validation tier when tiers.npy is absent
 
 
@@ -153,9 +157,13 @@ def _read_meta(root: Path) -> dict:
     if not path.is_file():
         raise ScanFolderError(path, "missing: every scan folder needs a scan.json naming mouse, session and scan")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_refuse_duplicate_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ScanFolderError(path, f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ScanFolderError(path, "not valid JSON: nested too deeply") from None
+    except _DuplicateKey as exc:
+        raise ScanFolderError(path, f"key {exc.args[0]!r} appears twice (which one is meant?)") from None
     if not isinstance(meta, dict):
         raise ScanFolderError(path, "must hold a JSON object")
     missing = [k for k in REQUIRED_META if k not in meta]
@@ -165,8 +173,11 @@ def _read_meta(root: Path) -> dict:
     if unknown:
         allowed = list(REQUIRED_META) + list(OPTIONAL_META)
         raise ScanFolderError(path, f"unknown key(s) {unknown} (a typo?); allowed: {allowed}")
+    for key, value in meta.items():
+        if isinstance(value, str):
+            _check_text(path, key, value)
     mouse = meta["mouse"]
-    if not isinstance(mouse, str) or not _MOUSE_PATTERN.match(mouse):
+    if not isinstance(mouse, str) or not _MOUSE_PATTERN.fullmatch(mouse):
         raise ScanFolderError(path, f"'mouse' must be 1-32 letters, digits, '_', '-' or '.', got {mouse!r}")
     try:
         session = _dt.date.fromisoformat(meta["session"]) if isinstance(meta["session"], str) else None
@@ -183,10 +194,19 @@ def _read_meta(root: Path) -> dict:
             raise ScanFolderError(path, f"'{key}' has the wrong type: {value!r}")
     for key in ("depth", "frame_rate"):
         value = meta.get(key)
-        if value is not None and not (np.isfinite(value) and value >= 0 and (key == "depth" or value > 0)):
-            raise ScanFolderError(path, f"'{key}' must be a finite {'non-negative' if key == 'depth' else 'positive'} number, got {value!r}")
+        if value is None:
+            continue
+        try:
+            number = float(value)  # a 400-digit integer overflows here, not later
+        except OverflowError:
+            number = float("inf")
+        if not (np.isfinite(number) and number >= 0 and (key == "depth" or number > 0) and number <= FLOAT32_MAX):
+            kind = "non-negative" if key == "depth" else "positive"
+            raise ScanFolderError(path, f"'{key}' must be a finite {kind} number within float32 range, got {str(value)[:40]}")
     if len(meta.get("area") or "") > 32:
         raise ScanFolderError(path, "'area' must be at most 32 characters")
+    if len(meta.get("notes") or "") > NOTES_MAX:
+        raise ScanFolderError(path, f"'notes' must be at most {NOTES_MAX} characters, got {len(meta['notes'])}")
     return {
         "mouse": mouse,
         "session": session,
@@ -198,6 +218,30 @@ def _read_meta(root: Path) -> dict:
     }
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list[tuple]) -> dict:
+    """json.loads keeps the last of two equal keys; a scan's metadata must not be ambiguous."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _check_text(path: Path, what: str, value: str) -> None:
+    """Text the databases can store: valid UTF-8 (no lone surrogates) and no NUL character."""
+    if "\x00" in value:
+        raise ScanFolderError(path, f"{what!r} contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ScanFolderError(path, f"{what!r} is not valid Unicode text (a lone surrogate?)") from None
+
+
 def _trial_numbers(folder: Path) -> list[int]:
     if not folder.is_dir():
         raise ScanFolderError(folder, "missing folder")
@@ -206,7 +250,7 @@ def _trial_numbers(folder: Path) -> list[int]:
         if entry.name.startswith("."):
             continue
         stem, dot, suffix = entry.name.partition(".")
-        if suffix != "npy" or not stem.isdigit():
+        if suffix != "npy" or not _TRIAL_FILE.fullmatch(stem):
             raise ScanFolderError(entry, "unexpected file: per-trial files are named <trial>.npy, e.g. 0.npy")
         numbers.append(int(stem))
     return sorted(numbers)
@@ -261,7 +305,7 @@ def read_scan_folder(path: Path | str) -> ScanData:
 
     coord_path = root / "meta/neurons/cell_motor_coordinates.npy"
     coords = _load(coord_path, "cortical positions")
-    if coords.shape != (n_units, 3) or not np.issubdtype(coords.dtype, np.number):
+    if coords.shape != (n_units, 3) or not _real(coords):
         raise ScanFolderError(coord_path, f"must be numeric ({n_units}, 3) for {n_units} units, got {coords.shape} {coords.dtype}")
     if not np.all(np.isfinite(coords)):
         raise ScanFolderError(coord_path, "contains NaN or infinite values")
@@ -271,11 +315,17 @@ def read_scan_folder(path: Path | str) -> ScanData:
         raise ScanFolderError(area_path, f"must have one area per unit ({n_units}), got shape {areas.shape}")
     if any(len(a) > 32 for a in areas):
         raise ScanFolderError(area_path, "area names must be at most 32 characters")
+    for area in set(areas.tolist()):
+        _check_text(area_path, "unit area", str(area))
 
     frame_path = root / "meta/trials/frame_image_id.npy"
     frame_image_id = _load(frame_path, "image id per trial")
     if frame_image_id.ndim != 1 or not np.issubdtype(frame_image_id.dtype, np.integer):
         raise ScanFolderError(frame_path, f"must be a 1-d integer array, got {frame_image_id.shape} {frame_image_id.dtype}")
+    int64 = np.iinfo(np.int64)
+    if frame_image_id.size and (int(frame_image_id.max()) > int64.max or int(frame_image_id.min()) < int64.min):
+        raise ScanFolderError(frame_path, "image ids must fit a signed 64-bit integer (|id| < 2^63)")
+    frame_image_id = frame_image_id.astype(np.int64)
     n_trials = frame_image_id.size
     if n_trials == 0:
         raise ScanFolderError(frame_path, "the scan has no trials")
@@ -299,6 +349,8 @@ def read_scan_folder(path: Path | str) -> ScanData:
             raise ScanFolderError(root / "meta/trials/tiers.npy", f"unknown tier(s) {bad}; allowed: {list(TIERS)}")
     start_time = _optional_trial_array(root / "meta/trials/start_time.npy", n_trials, "trial start times", numeric=True)
     duration = _optional_trial_array(root / "meta/trials/duration.npy", n_trials, "trial durations", numeric=True)
+    if duration is not None and np.any(duration < 0):
+        raise ScanFolderError(root / "meta/trials/duration.npy", "trial durations must not be negative")
 
     # Images: one shape and dtype, the same id always the same pixels.
     image_files = _per_trial(root, "images", n_trials, None, "image")
@@ -308,6 +360,9 @@ def read_scan_folder(path: Path | str) -> ScanData:
     first = first.reshape(first.shape[1:]) if first.ndim == 3 and first.shape[0] == 1 else first
     if first.ndim != 2:
         raise ScanFolderError(root / "data/images/0.npy", f"images must be (H, W) or (1, H, W), got {image_files[0].shape}")
+    if min(first.shape) < 1 or max(first.shape) > IMAGE_SIDE_MAX:
+        raise ScanFolderError(root / "data/images/0.npy",
+                              f"images must be 1..{IMAGE_SIDE_MAX} pixels on each side, got {first.shape}")
     images: dict[str, np.ndarray] = {}
     source_ids: dict[str, int] = {}
     id_to_hash: dict[int, str] = {}
@@ -366,12 +421,17 @@ def _optional_trial_array(path: Path, n_trials: int, what: str, numeric: bool = 
     if values.shape != (n_trials,):
         raise ScanFolderError(path, f"{what} must have one entry per trial ({n_trials}), got shape {values.shape}")
     if numeric:
-        if not np.issubdtype(values.dtype, np.number):
-            raise ScanFolderError(path, f"{what} must be numbers, got dtype {values.dtype}")
+        if not _real(values):
+            raise ScanFolderError(path, f"{what} must be real numbers, got dtype {values.dtype}")
         if not np.all(np.isfinite(values)):
             raise ScanFolderError(path, f"{what} contain NaN or infinite values")
         return values.astype(np.float64)
     return values
+
+
+def _real(values: np.ndarray) -> bool:
+    """Real numbers: complex ones would lose their imaginary part silently when stored."""
+    return np.issubdtype(values.dtype, np.number) and not np.issubdtype(values.dtype, np.complexfloating)
 
 
 def assign_tiers(trial_images: list[str], given: np.ndarray | None = None) -> np.ndarray:

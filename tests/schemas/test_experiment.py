@@ -172,6 +172,111 @@ def _(f):
     return "responses/3.npy: responses (one value per unit, 12 units) has values beyond the stored float32 range"
 
 
+@_edit("notes-too-long")
+def _(f):
+    _meta(f, notes="x" * 4097)
+    return "'notes' must be at most 4096 characters"
+
+
+@_edit("depth-beyond-float32")
+def _(f):
+    _meta(f, depth=1e39)
+    return "'depth' must be a finite non-negative number within float32 range"
+
+
+@_edit("depth-400-digits")
+def _(f):
+    (f / "scan.json").write_text((f / "scan.json").read_text().replace('"depth": 210.5', '"depth": ' + "9" * 400))
+    return "'depth' must be a finite non-negative number within float32 range"
+
+
+@_edit("frame-rate-beyond-float32")
+def _(f):
+    _meta(f, frame_rate=3.5e38)
+    return "'frame_rate' must be a finite positive number within float32 range"
+
+
+@_edit("nul-in-notes")
+def _(f):
+    _meta(f, notes="left\x00hemisphere")
+    return "'notes' contains a NUL character"
+
+
+@_edit("lone-surrogate")
+def _(f):
+    (f / "scan.json").write_text((f / "scan.json").read_text().replace('"notes": "test"', '"notes": "a\\ud800b"'))
+    return "'notes' is not valid Unicode text"
+
+
+@_edit("json-nested-deep")
+def _(f):
+    (f / "scan.json").write_text((f / "scan.json").read_text().rstrip()[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    return "scan.json: not valid JSON: nested too deeply"
+
+
+@_edit("json-duplicate-key")
+def _(f):
+    (f / "scan.json").write_text((f / "scan.json").read_text().rstrip()[:-1] + ', "scan": 9}')
+    return "key 'scan' appears twice"
+
+
+@_edit("mouse-trailing-newline")
+def _(f):
+    meta = json.loads((f / "scan.json").read_text())
+    _meta(f, mouse=meta["mouse"] + "\n")
+    return "'mouse' must be 1-32 letters"
+
+
+@_edit("trial-file-superscript-digit")
+def _(f):
+    (f / "data/behavior/0.npy").rename(f / "data/behavior/\u00b2.npy")
+    return "unexpected file: per-trial files are named <trial>.npy"
+
+
+@_edit("image-too-wide")
+def _(f):
+    for t in range(len(list((f / "data/images").iterdir()))):
+        np.save(f / f"data/images/{t}.npy", np.zeros((1, 32768), np.uint8))
+    return "images must be 1..32767 pixels on each side"
+
+
+@_edit("image-empty")
+def _(f):
+    for t in range(len(list((f / "data/images").iterdir()))):
+        np.save(f / f"data/images/{t}.npy", np.zeros((0, 0), np.uint8))
+    return "images must be 1..32767 pixels on each side"
+
+
+@_edit("frame-id-beyond-int64")
+def _(f):
+    ids = np.load(f / "meta/trials/frame_image_id.npy").astype(np.uint64)
+    ids[ids == ids.max()] = 2**63
+    np.save(f / "meta/trials/frame_image_id.npy", ids)
+    return "image ids must fit a signed 64-bit integer"
+
+
+@_edit("coordinates-complex")
+def _(f):
+    coords = np.load(f / "meta/neurons/cell_motor_coordinates.npy")
+    np.save(f / "meta/neurons/cell_motor_coordinates.npy", coords + 1j)
+    return "cell_motor_coordinates.npy: must be numeric (12, 3)"
+
+
+@_edit("start-time-complex")
+def _(f):
+    times = np.load(f / "meta/trials/start_time.npy")
+    np.save(f / "meta/trials/start_time.npy", times + 0.5j)
+    return "trial start times must be real numbers"
+
+
+@_edit("negative-duration")
+def _(f):
+    durations = np.load(f / "meta/trials/duration.npy")
+    durations[3] = -0.5
+    np.save(f / "meta/trials/duration.npy", durations)
+    return "trial durations must not be negative"
+
+
 @_edit("behavior-inf")
 def _(f):
     np.save(f / "data/behavior/4.npy", np.array([1.0, np.inf, 0.0], np.float32))
