@@ -9,11 +9,14 @@ share one server; ``NEUREG_STORE`` moves the object store (workers on several ma
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib
 import logging
 import os
 import re
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +144,27 @@ def connect(home=None, prefix=None, backend=None, *, create_tables=True) -> Simp
     """
     dj = _dj()
     settings = Settings.resolve(home, prefix, backend)
+    if settings.backend == "embedded":
+        # Two first commands on a new home (``init`` and ``status`` at once) must not both start the
+        # server or declare the schemas: one waits for the other.
+        with _home_lock(settings.home):
+            return _connect(dj, settings, create_tables)
+    return _connect(dj, settings, create_tables)
+
+
+@contextlib.contextmanager
+def _home_lock(home: Path):
+    """An exclusive lock on ``home`` held by this process for the duration (released if it dies)."""
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".neureg.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _connect(dj, settings: "Settings", create_tables: bool) -> SimpleNamespace:
     overrides = _start_embedded(settings.home) if settings.backend == "embedded" else {}
     for key, value in overrides.items():
         dj.config[key] = value
@@ -167,10 +191,25 @@ def connect(home=None, prefix=None, backend=None, *, create_tables=True) -> Simp
         raise ConfigurationError(
             f"cannot connect to the {dj.config['database.backend']} server at {host}: {exc}"
         ) from exc
-    pipeline = _activate_schemas(settings.prefix, reload=bool(_active), create_tables=create_tables)
+    pipeline = _activate_with_retry(settings.prefix, reload=bool(_active), create_tables=create_tables)
     _active.update(settings=settings, target=target, pipeline=pipeline)
     logger.debug("neureg connected: %s backend, schema prefix %r", settings.backend, settings.prefix)
     return pipeline
+
+
+def _activate_with_retry(prefix: str, reload: bool, create_tables: bool, tries: int = 4) -> SimpleNamespace:
+    """Declare the schemas; a first declaration racing another host's (a lab server, several workers
+    starting at once) fails with "already exists" and succeeds when tried again."""
+    for attempt in range(tries):
+        try:
+            return _activate_schemas(prefix, reload=reload or attempt > 0, create_tables=create_tables)
+        except Exception as exc:  # noqa: BLE001 - only the declaration race is retried
+            racing = "already exists" in str(exc).lower() or "duplicate" in type(exc).__name__.lower()
+            if not racing or attempt == tries - 1:
+                raise
+            logger.info("schema declaration raced another process (%s); trying again", exc)
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _activate_schemas(prefix: str, reload: bool, create_tables: bool) -> SimpleNamespace:

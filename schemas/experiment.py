@@ -8,7 +8,9 @@ minutes to load and a single ``.npy`` takes a fraction of a second.
 
 from __future__ import annotations
 
+import random
 import re
+import time
 
 import datajoint as dj
 import numpy as np
@@ -177,14 +179,36 @@ def _optional(value: float):
     return None if value is None or not np.isfinite(value) else float(value)
 
 
-def insert_scan(data: ScanData, source_path: str = "") -> dict:
-    """Insert a validated scan in one transaction: everything lands, or nothing does."""
+def insert_scan(data: ScanData, source_path: str = "", tries: int = 5) -> dict:
+    """Insert a validated scan in one transaction: everything lands, or nothing does.
+
+    Ingests run concurrently in a lab: two scans of one mouse, or sharing images, both try to add the
+    Mouse, Session or Image row, and the later commit fails as a duplicate. The whole transaction is then
+    tried again (now seeing the other's rows). If the duplicate is the scan itself, it is already there.
+    """
+    for attempt in range(tries):
+        try:
+            return _insert_scan_once(data, source_path)
+        except dj.errors.DuplicateError:
+            if Scan & data.key:
+                raise _exists(data) from None
+            if attempt == tries - 1:
+                raise
+            time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _exists(data: ScanData) -> ScanExistsError:
+    return ScanExistsError(
+        f"scan {data.mouse} / {data.session} / scan {data.scan} is already in the database; "
+        "delete it first (experiment.Scan & key).delete() if it must be replaced"
+    )
+
+
+def _insert_scan_once(data: ScanData, source_path: str) -> dict:
     key = data.key
     if Scan & key:
-        raise ScanExistsError(
-            f"scan {data.mouse} / {data.session} / scan {data.scan} is already in the database; "
-            "delete it first (experiment.Scan & key).delete() if it must be replaced"
-        )
+        raise _exists(data)
     n_trials, n_units = data.responses.shape
     mouse_key = {"mouse": data.mouse}
     with Scan.connection.transaction:

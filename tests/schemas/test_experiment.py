@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -403,3 +404,52 @@ def test_cli_ingest_status_and_errors(pipeline, tmp_path, unique_mouse, scan_fol
     assert counts == table_counts(pipeline)
     scan_table = pipeline.experiment.Scan.full_table_name
     assert counts[scan_table] == len(pipeline.experiment.Scan())
+
+
+# ------------------------------------------------------------------------------------------ concurrency
+def _ingest_together(folders, env, copies=1):
+    """Start one `neureg ingest` per folder (x copies) at the same moment; return (exit codes, stderr)."""
+    procs = [subprocess.Popen([sys.executable, "-m", "neureg.cli", "ingest", str(f)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for f in folders for _ in range(copies)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    return [p.returncode for p in procs], [err for _, err in outputs]
+
+
+def test_concurrent_ingests_of_scans_sharing_a_mouse_and_images_all_land(pipeline, tmp_path, unique_mouse,
+                                                                         scan_folder_factory, subprocess_env):
+    """Same mouse, same session, same images (same seed), different scans: every ingest lands."""
+    scans = range(1, 7)
+    folders = [scan_folder_factory(tmp_path / f"s{i}", mouse=unique_mouse, scan=i, seed=0) for i in scans]
+    codes, errors = _ingest_together(folders, subprocess_env)
+    assert codes == [0] * len(scans), errors
+    assert "Traceback" not in "".join(errors)
+    assert len(pipeline.experiment.Scan & {"mouse": unique_mouse}) == len(scans)
+    assert len(pipeline.experiment.Mouse & {"mouse": unique_mouse}) == 1
+    for i in scans:
+        assert len(pipeline.experiment.Trial & {"mouse": unique_mouse, "scan_idx": i}) == 39
+
+
+def test_concurrent_ingests_of_one_scan_land_it_once(pipeline, tmp_path, unique_mouse, scan_folder_factory,
+                                                     subprocess_env):
+    folder = scan_folder_factory(tmp_path / "scan", mouse=unique_mouse)
+    before = table_counts(pipeline)
+    codes, errors = _ingest_together([folder], subprocess_env, copies=3)
+    assert sorted(codes) == [0, 3, 3], errors
+    assert "Traceback" not in "".join(errors)
+    assert sum("already in the database" in e for e in errors) == 2
+    after = table_counts(pipeline)
+    assert after[pipeline.experiment.Scan.full_table_name] == before[pipeline.experiment.Scan.full_table_name] + 1
+    assert len(pipeline.experiment.Trial & {"mouse": unique_mouse}) == 39
+
+
+def test_concurrent_first_commands_on_a_new_home_all_succeed(tmp_path):
+    """`init` and `status` at once on a home that does not exist yet (embedded server, fresh schemas)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DJ_", "NEUREG_"))}
+    for attempt in range(2):
+        env = dict(base, NEUREG_HOME=str(tmp_path / f"home{attempt}"))
+        commands = [["init"], ["status", "--json"], ["status"]]
+        procs = [subprocess.Popen([sys.executable, "-m", "neureg.cli", *c], env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for c in commands]
+        outputs = [p.communicate(timeout=300) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0], [err[-1500:] for _, err in outputs]
