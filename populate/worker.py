@@ -482,7 +482,8 @@ def cmd_accounts(args) -> int:
     import sys
 
     from ..connection import Settings
-    from .accounts import DEFAULT_LAB, DEFAULT_WORKER, accounts_sql, parse_passwords
+    from .accounts import (DEFAULT_LAB, DEFAULT_WORKER, accounts_sql, generate_passwords, parse_passwords,
+                           save_passwords)
 
     if not args.sql:
         print("error: say what to do: --sql prints the SQL (pipe it into `mysql` as an administrator)", file=sys.stderr)
@@ -496,11 +497,24 @@ def cmd_accounts(args) -> int:
     lab, workers = args.lab or [], args.worker or []
     if not lab and not workers:
         lab, workers = [DEFAULT_LAB], [DEFAULT_WORKER]
-    placeholders = [u for u in lab + workers if u not in passwords]
-    if placeholders:
-        print(f"warning: placeholder passwords for {', '.join(placeholders)}: edit them, or pass --password USER=...",
+    without = [u for u in lab + workers if u not in passwords]
+    if without and args.generate_passwords:
+        generated = generate_passwords(without)
+        try:
+            save_passwords(args.generate_passwords, generated)
+        except OSError as exc:
+            print(f"error: {args.generate_passwords}: cannot write the generated passwords: {exc.strerror} "
+                  "(an existing file is never overwritten)", file=sys.stderr)
+            return 2
+        passwords.update(generated)
+        print(f"generated passwords for {', '.join(without)} written to {args.generate_passwords} (mode 0600)",
               file=sys.stderr)
-    print(accounts_sql(prefix, lab, workers, passwords, host=args.host), end="")
+    try:
+        sql = accounts_sql(prefix, lab, workers, passwords, host=args.host)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(sql, end="")
     return 0
 
 
@@ -526,7 +540,10 @@ def register_cli(subparsers) -> None:
     p.add_argument("--lab", action="append", metavar="USER", help="a lab-member account (repeatable)")
     p.add_argument("--worker", action="append", metavar="USER", help="a worker account (repeatable)")
     p.add_argument("--password", action="append", metavar="USER=VALUE",
-                   help="password of USER; VALUE env:NAME reads environment variable NAME (repeatable; "
-                   "default: a placeholder to edit)")
+                   help="password of USER; VALUE env:NAME reads environment variable NAME (repeatable). "
+                   "Every account needs one: there is no default password")
+    p.add_argument("--generate-passwords", metavar="FILE",
+                   help="generate a strong password for every account given none, and write USER=PASSWORD lines "
+                   "to FILE (new file, mode 0600)")
     p.add_argument("--host", default="%", help="host part of the accounts (default '%%': any host)")
     p.set_defaults(func=cmd_accounts)

@@ -1,5 +1,5 @@
 """The lab deployment: docker-compose.yml's structure, `docker compose config` where it runs, and the accounts
-(sql/accounts.sql, `neureg accounts --sql`) tried on a real MySQL-protocol server."""
+(`neureg accounts --sql`) tried on a real MySQL-protocol server."""
 
 from __future__ import annotations
 
@@ -122,9 +122,41 @@ def test_docker_compose_config_accepts_the_file(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ accounts
-def test_accounts_script_is_what_the_command_prints():
-    """sql/accounts.sql is `neureg accounts --sql` with its defaults, so the two cannot drift apart."""
-    assert (ROOT / "sql" / "accounts.sql").read_text() == accounts_sql()
+def _accounts_command(*argv):
+    parser = argparse.ArgumentParser(prog="neureg")
+    parser.add_argument("--home")
+    parser.add_argument("--prefix")
+    register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["accounts", "--sql", *argv])
+    out, err = StringIO(), StringIO()
+    from contextlib import redirect_stderr
+
+    with redirect_stdout(out), redirect_stderr(err):
+        code = args.func(args)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_accounts_refuse_to_invent_a_default_password(tmp_path):
+    code, out, err = _accounts_command("--lab", "ann")
+    assert code == 2 and out == "" and "no password for ann" in err
+    with pytest.raises(ValueError, match="no password for neureg_lab, neureg_worker"):
+        accounts_sql()
+
+
+def test_accounts_generate_strong_passwords_into_an_owner_only_file(tmp_path):
+    secrets_file = tmp_path / "accounts.txt"
+    code, out, err = _accounts_command("--lab", "ann", "--worker", "w1", "--password", "w1=given",
+                                       "--generate-passwords", str(secrets_file))
+    assert code == 0 and str(secrets_file) in err and "ann" in err
+    assert secrets_file.stat().st_mode & 0o777 == 0o600
+    lines = dict(line.split("=", 1) for line in secrets_file.read_text().splitlines())
+    assert set(lines) == {"ann"} and len(lines["ann"]) == 32  # only the account that had none
+    assert f"IDENTIFIED BY '{lines['ann']}'" in out and "IDENTIFIED BY 'given'" in out
+    assert lines["ann"] not in err  # the password is in the file and the SQL, not the log
+    again = _accounts_command("--lab", "ann", "--generate-passwords", str(secrets_file))
+    assert again[0] == 2 and "never overwritten" in again[2]
+    other = _accounts_command("--lab", "ann", "--generate-passwords", str(tmp_path / "b.txt"))[1]
+    assert other != out  # random, not derived from the name
 
 
 def test_accounts_command_prints_the_sql():
