@@ -203,6 +203,32 @@ def main(argv=None) -> int:
     except ConfigurationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except Exception as exc:  # noqa: BLE001 - the faults a lab meets get one line, not a traceback
+        message = fault_message(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+
+
+def fault_message(exc: BaseException) -> str | None:
+    """One line for an environment fault (database gone, disk full), or None for a bug (keep the traceback).
+
+    Every write is transactional, so after such a fault nothing is half-written; the command can be rerun.
+    """
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return f"no space left on the device{where}; nothing was half-written, free space and rerun"
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    modules = {cls.__module__.split(".")[0] for cls in type(exc).__mro__}
+    lost = ("OperationalError" in names or "InterfaceError" in names or "LostConnectionError" in names)
+    if lost and modules & {"psycopg2", "pymysql", "datajoint"}:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return (f"lost the database server ({first}); nothing was half-written, rerun when it is back "
+                "(the embedded server restarts with the next command)")
+    return None
 
 
 if __name__ == "__main__":

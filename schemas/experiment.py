@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import random
 import re
+import shutil
 import time
+from pathlib import Path
 
 import datajoint as dj
 import numpy as np
@@ -192,10 +194,41 @@ def insert_scan(data: ScanData, source_path: str = "", tries: int = 5) -> dict:
         except dj.errors.DuplicateError:
             if Scan & data.key:
                 raise _exists(data) from None
+            _discard_scan_blocks(data.key)
             if attempt == tries - 1:
                 raise
             time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
+        except ScanExistsError:
+            raise
+        except BaseException:
+            # The transaction rolled back, but the response blocks already written to the store (or the
+            # partial one a full disk left, ``.npy.saving``) stay there unreferenced: remove them.
+            _discard_scan_blocks(data.key)
+            raise
     raise AssertionError("unreachable")
+
+
+STORE_NAME = "neureg"  # the store every <npy@neureg> attribute names
+
+
+def _discard_scan_blocks(key: dict) -> None:
+    """Delete the store files of a scan whose insert failed, if the scan is not in the database.
+
+    DataJoint lays a file store out as ``<location>/<schema_prefix>/<schema>/<table>/<attr>=<value>/...``
+    (its store spec); only the failed scan's own folder of Responses.Block is touched, and only while no
+    Scan row claims it (a concurrent ingest of the same scan that won keeps its files).
+    """
+    try:
+        spec = dj.config.get_store_spec(STORE_NAME)
+    except Exception:  # noqa: BLE001 - no local store configured: nothing to clean
+        return
+    if spec.get("protocol") != "file" or (Scan & key):
+        return
+    folder = Path(spec["location"]) / spec.get("schema_prefix", "_schema") / Responses.Block.database
+    folder = folder / Responses.Block.table_name
+    for name in ("mouse", "session_date", "scan_idx"):
+        folder = folder / f"{name}={key[name]}"
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _exists(data: ScanData) -> ScanExistsError:

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from neureg.cli import build_parser
 
 
@@ -75,3 +77,28 @@ def test_version_and_module_entry_point():
     run = subprocess.run([sys.executable, "-m", "neureg", "status", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0 and "usage: neureg status" in run.stdout
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KB tmpfs as the object store: a real ENOSPC, not a simulated one (needs root to mount)."""
+    store = tmp_path / "store"
+    store.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(store)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield store
+    subprocess.run(["umount", "-l", str(store)], check=False)
+
+
+def test_full_disk_during_ingest_is_one_line_and_leaves_nothing(tmp_path, full_disk, scan_folder_factory):
+    folder = scan_folder_factory(tmp_path / "scan", n_units=600)  # 39 trials x 600 units: 94 KB of responses
+    env = {"NEUREG_HOME": str(tmp_path / "home"), "NEUREG_STORE": str(full_disk)}
+    run = run_cli("ingest", str(folder), env=env)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "no space left on the device" in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
+    counts = json.loads(run_cli("status", "--json", env=env).stdout)
+    scan = next(name for name in counts if name.endswith('."scan"'))
+    assert counts[scan] == 0
+    # No partial (.npy.saving) or unreferenced block is left to keep the store full.
+    assert [p for p in full_disk.rglob("*") if p.is_file()] == []
