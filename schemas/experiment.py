@@ -222,7 +222,11 @@ def _discard_scan_blocks(key: dict) -> None:
         spec = dj.config.get_store_spec(STORE_NAME)
     except Exception:  # noqa: BLE001 - no local store configured: nothing to clean
         return
-    if spec.get("protocol") != "file" or (Scan & key):
+    try:
+        claimed = bool(Scan & key)
+    except Exception:  # noqa: BLE001 - the server is gone: without knowing, delete nothing
+        return
+    if spec.get("protocol") != "file" or claimed:
         return
     folder = Path(spec["location"]) / spec.get("schema_prefix", "_schema") / Responses.Block.database
     folder = folder / Responses.Block.table_name
