@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 from torch import nn
 
-from .evaluation import (LEADERBOARD_EPSILONS, DEFAULT_BATCH_SIZE, as_image_tensor, as_label_tensor,
-                         attackable_model, predict_labels, seeded_torch)
+from .evaluation import (DEFAULT_BATCH_SIZE, attackable_model, fixed_epsilon_inputs, predict_labels,
+                         seeded_torch)
 from ..runtime import evaluation_mode, resolve_device
 
 VERSIONS = ("standard", "rand")
@@ -38,17 +37,9 @@ def autoattack_robust_accuracy(model: nn.Module, images, labels, norm: str, epsi
     """
     from pyautoattack import AutoAttack
 
-    if norm not in _NORM_NAMES:
-        raise ValueError(f"norm must be one of {sorted(_NORM_NAMES)}, got {norm!r}")
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
-    epsilon = LEADERBOARD_EPSILONS[norm] if epsilon is None else float(epsilon)
-    if not np.isfinite(epsilon) or epsilon < 0:
-        raise ValueError(f"epsilon must be finite and >= 0, got {epsilon}")
-    x = as_image_tensor(images)
-    y = as_label_tensor(labels, len(x))
-    if len(x) == 0:
-        raise ValueError("robust accuracy of zero images is undefined")
+    x, y, epsilon = fixed_epsilon_inputs(images, labels, norm, epsilon)
     device = resolve_device(model, device)
     logging.getLogger("auto-attack").setLevel(logging.WARNING)
     with evaluation_mode(model), seeded_torch(seed, device):

@@ -223,6 +223,23 @@ def seeded_torch(seed: int | None, device: torch.device) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------------
 
 
+def fixed_epsilon_inputs(images, labels, norm: str, epsilon: float | None):
+    """Checked inputs of a fixed-epsilon attack (PGD or AutoAttack): (images, labels, epsilon).
+
+    ``epsilon`` None means the leaderboard budget of ``norm``.
+    """
+    if norm not in LEADERBOARD_EPSILONS:
+        raise ValueError(f"norm must be one of {sorted(LEADERBOARD_EPSILONS)}, got {norm!r}")
+    epsilon = LEADERBOARD_EPSILONS[norm] if epsilon is None else float(epsilon)
+    if not np.isfinite(epsilon) or epsilon < 0:
+        raise ValueError(f"epsilon must be finite and >= 0, got {epsilon}")
+    x = as_image_tensor(images)
+    y = as_label_tensor(labels, len(x))
+    if len(x) == 0:
+        raise ValueError("robust accuracy of zero images is undefined")
+    return x, y, epsilon
+
+
 def robust_accuracy(
     model: nn.Module,
     images,
@@ -261,19 +278,10 @@ def robust_accuracy(
                                           eot_samples, batch_size, device, seed)
     if method != "pgd":
         raise ValueError(f"method must be 'pgd' or 'autoattack', got {method!r}")
-    if norm not in LEADERBOARD_EPSILONS:
-        raise ValueError(f"norm must be one of {sorted(LEADERBOARD_EPSILONS)}, got {norm!r}")
-    epsilon = LEADERBOARD_EPSILONS[norm] if epsilon is None else float(epsilon)
-    if not np.isfinite(epsilon) or epsilon < 0:
-        raise ValueError(f"epsilon must be finite and >= 0, got {epsilon}")
+    x, y, epsilon = fixed_epsilon_inputs(images, labels, norm, epsilon)
     if int(steps) != steps or steps < 1 or int(restarts) != restarts or restarts < 1:
         raise ValueError(f"steps and restarts must be positive integers, got {steps}, {restarts}")
     rel_stepsize = 2.5 / steps if rel_stepsize is None else float(rel_stepsize)
-
-    x = as_image_tensor(images)
-    y = as_label_tensor(labels, len(x))
-    if len(x) == 0:
-        raise ValueError("robust accuracy of zero images is undefined")
     device = resolve_device(model, device)
     attack_class = fb.attacks.LinfPGD if norm == "linf" else fb.attacks.L2PGD
     attack = attack_class(steps=int(steps), rel_stepsize=rel_stepsize, random_start=True)
