@@ -20,6 +20,7 @@ def _connect(args):
 
 
 def cmd_init(args) -> int:
+    """`neureg init`: start or reach the database, declare every schema, and say where everything is."""
     from .connection import active_settings
     import datajoint as dj
 
@@ -33,6 +34,7 @@ def cmd_init(args) -> int:
 
 
 def cmd_ingest(args) -> int:
+    """`neureg ingest`: validate and insert scan folders; exit 2 for a bad folder, 3 for one already ingested."""
     from .populate.ingest import ingest_folder
     from .scanfolder import ScanFolderError
     from .errors import ScanExistsError
@@ -54,6 +56,7 @@ def cmd_ingest(args) -> int:
 
 
 def cmd_status(args) -> int:
+    """`neureg status`: row counts and job states of every table, in the order the workers fill them."""
     from .populate.status import job_states, table_counts
 
     pipeline = _connect(args)
@@ -72,12 +75,14 @@ def cmd_status(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    """`neureg demo`: the whole chain on a small simulated cohort."""
     from .populate.demo import run_demo
 
     return run_demo(pipeline=_connect(args), out=args.out, fast=args.fast)
 
 
 def cmd_simulate(args) -> int:
+    """`neureg simulate`: write a simulated cohort as scan folders, to try the pipeline without a lab's data."""
     from .populate.simulate import simulate_cohort
 
     folders = simulate_cohort(
@@ -91,6 +96,7 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_populate(args) -> int:
+    """`neureg populate`: fill the computed tables of some stages in this process, in dependency order."""
     from .populate.stages import populate_stage
 
     pipeline = _connect(args)
@@ -109,7 +115,31 @@ def cmd_populate(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_scanset(args) -> int:
+    """`neureg scanset`: register the scan sets that ScanStability and SimilarityTarget are computed for."""
+    from .populate.scansets import register_all, register_oracle_groups
+
+    pipeline = _connect(args)
+    try:
+        sets = register_all(pipeline) if args.all else register_oracle_groups(pipeline)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.json:
+        print(json.dumps(sets, indent=1, default=str))
+        return 0
+    for s in sets:
+        state = "registered" if s["new"] else "already registered"
+        print(f"scan_set {s['scan_set']}: {s['n_scans']} scans, {state} ({s['note']})")
+        for member in s["members"]:
+            print("  " + " ".join(f"{k}={v}" for k, v in member.items()))
+    if not sets:
+        print("no group of two or more scans shares its oracle images: no scan set registered", file=sys.stderr)
+    return 0
+
+
 def cmd_report(args) -> int:
+    """`neureg report`: write the figures of one part of the analysis from the database."""
     import importlib
 
     pipeline = _connect(args)
@@ -131,6 +161,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `neureg` argument parser (a function, so tests can list every command and its help)."""
     parser = argparse.ArgumentParser(
         prog="neureg",
         description="Brain-regularized robust vision models: mouse V1 scans -> similarity targets -> "
@@ -171,14 +202,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-going", action="store_true", help="record failing keys and go on (exit status 1)")
     p.set_defaults(func=cmd_populate)
 
+    p = sub.add_parser(
+        "scanset", help="register scan sets (what scan-stability and similarity targets are computed over)",
+        description="Register experiment.ScanSet rows explicitly; nothing else creates them. Registering the "
+        "same scans again is harmless: the existing set is reported.",
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--oracle-groups", action="store_true",
+                       help="one set per group of two or more scans shown exactly the same oracle images")
+    which.add_argument("--all", action="store_true", help="one set of every ingested scan")
+    p.add_argument("--json", action="store_true", help="print the sets as JSON (key, size, note, new, members)")
+    p.set_defaults(func=cmd_scanset)
+
     p = sub.add_parser("report", help="write figures (PNG) from the database")
     p.add_argument("what", choices=["oracle", "similarity", "robustness"], help="which figures (robustness: also the results table as CSV and Markdown)")
     p.add_argument("--out", default="neureg_figures", help="folder for the PNGs (default ./neureg_figures)")
     p.set_defaults(func=cmd_report)
 
-    from .populate.worker import register_cli
+    from .populate import accounts, worker
 
-    register_cli(sub)
+    worker.register_cli(sub)
+    accounts.register_cli(sub)
 
     p = sub.add_parser("demo", help="the main job: simulate a small cohort and run the pipeline on it")
     p.add_argument("--out", type=Path, help="where to write the demo's scan folders and figures")
@@ -188,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """The `neureg` entry point: parse, log to stderr, run the command; configuration faults exit 4."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for commands that start copies of themselves

@@ -15,7 +15,6 @@ import importlib
 import logging
 import os
 import re
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -38,6 +37,8 @@ class ConfigurationError(RuntimeError):
 
 @dataclass(frozen=True)
 class Settings:
+    """Where this process keeps its database and store: resolved once from arguments, then environment."""
+
     home: Path
     prefix: str
     backend: str  # "embedded" or "server"
@@ -132,24 +133,47 @@ def _start_embedded(home: Path) -> dict:
     }
 
 
-_active: dict = {}
+_active: dict = {}  # the one database this process talks to: settings, target, connection, pipeline
 
 
 def connect(home=None, prefix=None, backend=None, *, create_tables=True) -> SimpleNamespace:
     """Connect, activate every schema of the pipeline, and return them as one namespace.
 
-    ``pipe = neureg.connect(); pipe.experiment.Scan()`` is all a notebook needs. Calling it again with the
-    same settings is free; with other settings it reconnects and re-declares the schema modules, so one
-    process (a test session, say) can move between servers.
+    ``pipe = neureg.connect(); pipe.experiment.Scan()`` is all a notebook needs. The backend is chosen as
+    :meth:`Settings.resolve` says: the ``backend`` argument, else ``NEUREG_BACKEND``, else ``server`` when
+    DataJoint is configured for one (``DJ_HOST``, a ``datajoint.json``), else the embedded PostgreSQL server.
+
+    One process talks to one database: DataJoint binds the table classes to one connection and one schema
+    name when they are activated. Calling ``connect`` again with the same settings is free (and reconnects
+    in place if the server dropped the connection); settings that need another server, home, store or
+    schema prefix raise :class:`ConfigurationError`: use another process for them (the test suite runs one
+    pytest process per backend: ``python -m pytest --backend mysql``).
     """
     dj = _dj()
     settings = Settings.resolve(home, prefix, backend)
+    if _active and _active["settings"] != settings:  # before an embedded server starts under another home
+        raise _one_database_error(_active["settings"], settings)
     if settings.backend == "embedded":
         # Two first commands on a new home (``init`` and ``status`` at once) must not both start the
         # server or declare the schemas: one waits for the other.
         with _home_lock(settings.home):
             return _connect(dj, settings, create_tables)
     return _connect(dj, settings, create_tables)
+
+
+def _one_database_error(active: "Settings", wanted: "Settings", detail: str = "") -> ConfigurationError:
+    differences = [
+        f"{name} {getattr(active, name)!r} -> {getattr(wanted, name)!r}"
+        for name in ("backend", "home", "prefix", "store")
+        if getattr(active, name) != getattr(wanted, name)
+    ]
+    if detail:
+        differences.append(detail)
+    return ConfigurationError(
+        "one process talks to one database: this one is connected to the "
+        f"{active.backend} database with schema prefix {active.prefix!r}, and another one was asked for "
+        f"({'; '.join(differences)}); connect to it from a new process"
+    )
 
 
 @contextlib.contextmanager
@@ -164,45 +188,64 @@ def _home_lock(home: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _server_error(dj, exc: Exception) -> ConfigurationError:
+    return ConfigurationError(
+        f"cannot connect to the {dj.config['database.backend']} server at {dj.config['database.host']}: {exc}"
+    )
+
+
 def _connect(dj, settings: "Settings", create_tables: bool) -> SimpleNamespace:
     overrides = _start_embedded(settings.home) if settings.backend == "embedded" else {}
     for key, value in overrides.items():
         dj.config[key] = value
-    target = (settings, *(dj.config[f"database.{k}"] for k in ("backend", "host", "port", "user")))
-    if _active.get("target") == target and dj.conn().is_connected:
-        return _active["pipeline"]
-    if settings.backend == "server" and not dj.config["database.password"]:
-        raise ConfigurationError(
-            "a database server is configured but no password is set: set DJ_PASS (or database.password in "
-            "datajoint.json / .secrets/database.password)"
-        )
-    _lab_store_configured()  # snapshot the lab's stores before neureg adds its own
-    if settings.store is not None:
-        _private_folder(settings.store)
-        stores = dict(dj.config.stores or {})
-        stores[STORE] = {"protocol": "file", "location": str(settings.store)}
-        dj.config.stores = stores
-    # safemode (DataJoint's delete/drop confirmation) stays as the user configured it: on by default, so a
-    # notebook's stray delete asks first. Only workers, which never delete interactively, turn it off.
-    try:
-        dj.conn(reset=True)
-    except Exception as exc:
-        host = dj.config["database.host"]
-        raise ConfigurationError(
-            f"cannot connect to the {dj.config['database.backend']} server at {host}: {exc}"
-        ) from exc
-    pipeline = _activate_with_retry(settings.prefix, reload=bool(_active), create_tables=create_tables)
-    _active.update(settings=settings, target=target, pipeline=pipeline)
+    server = tuple(dj.config[f"database.{k}"] for k in ("backend", "host", "port", "user"))
+    target = (settings, *server)
+    if _active:
+        if _active["target"] != target:
+            was = "{} server at {}:{} as {}".format(*_active["target"][1:])
+            now = "{} server at {}:{} as {}".format(*server)
+            raise _one_database_error(_active["settings"], settings, f"{was} -> {now}")
+        connection = _active["connection"]
+        if not connection.is_connected:  # in place: the activated table classes keep this connection object
+            try:
+                connection.connect()
+            except Exception as exc:
+                raise _server_error(dj, exc) from exc
+        if "pipeline" in _active:
+            return _active["pipeline"]
+    else:
+        if settings.backend == "server" and not dj.config["database.password"]:
+            raise ConfigurationError(
+                "a database server is configured but no password is set: set DJ_PASS (or database.password in "
+                "datajoint.json / .secrets/database.password)"
+            )
+        _lab_store_configured()  # snapshot the lab's stores before neureg adds its own
+        if settings.store is not None:
+            _private_folder(settings.store)
+            stores = dict(dj.config.stores or {})
+            stores[STORE] = {"protocol": "file", "location": str(settings.store)}
+            dj.config.stores = stores
+        # safemode (DataJoint's delete/drop confirmation) stays as the user configured it: on by default, so
+        # a notebook's stray delete asks first. Only workers, which never delete interactively, turn it off.
+        try:
+            connection = dj.conn(reset=True)
+        except Exception as exc:
+            raise _server_error(dj, exc) from exc
+        # From here the schema modules get bound to this connection: the process keeps this database, and
+        # a connect() after a failed activation below finishes it on the same connection.
+        _active.update(settings=settings, target=target, connection=connection)
+    pipeline = _activate_with_retry(settings.prefix, create_tables=create_tables)
+    _active["pipeline"] = pipeline
     logger.debug("neureg connected: %s backend, schema prefix %r", settings.backend, settings.prefix)
     return pipeline
 
 
-def _activate_with_retry(prefix: str, reload: bool, create_tables: bool, tries: int = 4) -> SimpleNamespace:
+def _activate_with_retry(prefix: str, create_tables: bool, tries: int = 4) -> SimpleNamespace:
     """Declare the schemas; a first declaration racing another host's (a lab server, several workers
     starting at once) fails with "already exists" and succeeds when tried again."""
     for attempt in range(tries):
         try:
-            return _activate_schemas(prefix, reload=reload or attempt > 0, create_tables=create_tables)
+            return _activate_schemas(prefix, create_tables=create_tables)
         except Exception as exc:  # noqa: BLE001 - only the declaration race is retried
             racing = "already exists" in str(exc).lower() or "duplicate" in type(exc).__name__.lower()
             if not racing or attempt == tries - 1:
@@ -212,7 +255,7 @@ def _activate_with_retry(prefix: str, reload: bool, create_tables: bool, tries: 
     raise AssertionError("unreachable")
 
 
-def _activate_schemas(prefix: str, reload: bool, create_tables: bool) -> SimpleNamespace:
+def _activate_schemas(prefix: str, create_tables: bool) -> SimpleNamespace:
     modules = {}
     for stage in STAGES:
         name = f"neureg.schemas.{stage}"
@@ -222,12 +265,20 @@ def _activate_schemas(prefix: str, reload: bool, create_tables: bool) -> SimpleN
             if exc.name == name:  # a stage not built yet
                 continue
             raise
-        if reload:  # DataJoint binds table classes to one server: rebuild them for the new one
-            module = importlib.reload(sys.modules[name])
-        module.activate(prefix, create_tables=create_tables)
+        try:
+            module.activate(prefix, create_tables=create_tables)  # a no-op for a schema already activated
+        except Exception:
+            # DataJoint marks a schema activated before it declares its tables, and a second activate()
+            # then returns at once: forget the half-done activation so that the next try declares the
+            # tables left (the ones declared already are only bound again).
+            schema = getattr(module, "schema", None)
+            if schema is not None:
+                schema.database = None
+            raise
         modules[stage] = module
     return SimpleNamespace(prefix=prefix, **modules)
 
 
 def active_settings() -> Settings | None:
+    """The settings of the connected pipeline (None before connect()), for commands that report them."""
     return _active.get("settings")

@@ -38,6 +38,7 @@ def _plain(value):
 
 
 def canonical_json(value) -> str:
+    """One JSON text per value (sorted keys, no spaces, no NaN): what a stable hash is taken of."""
     return json.dumps(_plain(value), sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 

@@ -57,7 +57,7 @@ def bench_stage(database: str) -> SimpleNamespace:
             self.insert1(dict(key, value=key["item"] * 2))
 
     Work = schema(Work, context={"Item": Item})
-    return SimpleNamespace(schema=schema, Item=Item, Work=Work, POPULATE_ORDER=("Work",))
+    return SimpleNamespace(schema=schema, Item=Item, Work=Work)
 
 
 def child(database: str) -> int:

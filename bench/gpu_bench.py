@@ -19,7 +19,8 @@ Sections (each checks the time left against ``--budget`` seconds and says "skipp
   set, AutoAttack Linf and L2, corruptions). Attacks that cannot finish 1000 images inside the budget run
   on fewer and are projected linearly to 1000 (an upper bound: larger batches use the GPU better).
 
-The summary table goes to stdout; ``--out`` also writes every number as JSON.
+The summary table goes to stdout; ``--out`` also writes every number as JSON. The ``predictive`` and
+``robustness`` sections live in gpu_bench_sections.py; this file holds the step and concurrency sections.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -40,8 +40,11 @@ from neureg.models.vision.regularizer import SimilarityRegularizer
 from neureg.models.runtime import Runtime, synchronize
 from neureg.models.vision.training import PairBatch, training_step
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling module, however this file is loaded
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_bench_sections import bench_predictive, bench_robustness, time_left  # noqa: E402
+
 PAPER_STEPS = 31_250  # 40 epochs x 50,000 images / 64
-STARTED = time.perf_counter()
 
 
 def sizes(tiny: bool) -> dict:
@@ -55,10 +58,6 @@ def sizes(tiny: bool) -> dict:
                 robust_images=1000, attack_images=100, autoattack_images=50, quick_attacks=False)
 
 
-def time_left(budget: float) -> float:
-    return budget - (time.perf_counter() - STARTED)
-
-
 # ----------------------------------------------------------------------------------------- steps
 class StepRig:
     """One network, optimizer, regularizer and a fixed batch on the device: what a training step touches."""
@@ -66,8 +65,9 @@ class StepRig:
     def __init__(self, kind: str, s: dict, runtime: Runtime):
         device = runtime.torch_device
         torch.manual_seed(0)
-        config = {"arch": "vone_resnet18" if kind == "vone" else "resnet18", "width": s["width"],
-                  "vone_simple_channels": s["vone_channels"], "vone_complex_channels": s["vone_channels"]}
+        config = {"arch": "resnet18", "width": s["width"]}
+        if kind == "vone":
+            config.update(arch="vone_resnet18", simple_channels=s["vone_channels"], complex_channels=s["vone_channels"])
         self.model = build_network(config).to(device, memory_format=runtime.memory_format)
         self.kind = kind
         self.alpha = 1.0 if kind in ("regularized", "same_images") else 0.0
@@ -166,6 +166,7 @@ def graphed_step(rig: StepRig, warmup: int):
 
 
 def bench_steps(s: dict, runtime: Runtime, budget: float, results: dict) -> None:
+    """Section ``step``: ms per training step of every variant and mode, then the regularizer's overhead ratios."""
     device = runtime.torch_device
     variants = [(kind, mode) for mode in ("eager", "graph", "compiled")
                 for kind in ("plain", "same_images", "regularized", "vone")]
@@ -174,44 +175,43 @@ def bench_steps(s: dict, runtime: Runtime, budget: float, results: dict) -> None
     for kind, mode in variants:
         rig_runtime = runtime if not mode.endswith("_fp32") else Runtime(device=runtime.device)
         base_mode = mode.removesuffix("_fp32")
-        if True:
-            name = f"step/{kind}/{mode}"
-            if base_mode == "graph" and not runtime.on_cuda:
-                results[name] = {"status": "n/a on CPU"}
-                continue
-            if mode == "compiled" and (kind in ("vone", "same_images") or not runtime.on_cuda):
-                results[name] = {"status": "not measured"}  # CPU: C++ codegen alone takes ~50 s
-                continue
-            if mode == "compiled" and time_left(budget) < 0.6 * budget:
-                results[name] = {"status": "skipped (budget)"}
-                continue
-            if time_left(budget) < 5:
-                results[name] = {"status": "skipped (budget)"}
-                continue
-            try:
-                rig = StepRig(kind, s, rig_runtime)
-                tic = time.perf_counter()
-                if base_mode == "eager":
-                    run = rig.step
-                elif base_mode == "graph":
-                    run = graphed_step(rig, s["warmup"])
-                else:
-                    compiled = CompiledTaps(rig.model)
-                    run = lambda: rig.step(compiled)  # noqa: E731
-                    run()
-                    synchronize(device)
-                setup = time.perf_counter() - tic
-                seconds = time_steps(run, s["steps"], s["warmup"], device)
-                results[name] = {"ms_per_step": 1e3 * seconds, "setup_s": setup,
-                                 "paper_run_min": seconds * PAPER_STEPS / 60, "images_per_s": s["batch"] / seconds}
-                if runtime.on_cuda and base_mode in ("eager", "graph"):
-                    try:
-                        results[name]["gpu_busy"] = kernel_ms_per_step(run, device) / (1e3 * seconds)
-                    except Exception as error:  # noqa: BLE001 - the timing stands without it
-                        results[name]["gpu_busy"] = f"profiler failed: {type(error).__name__}"
-            except Exception as error:  # a variant that does not work here is reported, not fatal
-                results[name] = {"status": f"failed: {type(error).__name__}: {str(error)[:120]}"}
-            print(f"  {name}: {results[name]}", flush=True)
+        name = f"step/{kind}/{mode}"
+        if base_mode == "graph" and not runtime.on_cuda:
+            results[name] = {"status": "n/a on CPU"}
+            continue
+        if mode == "compiled" and (kind in ("vone", "same_images") or not runtime.on_cuda):
+            results[name] = {"status": "not measured"}  # CPU: C++ codegen alone takes ~50 s
+            continue
+        if mode == "compiled" and time_left(budget) < 0.6 * budget:
+            results[name] = {"status": "skipped (budget)"}
+            continue
+        if time_left(budget) < 5:
+            results[name] = {"status": "skipped (budget)"}
+            continue
+        try:
+            rig = StepRig(kind, s, rig_runtime)
+            tic = time.perf_counter()
+            if base_mode == "eager":
+                run = rig.step
+            elif base_mode == "graph":
+                run = graphed_step(rig, s["warmup"])
+            else:
+                compiled = CompiledTaps(rig.model)
+                run = lambda: rig.step(compiled)  # noqa: E731
+                run()
+                synchronize(device)
+            setup = time.perf_counter() - tic
+            seconds = time_steps(run, s["steps"], s["warmup"], device)
+            results[name] = {"ms_per_step": 1e3 * seconds, "setup_s": setup,
+                             "paper_run_min": seconds * PAPER_STEPS / 60, "images_per_s": s["batch"] / seconds}
+            if runtime.on_cuda and base_mode in ("eager", "graph"):
+                try:
+                    results[name]["gpu_busy"] = kernel_ms_per_step(run, device) / (1e3 * seconds)
+                except Exception as error:  # noqa: BLE001 - the timing stands without it
+                    results[name]["gpu_busy"] = f"profiler failed: {type(error).__name__}"
+        except Exception as error:  # a variant that does not work here is reported, not fatal
+            results[name] = {"status": f"failed: {type(error).__name__}: {str(error)[:120]}"}
+        print(f"  {name}: {results[name]}", flush=True)
     for mode in ("eager", "graph", "compiled"):
         reg = results.get(f"step/regularized/{mode}", {})
         for base in ("plain", "same_images"):
@@ -249,6 +249,7 @@ def concurrency_worker(args) -> None:
 
 
 def bench_concurrency(s: dict, runtime: Runtime, args, budget: float, results: dict) -> None:
+    """Section ``concurrency``: k worker processes step together on the one GPU; their summed rate."""
     for k in s["concurrency"]:
         name = f"concurrency/{k}"
         if time_left(budget) < s["concurrency_seconds"] + 35:
@@ -275,164 +276,9 @@ def bench_concurrency(s: dict, runtime: Runtime, args, budget: float, results: d
         print(f"  {name}: {results[name]}", flush=True)
 
 
-# ------------------------------------------------------------------------------------ predictive
-def sensorium_like_scan(s: dict, seed: int = 0) -> dict:
-    """LN units (Gabor receptive fields, softplus, Poisson) on smooth images: learnable, cheap to make."""
-    from scipy import ndimage
-
-    g = np.random.default_rng(seed)
-    (h, w), n, units = s["image_shape"], s["images"], s["units"]
-    smooth = ndimage.gaussian_filter(g.standard_normal((n, h, w)).astype(np.float32), sigma=(0, 1.5, 1.5))
-    images = np.clip(128 + 45 * smooth / smooth.std(), 0, 255).astype(np.uint8)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    cy, cx = g.uniform(4, h - 5, (units, 1, 1)), g.uniform(4, w - 5, (units, 1, 1))
-    theta = g.uniform(0, np.pi, (units, 1, 1))
-    along = (xx - cx) * np.cos(theta) + (yy - cy) * np.sin(theta)
-    rfs = (np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 10.0) * np.cos(2 * np.pi * along / 7.0)).astype(np.float32)
-    drive = ((images.reshape(n, -1) - 128.0) / 45).astype(np.float32) @ rfs.reshape(units, -1).T
-    rates = 2.0 * np.log1p(np.exp(2.0 * drive / drive.std(axis=0) - 0.5))
-    behavior = g.normal(size=(n, 3)).astype(np.float32)
-    pupil = g.normal(size=(n, 2)).astype(np.float32)
-    return dict(images=images, responses=g.poisson(rates).astype(np.float32), behavior=behavior,
-                pupil_center=pupil, rates=rates)
-
-
-def bench_predictive(s: dict, runtime: Runtime, budget: float, results: dict) -> None:
-    from neureg.models.neural.predictive import fit_predictor, predict_responses, unit_correlations
-
-    if time_left(budget) < 30:
-        results["predictive"] = {"status": "skipped (budget)"}
-        return
-
-    class OutOfBudget(Exception):
-        pass
-
-    epochs = []
-
-    def stop_at_budget(row):
-        epochs.append(row)
-        if time_left(budget) < 0:
-            raise OutOfBudget
-    tic = time.perf_counter()
-    scan = sensorium_like_scan(s)
-    made = time.perf_counter() - tic
-    n = s["images"]
-    train, val = np.arange(int(0.9 * n)), np.arange(int(0.9 * n), n)
-    config = {"max_epochs": s["predictive_epochs"]}
-    tic = time.perf_counter()
-    try:
-        fit = fit_predictor(scan["images"], scan["responses"], scan["behavior"], scan["pupil_center"], train, val,
-                            config, seed=0, device=runtime.device, progress=stop_at_budget)
-    except OutOfBudget:
-        seconds = time.perf_counter() - tic
-        per_epoch = float(np.mean([row["seconds"] for row in epochs]))
-        results["predictive"] = {"status": f"stopped at the budget after {len(epochs)} epochs",
-                                 "s_so_far": seconds, "s_per_epoch": per_epoch,
-                                 "val_corr_so_far": epochs[-1]["val_corr"],
-                                 "projected_max_epochs_s": per_epoch * s["predictive_epochs"], "data_s": made}
-        print(f"  predictive: {results['predictive']}", flush=True)
-        return
-    seconds = time.perf_counter() - tic
-    model = fit.to_model(runtime.device)
-    r = unit_correlations(predict_responses(model, scan["images"][val], scan["behavior"][val],
-                                            scan["pupil_center"][val]), scan["rates"][val])
-    results["predictive"] = {"fit_s": seconds, "epochs": fit.epochs_run, "s_per_epoch": seconds / fit.epochs_run,
-                             "train_images_per_s": fit.train_images_per_second, "val_corr": fit.best_val_corr,
-                             "r_true_rates": float(np.nanmean(r)), "data_s": made, "units": s["units"],
-                             "images": n}
-    print(f"  predictive: {results['predictive']}", flush=True)
-
-
-# ------------------------------------------------------------------------------------ robustness
-def template_task(n: int, seed: int):
-    """10 classes of faint sign templates: a network learns it in seconds, so attacks face a real classifier."""
-    templates = torch.sign(torch.randn(10, 1, 32, 32, generator=torch.Generator().manual_seed(1234)))
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 10, (n,), generator=g)
-    x = (0.5 + 0.12 * templates[y] + 0.08 * torch.randn(n, 1, 32, 32, generator=g)).clamp(0, 1)
-    return x, y
-
-
-def trained_network(s: dict, runtime: Runtime):
-    torch.manual_seed(0)
-    model = build_network({"width": s["width"]}).to(runtime.torch_device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    x, y = template_task(2048, seed=1)
-    x, y = x.to(runtime.torch_device), y.to(runtime.torch_device)
-    model.train()
-    for step in range(300 if not s["quick_attacks"] else 150):
-        index = torch.randint(0, len(y), (s["batch"],), device=runtime.torch_device)
-        loss = F.cross_entropy(model(x[index]), y[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return model.eval()
-
-
-def bench_robustness(s: dict, runtime: Runtime, budget: float, results: dict) -> None:
-    from neureg.models.robustness.attacks import default_attack_configs, minimal_perturbations
-    from neureg.models.robustness.corruptions import CORRUPTIONS, corruption_accuracy
-    from neureg.models.robustness.evaluation import accuracy, default_noise_ladder, noise_accuracy, robust_accuracy
-
-    device = runtime.device
-    model = trained_network(s, runtime)
-    x, y = template_task(s["robust_images"], seed=2)
-    timings = {}
-
-    def timed(name, fn):
-        if time_left(budget) < 10:
-            timings[name] = {"status": "skipped (budget)"}
-            return None
-        tic = time.perf_counter()
-        value = fn()
-        timings[name] = {"s": time.perf_counter() - tic}
-        print(f"  robustness/{name}: {timings[name]}", flush=True)
-        return value
-
-    clean = timed("clean", lambda: accuracy(model, x, y, batch_size=1000, device=device))
-    timed("noise_ladder", lambda: noise_accuracy(model, x, y, default_noise_ladder(), 0, 1000, device))
-    timed("corruptions", lambda: [corruption_accuracy(model, x, y, c, sev, 0, 1000, device)
-                                  for c in CORRUPTIONS for sev in (1, 3, 5)])
-    timed("robust_pgd_linf", lambda: robust_accuracy(model, x, y, "linf", device=device, batch_size=1000))
-    # AutoAttack runs all four attacks on every image still robust; on a robust network that is minutes
-    # per 1000 images, so it runs on the attack subset and is projected like the attacks below.
-    n_auto = s["autoattack_images"]
-    for norm in ("linf", "l2"):
-        value = timed(f"autoattack_{norm}", lambda norm=norm: robust_accuracy(
-            model, x[:n_auto], y[:n_auto], norm, device=device, batch_size=n_auto, method="autoattack"))
-        if value is not None:
-            row = timings[f"autoattack_{norm}"]
-            row.update(images=n_auto, robust_accuracy=value, projected_1000_s=row["s"] * 1000 / n_auto)
-    # Cheap attacks first; the slow ones (C&W's 9 x 1000 steps, Brendel-Bethge's per-image solver on the
-    # host, Boundary's 5000 queries) run on fewer images and only with enough time left.
-    slow = {"l2_cw": 60, "linf_bb": 90, "l2_bb": 90, "boundary": 60}
-    configs = sorted(default_attack_configs(quick=s["quick_attacks"]), key=lambda c: c["attack"] in slow)
-    for config in configs:
-        label = "/".join(f"{v}" for k, v in config.items() if k in ("attack", "steps"))
-        # BB's solver runs per image on the host and Boundary queries one step at a time: a few images
-        # give their rate without risking the call's time limit.
-        n_attack = s["attack_images"] if config["attack"] not in ("linf_bb", "l2_bb", "boundary") \
-            else max(4, s["attack_images"] // 12)
-        if time_left(budget) < slow.get(config["attack"], 15):
-            timings[f"attack/{label}"] = {"status": "skipped (budget)"}
-            continue
-        tic = time.perf_counter()
-        result = minimal_perturbations(model, x[:n_attack], y[:n_attack], [config], device=device,
-                                       batch_size=n_attack)
-        seconds = time.perf_counter() - tic
-        timings[f"attack/{label}"] = {"s": seconds, "images": n_attack, "images_per_s": n_attack / seconds,
-                                      "projected_1000_s": seconds * 1000 / n_attack,
-                                      "median": float(np.median(result.distances[0]))}
-        print(f"  robustness/attack/{label}: {timings[f'attack/{label}']}", flush=True)
-    measured = [v.get("projected_1000_s", v.get("s", 0.0) * 1000 / s["robust_images"]) for v in timings.values()
-                if "s" in v]
-    results["robustness"] = {"clean_accuracy": clean, "images": s["robust_images"], "parts": timings,
-                             "projected_total_1000_s": float(sum(measured)),
-                             "complete": all("s" in v for v in timings.values())}
-
-
 # ----------------------------------------------------------------------------------------- main
 def summary(results: dict, device_name: str) -> str:
+    """The one table a device run prints: a row per measure, robustness parts one row each."""
     lines = [f"neureg gpu_bench on {device_name}", f"{'measure':44s} value"]
     for name, value in results.items():
         if name == "robustness":
@@ -451,6 +297,7 @@ def summary(results: dict, device_name: str) -> str:
 
 
 def main(argv=None) -> int:
+    """Run the chosen sections within the budget, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (the default without CUDA)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if visible, else cpu)")

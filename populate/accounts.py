@@ -113,3 +113,64 @@ def statements(sql: str) -> list[str]:
     """The script's statements without comments, for running it through a database connection."""
     body = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
     return [s.strip() for s in body.split(";\n") if s.strip().rstrip(";")]
+
+
+# ---------------------------------------------------------------------------------------- command line
+def cmd_accounts(args) -> int:
+    """`neureg accounts --sql`: print the SQL an administrator runs to create the lab's accounts."""
+    import sys
+
+    from ..connection import Settings
+
+    if not args.sql:
+        print("error: say what to do: --sql prints the SQL (pipe it into `mysql` as an administrator)", file=sys.stderr)
+        return 2
+    prefix = Settings.resolve(prefix=getattr(args, "prefix", None)).prefix
+    try:
+        passwords = parse_passwords(args.password)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    lab, workers = args.lab or [], args.worker or []
+    if not lab and not workers:
+        lab, workers = [DEFAULT_LAB], [DEFAULT_WORKER]
+    without = [u for u in lab + workers if u not in passwords]
+    if without and args.generate_passwords:
+        generated = generate_passwords(without)
+        try:
+            save_passwords(args.generate_passwords, generated)
+        except OSError as exc:
+            print(f"error: {args.generate_passwords}: cannot write the generated passwords: {exc.strerror} "
+                  "(an existing file is never overwritten)", file=sys.stderr)
+            return 2
+        passwords.update(generated)
+        print(f"generated passwords for {', '.join(without)} written to {args.generate_passwords} (mode 0600)",
+              file=sys.stderr)
+    try:
+        sql = accounts_sql(prefix, lab, workers, passwords, host=args.host)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(sql, end="")
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """Add the ``accounts`` command to neureg's argparse subparsers."""
+    p = subparsers.add_parser(
+        "accounts", help="print SQL creating lab-member and worker accounts (MySQL)",
+        description="Print MySQL/MariaDB SQL creating (or updating) accounts for the schemas under the prefix: "
+        "lab members read everything and add scans but cannot update, delete or drop; workers fill the "
+        "computed schemas. Without --lab/--worker: one of each, named neureg_lab and neureg_worker.",
+    )
+    p.add_argument("--sql", action="store_true", help="print the SQL (run it as a database administrator)")
+    p.add_argument("--lab", action="append", metavar="USER", help="a lab-member account (repeatable)")
+    p.add_argument("--worker", action="append", metavar="USER", help="a worker account (repeatable)")
+    p.add_argument("--password", action="append", metavar="USER=VALUE",
+                   help="password of USER; VALUE env:NAME reads environment variable NAME (repeatable). "
+                   "Every account needs one: there is no default password")
+    p.add_argument("--generate-passwords", metavar="FILE",
+                   help="generate a strong password for every account given none, and write USER=PASSWORD lines "
+                   "to FILE (new file, mode 0600)")
+    p.add_argument("--host", default="%", help="host part of the accounts (default '%%': any host)")
+    p.set_defaults(func=cmd_accounts)

@@ -29,7 +29,7 @@ SIZES = {
         methods=("neural_model", "neural_data", "shuffle", "pixel", "pixel_threshold"),
         seeds=(0, 1),
         network=dict(width=0.125),
-        vone=dict(arch="vone_resnet18", width=0.125, vone_simple_channels=16, vone_complex_channels=16),
+        vone=dict(arch="vone_resnet18", width=0.125, simple_channels=16, complex_channels=16),
         train=dict(epochs=2, max_train_images=800, batch_size=32, lr=0.02, augment="none"),
         n_eval=200, n_attack=10, n_robust=64,
     ),
@@ -39,7 +39,7 @@ SIZES = {
         methods=("neural_model", "pixel"),
         seeds=(0, 1),
         network=dict(width=0.0625),
-        vone=dict(arch="vone_resnet18", width=0.0625, vone_simple_channels=8, vone_complex_channels=8),
+        vone=dict(arch="vone_resnet18", width=0.0625, simple_channels=8, complex_channels=8),
         train=dict(epochs=1, max_train_images=256, batch_size=32, lr=0.02, augment="none"),
         n_eval=40, n_attack=6, n_robust=24,
     ),
@@ -51,6 +51,7 @@ def _say(message: str) -> None:
 
 
 def simulate_demo_cohort(out: Path, sizes: dict) -> list[Path]:
+    """The demo cohort's scan folders, simulated once and reused on the next run."""
     from .simulate import simulate_cohort
 
     existing = sorted(p for p in out.glob("sim_m*") if (p / "scan.json").exists())
@@ -67,6 +68,7 @@ def _populate(pipeline, stage: str, keys=None) -> None:
 
 
 def run_demo(pipeline, out: Path | None = None, fast: bool = False) -> int:
+    """The whole chain on a simulated cohort: ingest, oracle, predictive, targets, training, robustness, report."""
     start = time.perf_counter()
     sizes = SIZES["fast" if fast else "full"]
     out = Path(out) if out else platformdirs.user_data_path("neureg") / ("demo_fast" if fast else "demo")

@@ -1,8 +1,8 @@
 """Simulated cohorts as ordinary scan folders, with the simulator's truth beside them.
 
-The V1 model itself is pure numpy (``models/neural/simulator.py``); this module is the file side: it
-lays the simulated scans out in the ingestion format, so ``neureg ingest`` reads them like any lab's
-recordings, and keeps the ground truth where ingestion never looks.
+The V1 model itself is pure numpy (``models/neural/simulator.py`` and its neighbours); this module is
+the file side: it lays the simulated scans out in the ingestion format, so ``neureg ingest`` reads them
+like any lab's recordings, and keeps the ground truth where ingestion never looks.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..models.neural.simulator import (SimulatedScan, UnitPopulation, check_sizes, natural_image_set,
-                                       simulate_scan)
+from ..models.neural.receptive_fields import UnitPopulation
+from ..models.neural.simulator import SimulatedScan, check_sizes, simulate_scan
+from ..models.neural.stimuli import natural_image_set
 from ..scanfolder import assign_tiers, image_hash, write_scan_folder
 
 GROUND_TRUTH_DIR = "ground_truth"

@@ -1,6 +1,7 @@
 """`neureg worker`: fill the pipeline's computed tables alongside any number of other workers.
 
-A worker sweeps the computed tables in dependency order (``stage_tables``). For each table it refreshes
+A worker sweeps the computed tables in dependency order (``stages.stage_tables``, read from DataJoint's
+graph: the same tables and order as ``neureg populate`` and ``neureg status``). For each table it refreshes
 the table's jobs (new keys become pending, so scans ingested while it runs are picked up at the next
 sweep; jobs of workers not seen for ``orphan_timeout`` go back to pending), resets failed jobs that have
 attempts left (``worker_jobs.retry_failed``: 1 + max_retries attempts, waiting retry_delay * 2**(n-1)
@@ -12,9 +13,7 @@ The reservation is an atomic UPDATE on the jobs table, so each key is computed b
 The worker reserves the key itself and runs ``populate`` in direct mode restricted to it, rather than
 ``populate(reserve_jobs=True)``: it knows which job it holds (for the log, the heartbeat and the attempt
 count), and DataJoint's own SIGTERM handler, which turns a stop into a failed job, is not in the way.
-(the upstream report, datajoint-python issue 1413, that restrictions are ignored with reserve_jobs=True, does not hold
-for 2.3.5; tests/populate/test_worker.py checks it, but nothing here depends on it.) ``make`` runs in one
-transaction, so an interrupted or killed job leaves no rows.
+``make`` runs in one transaction, so an interrupted or killed job leaves no rows.
 
 Stopping: SIGTERM or SIGINT interrupts the current job at once (its transaction rolls back), puts it back
 to pending without counting an attempt, and exits 0. Releasing rather than finishing keeps a stop within
@@ -37,14 +36,17 @@ from dataclasses import dataclass
 import datajoint as dj
 from datajoint.errors import DuplicateError, LostConnectionError
 
-from .stages import stage_tables
-from .worker_jobs import HOST, Heartbeat, attempts_recorded, job_key, release, retry_failed, tag_message
+from .heartbeat import Heartbeat
+from .stages import pipeline_tables, stage_tables
+from .worker_jobs import HOST, attempts_recorded, job_key, release, retry_failed, tag_message
 
 logger = logging.getLogger("neureg")
 
 
 @dataclass
 class WorkerOptions:
+    """What `neureg worker` was asked to do; checked here so a bad value fails before connecting."""
+
     stages: list[str] | None = None  # None: every stage
     tables: list[str] | None = None  # class names (OracleStats) or stage.Class; None: every table of the stages
     once: bool = False
@@ -67,20 +69,15 @@ class WorkerStop(SystemExit):
     """Raised by the signal handler inside a running job: unwinds ``make`` (DataJoint re-raises SystemExit)."""
 
 
-def _stage_modules(pipeline) -> dict:
-    return {name: m for name, m in vars(pipeline).items() if getattr(m, "POPULATE_ORDER", None)}
-
-
 def select_tables(pipeline, stages=None, tables=None) -> list:
     """The computed tables to work on, upstream first; ValueError names what is unknown and what exists."""
     chosen = stage_tables(pipeline, stages)
     if not tables:
         return chosen
     names = {}
-    for stage, module in _stage_modules(pipeline).items():
-        for table in chosen:
-            if getattr(module, table.__name__, None) is table:
-                names[table.__name__] = names[f"{stage}.{table.__name__}"] = table
+    for entry in pipeline_tables(pipeline):
+        if entry.table in chosen:
+            names[entry.table.__name__] = names[entry.name] = entry.table
     unknown = [t for t in tables if t not in names]
     if unknown:
         raise ValueError(f"unknown table(s) {unknown}; computed tables: {sorted(n for n in names if '.' in n)}")
@@ -93,6 +90,8 @@ def _describe(key: dict) -> str:
 
 
 class Worker:
+    """One worker process's loop over the computed tables (see the module notes)."""
+
     def __init__(self, pipeline, options: WorkerOptions | None = None):
         self.pipeline = pipeline
         self.options = options or WorkerOptions()
@@ -158,19 +157,14 @@ class Worker:
             o.orphan_timeout, o.max_retries, o.retry_delay, ", one sweep" if o.once else "",
         )
         for table in stage_tables(self.pipeline):  # declares every jobs table, so `neureg status` works for all
-            self._instance(table).jobs
+            self._instance(table)
         self._release_own("left over by an earlier process with this host name and pid")
 
     def _sweep(self) -> bool:
         worked = False
-        prepared = set()
         for table in self.tables:
             if self._stopping():
                 break
-            module = self._module_of(table)
-            if id(module) not in prepared:
-                prepared.add(id(module))
-                self._prepare(module)
             instance = self._instance(table)
             self._refresh(instance.jobs)
             self._retry(table, instance.jobs)
@@ -264,15 +258,6 @@ class Worker:
                          name, _describe(key), exc)
 
     # ------------------------------------------------------------------ per-table housekeeping
-    def _prepare(self, module) -> None:
-        """A stage's ``prepare()`` (e.g. registering scan sets); a race with another worker is harmless."""
-        if not hasattr(module, "prepare"):
-            return
-        try:
-            module.prepare()
-        except DuplicateError:
-            logger.debug("worker: %s.prepare() raced another worker; it will run again next sweep", module.__name__)
-
     def _refresh(self, jobs) -> None:
         try:
             result = jobs.refresh(delay=-1, orphan_timeout=self.options.orphan_timeout)
@@ -365,12 +350,6 @@ class Worker:
             self._instances[table] = instance
         return self._instances[table]
 
-    def _module_of(self, table):
-        for module in _stage_modules(self.pipeline).values():
-            if getattr(module, table.__name__, None) is table:
-                return module
-        raise LookupError(table)
-
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())[:200]
@@ -381,38 +360,8 @@ def _frozen(jobs, row: dict) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------- command line
-def select_device(requested: str | None) -> str:
-    """The torch device the stages will use: ``--device``, else NEUREG_DEVICE, else the first visible GPU.
-
-    The choice is written back to NEUREG_DEVICE so every stage's ``default_device()`` agrees with the log.
-    With docker's GPU reservation or CUDA_VISIBLE_DEVICES=1, "cuda" is the one GPU this worker may use.
-    """
-    from ..connection import ConfigurationError
-
-    if requested:
-        os.environ["NEUREG_DEVICE"] = requested
-    import torch
-
-    from ..models.runtime import default_device
-
-    try:
-        device = default_device()
-    except RuntimeError as exc:
-        raise ConfigurationError(str(exc)) from exc
-    if device.startswith("cuda"):
-        index = int(device.partition(":")[2] or torch.cuda.current_device())
-        if index >= torch.cuda.device_count():
-            raise ConfigurationError(f"device {device} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
-        name = torch.cuda.get_device_name(index)
-        logger.info("worker: device %s (%s, CUDA_VISIBLE_DEVICES=%s)", device, name, visible)
-    else:
-        logger.info("worker: device %s", device)
-    os.environ["NEUREG_DEVICE"] = device
-    return device
-
-
 def add_worker_arguments(parser) -> None:
+    """The options of `neureg worker`, shared with the test and benchmark entry points that run the real Worker."""
     parser.add_argument("--stage", action="append", metavar="NAME",
                         help="only this stage's tables (repeatable; default: all)")
     parser.add_argument("--table", action="append", metavar="NAME",
@@ -439,6 +388,7 @@ def add_worker_arguments(parser) -> None:
 
 
 def options_from_args(args) -> WorkerOptions:
+    """Parsed ``add_worker_arguments`` options as ``WorkerOptions`` (raises ValueError on bad values)."""
     return WorkerOptions(
         stages=args.stage, tables=args.table, once=args.once, idle_sleep=args.idle_sleep, time_limit=args.time_limit,
         orphan_timeout=args.orphan_timeout, max_retries=args.max_retries, retry_delay=args.retry_delay,
@@ -446,6 +396,7 @@ def options_from_args(args) -> WorkerOptions:
 
 
 def cmd_worker(args) -> int:
+    """`neureg worker`: check the options, connect, pick the device, run until stopped (or ``--per-gpu`` copies)."""
     import sys
 
     from ..connection import STAGES, connect
@@ -469,6 +420,8 @@ def cmd_worker(args) -> int:
     import datajoint as dj
 
     dj.config["safemode"] = False  # a worker has no one to answer DataJoint's delete prompt
+    from .devices import select_device
+
     select_device(args.device)
     try:
         worker = Worker(pipeline, options)
@@ -478,48 +431,8 @@ def cmd_worker(args) -> int:
     return worker.run()
 
 
-def cmd_accounts(args) -> int:
-    import sys
-
-    from ..connection import Settings
-    from .accounts import (DEFAULT_LAB, DEFAULT_WORKER, accounts_sql, generate_passwords, parse_passwords,
-                           save_passwords)
-
-    if not args.sql:
-        print("error: say what to do: --sql prints the SQL (pipe it into `mysql` as an administrator)", file=sys.stderr)
-        return 2
-    prefix = Settings.resolve(prefix=getattr(args, "prefix", None)).prefix
-    try:
-        passwords = parse_passwords(args.password)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    lab, workers = args.lab or [], args.worker or []
-    if not lab and not workers:
-        lab, workers = [DEFAULT_LAB], [DEFAULT_WORKER]
-    without = [u for u in lab + workers if u not in passwords]
-    if without and args.generate_passwords:
-        generated = generate_passwords(without)
-        try:
-            save_passwords(args.generate_passwords, generated)
-        except OSError as exc:
-            print(f"error: {args.generate_passwords}: cannot write the generated passwords: {exc.strerror} "
-                  "(an existing file is never overwritten)", file=sys.stderr)
-            return 2
-        passwords.update(generated)
-        print(f"generated passwords for {', '.join(without)} written to {args.generate_passwords} (mode 0600)",
-              file=sys.stderr)
-    try:
-        sql = accounts_sql(prefix, lab, workers, passwords, host=args.host)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(sql, end="")
-    return 0
-
-
 def register_cli(subparsers) -> None:
-    """Add the ``worker`` and ``accounts`` commands to neureg's argparse subparsers."""
+    """Add the ``worker`` command to neureg's subparsers."""
     p = subparsers.add_parser(
         "worker", help="fill computed tables forever (or --once), coordinated with other workers",
         description="Sweep the computed tables upstream first, computing each pending key once across all "
@@ -529,21 +442,3 @@ def register_cli(subparsers) -> None:
     )
     add_worker_arguments(p)
     p.set_defaults(func=cmd_worker)
-
-    p = subparsers.add_parser(
-        "accounts", help="print SQL creating lab-member and worker accounts (MySQL)",
-        description="Print MySQL/MariaDB SQL creating (or updating) accounts for the schemas under the prefix: "
-        "lab members read everything and add scans but cannot update, delete or drop; workers fill the "
-        "computed schemas. Without --lab/--worker: one of each, named neureg_lab and neureg_worker.",
-    )
-    p.add_argument("--sql", action="store_true", help="print the SQL (run it as a database administrator)")
-    p.add_argument("--lab", action="append", metavar="USER", help="a lab-member account (repeatable)")
-    p.add_argument("--worker", action="append", metavar="USER", help="a worker account (repeatable)")
-    p.add_argument("--password", action="append", metavar="USER=VALUE",
-                   help="password of USER; VALUE env:NAME reads environment variable NAME (repeatable). "
-                   "Every account needs one: there is no default password")
-    p.add_argument("--generate-passwords", metavar="FILE",
-                   help="generate a strong password for every account given none, and write USER=PASSWORD lines "
-                   "to FILE (new file, mode 0600)")
-    p.add_argument("--host", default="%", help="host part of the accounts (default '%%': any host)")
-    p.set_defaults(func=cmd_accounts)

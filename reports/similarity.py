@@ -48,7 +48,7 @@ def _scatter(pipeline, key: dict, out: Path) -> Path:
     exp, orc, sim = pipeline.experiment, pipeline.oracle, pipeline.similarity
     labeled = (orc.OracleSimilarity & key).labeled()
     model = sim.scan_model_similarity(key, labeled.labels)
-    weights = sim._oracle_weights(key)
+    weights = orc.snr_weights(key)
     responses, trials = exp.load_responses(key), exp.load_trials(key)
     oracle_trials = np.flatnonzero(np.isin(trials["image_hash"], labeled.labels))
     from ..models.neural.rsa import centered_cosine

@@ -26,11 +26,14 @@ RESPONSE_BLOCK_TRIALS = 500  # 16 MB per block at 8000 units
 
 
 def activate(prefix: str = "neureg_", *, create_tables: bool = True) -> None:
+    """Bind the experiment tables to ``{prefix}experiment`` on the current connection."""
     schema.activate(f"{prefix}experiment", create_tables=create_tables)
 
 
 @schema
 class Mouse(dj.Manual):
+    """An animal: every scan, model and target traces back to the mice it came from."""
+
     definition = """
     mouse                : varchar(32)              # lab's name for the animal
     ---
@@ -40,6 +43,8 @@ class Mouse(dj.Manual):
 
 @schema
 class Session(dj.Manual):
+    """One recording session of a mouse: scans of a session share its day and field of view history."""
+
     definition = """
     -> Mouse
     session_date         : date                     # recording day
@@ -48,6 +53,8 @@ class Session(dj.Manual):
 
 @schema
 class Scan(dj.Manual):
+    """One two-photon scan as ingested: its units, trials and responses never change after ingestion."""
+
     definition = """
     -> Session
     scan_idx             : int16                    # scan index within the session
@@ -76,6 +83,8 @@ class Scan(dj.Manual):
 
 @schema
 class Image(dj.Manual):
+    """A stimulus image, keyed by its content hash so the same pixels are one row across scans and mice."""
+
     definition = """
     image_hash           : char(32)                 # sha256 of dtype, shape and pixels (first 32 hex digits)
     ---
@@ -88,6 +97,8 @@ class Image(dj.Manual):
 
 @schema
 class Trial(dj.Manual):
+    """One presentation of an image in a scan, in the real presentation order, with its tier."""
+
     definition = """
     -> Scan
     trial_idx            : int32                    # row of Responses.responses
@@ -102,6 +113,8 @@ class Trial(dj.Manual):
 
 @schema
 class Behavior(dj.Manual):
+    """Pupil, running and eye position during a trial: what the predictive model's shifter and modulator read."""
+
     definition = """
     -> Trial
     ---

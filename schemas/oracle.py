@@ -13,49 +13,28 @@ import numpy as np
 
 from ..models.neural import oracle as eq
 from . import experiment
+from ._config import ImageMatrix, ImageRows
 
 logger = logging.getLogger("neureg")
 schema = dj.Schema()
-POPULATE_ORDER = ("OracleStats", "DataSimilarity", "OracleSimilarity", "ScanStability")
 HISTOGRAM_BINS = 61
 
 
 def activate(prefix: str = "neureg_", *, create_tables: bool = True) -> None:
+    """Bind the oracle tables to ``{prefix}oracle`` on the current connection."""
     schema.activate(f"{prefix}oracle", create_tables=create_tables)
 
 
-def prepare() -> list[dict]:
-    """Register a ScanSet for every group of two or more scans shown the same oracle images."""
-    oracle_trials = experiment.Trial & "tier = 'oracle'"
-    by_oracle_set: dict[tuple, list] = {}
-    for scan_key in (experiment.Scan & oracle_trials).keys():
-        hashes = (dj.U("image_hash") & (oracle_trials & scan_key)).to_arrays("image_hash")
-        by_oracle_set.setdefault(tuple(sorted(np.atleast_1d(hashes).tolist())), []).append(scan_key)
-    return [
-        experiment.ScanSet.create(keys, note=f"scans sharing {len(images)} oracle images")
-        for images, keys in by_oracle_set.items()
-        if len(keys) >= 2
-    ]
-
-
-def _scan_inputs(key: dict):
-    """Responses, per-trial image hashes and tiers, and SNR weights (column order) of one scan."""
-    responses = experiment.load_responses(key)
-    trials = experiment.load_trials(key)
-    return responses, trials
-
-
-def _weights(key: dict) -> np.ndarray:
+def snr_weights(key: dict) -> np.ndarray:
+    """SNR weights of one scan's units, in the response matrix's column order."""
     weights = (OracleStats.Unit * experiment.Scan.Unit & key).to_arrays("snr_weight", order_by="unit_index")
     return np.asarray(weights, dtype=np.float64)
 
 
-def _image_rows(key: dict, labels) -> list[dict]:
-    return [dict(key, image_hash=str(h), row_index=i) for i, h in enumerate(labels)]
-
-
 @schema
 class OracleStats(dj.Computed):
+    """How reliable each unit is over the repeated (oracle) images: the weights every similarity uses."""
+
     definition = """
     -> experiment.Scan
     ---
@@ -85,7 +64,7 @@ class OracleStats(dj.Computed):
         """
 
     def make(self, key):
-        responses, trials = _scan_inputs(key)
+        responses, trials = experiment.load_responses(key), experiment.load_trials(key)
         stats = eq.oracle_stats(responses, trials["image_hash"])
         unit_ids = experiment.unit_ids(key)
         self.insert1(
@@ -109,7 +88,7 @@ class OracleStats(dj.Computed):
 
 
 @schema
-class DataSimilarity(dj.Computed):
+class DataSimilarity(ImageMatrix, dj.Computed):
     """S^data (equation 2) over the scan's single-presentation images: the 'neural data' target."""
 
     definition = """
@@ -119,33 +98,18 @@ class DataSimilarity(dj.Computed):
     similarity           : <npy@neureg>             # float32 (n_images, n_images), rows as in the Image part
     """
 
-    class Image(dj.Part):
-        definition = """
-        -> master
-        -> experiment.Image
-        ---
-        row_index        : int32
-        """
+    class Image(ImageRows):
+        """Row i of the matrix is this image."""
 
     def make(self, key):
-        responses, trials = _scan_inputs(key)
-        hashes, counts = np.unique(trials["image_hash"], return_counts=True)
-        single = np.isin(trials["image_hash"], hashes[counts == 1])
-        if single.sum() < 2:
-            raise ValueError(f"scan {key} has {single.sum()} single-presentation images; S^data needs at least 2")
-        labels, matrix = eq.data_similarity(responses[single], trials["image_hash"][single], _weights(key))
-        self.insert1(dict(key, n_images=len(labels), similarity=matrix.astype(np.float32)))
-        self.Image.insert(_image_rows(key, labels))
-
-    def matrix(self) -> tuple[np.ndarray, np.ndarray]:
-        """(image hashes in row order, the float32 matrix) of one scan."""
-        similarity = np.asarray(self.fetch1("similarity"))
-        hashes = (self.Image & self).to_arrays("image_hash", order_by="row_index")
-        return np.atleast_1d(hashes), similarity
+        responses, trials = experiment.load_responses(key), experiment.load_trials(key)
+        labels, matrix = eq.single_presentation_similarity(responses, trials["image_hash"], snr_weights(key))
+        self.insert1(dict(key, n_images=len(labels), similarity=matrix))
+        self.Image.insert(ImageRows.rows(key, labels))
 
 
 @schema
-class OracleSimilarity(dj.Computed):
+class OracleSimilarity(ImageMatrix, dj.Computed):
     """S^oracle (equation 3) over the oracle images, and how noisy single-trial similarity is beside it."""
 
     definition = """
@@ -157,32 +121,15 @@ class OracleSimilarity(dj.Computed):
     repeat_fluctuations  : <blob>                   # equation 5 values, float32
     """
 
-    class Image(dj.Part):
-        definition = """
-        -> master
-        -> experiment.Image
-        ---
-        row_index        : int32
-        """
+    class Image(ImageRows):
+        """Row i of the matrix is this oracle image."""
 
     def make(self, key):
-        responses, trials = _scan_inputs(key)
-        weights = _weights(key)
-        labels, matrix = eq.oracle_similarity(responses, trials["image_hash"], weights)
-        self.insert1(
-            dict(
-                key,
-                n_images=len(labels),
-                similarity=matrix,
-                data_oracle_r=eq.trial_oracle_agreement(responses, trials["image_hash"], weights),
-                repeat_fluctuations=eq.repeat_fluctuations(responses, trials["image_hash"], weights).astype(np.float32),
-            )
-        )
-        self.Image.insert(_image_rows(key, labels))
-
-    def labeled(self) -> eq.LabeledSimilarity:
-        hashes = (self.Image & self).to_arrays("image_hash", order_by="row_index")
-        return eq.LabeledSimilarity(np.atleast_1d(hashes).astype(str), np.asarray(self.fetch1("similarity")))
+        responses, trials = experiment.load_responses(key), experiment.load_trials(key)
+        report = eq.oracle_similarity_report(responses, trials["image_hash"], snr_weights(key))
+        labels = report.pop("labels")
+        self.insert1(dict(key, n_images=len(labels), **report))
+        self.Image.insert(ImageRows.rows(key, labels))
 
 
 @schema
@@ -211,27 +158,6 @@ class ScanStability(dj.Computed):
 
     def make(self, key):
         members = (experiment.ScanSet.Member & key).keys(order_by="KEY")
-        aligned = eq.align_similarities([(OracleSimilarity & m).labeled() for m in members])
-        scan = eq.scan_fluctuations(aligned.matrix)
-        repeat = np.concatenate([(OracleSimilarity & m).fetch1("repeat_fluctuations") for m in members])
-        edges = eq.shared_bin_edges(scan, repeat, n_bins=HISTOGRAM_BINS)
-        scan_summary, repeat_summary = eq.summarize(scan), eq.summarize(repeat)
-        self.insert1(
-            dict(
-                key,
-                n_scans=len(members),
-                n_images=len(aligned.labels),
-                scan_std=scan_summary["std"],
-                repeat_std=repeat_summary["std"],
-                width_ratio=scan_summary["std"] / repeat_summary["std"] if repeat_summary["std"] > 0 else float("inf"),
-                scan_summary=_json_ready(scan_summary),
-                repeat_summary=_json_ready(repeat_summary),
-                bin_edges=edges,
-                scan_hist=eq.histogram_counts(scan, edges),
-                repeat_hist=eq.histogram_counts(repeat, edges),
-            )
-        )
-
-
-def _json_ready(summary: dict) -> dict:
-    return {**summary, "quantiles": {str(q): v for q, v in summary["quantiles"].items()}}
+        similarities = [(OracleSimilarity & m).labeled() for m in members]
+        repeats = [(OracleSimilarity & m).fetch1("repeat_fluctuations") for m in members]
+        self.insert1(dict(key, **eq.scan_stability(similarities, repeats, n_bins=HISTOGRAM_BINS)))

@@ -18,14 +18,15 @@ from ..models.neural import predictive as fit
 from ..models.runtime import default_device
 from ..models.serialization import array_to_state, state_to_array
 from . import experiment, oracle
-from ._config import ConfigTable
+from ..hashing import stable_hash
+from ._config import ConfigTable, ImageMatrix, ImageRows
 
 logger = logging.getLogger("neureg")
 schema = dj.Schema()
-POPULATE_ORDER = ("PredictiveModel", "ModelResponses")
 
 
 def activate(prefix: str = "neureg_", *, create_tables: bool = True) -> None:
+    """Bind the predictive tables to ``{prefix}predictive`` on the current connection."""
     schema.activate(f"{prefix}predictive", create_tables=create_tables)
 
 
@@ -42,26 +43,22 @@ class Seed(dj.Lookup):
     contents = [[0]]
 
 
-def _validate_predictor(config: dict) -> None:
-    fit.resolve_config(config)
-    for name in ("hidden_channels", "core_layers", "batch_size", "max_epochs", "patience"):
-        if not isinstance(config[name], int) or isinstance(config[name], bool) or config[name] < 1:
-            raise ValueError(f"predictor config {name!r} must be a positive integer, got {config[name]!r}")
-    if not config["lr"] > 0:
-        raise ValueError(f"predictor config 'lr' must be positive, got {config['lr']!r}")
-
-
 @schema
 class PredictorConfig(ConfigTable, dj.Lookup):
-    definition = """
-    predictor_hash       : char(32)                 # stable hash of the complete config
-    ---
-    predictor_config     : json
-    predictor_label = '' : varchar(64)
+    """How a predictive model is built and fitted (``models.neural.predictive.predictor_settings``).
+
+    The default config is always present, so a target can name "the default predictor" without writing.
     """
+
     config_name = "predictor"
-    default_config = staticmethod(fit.default_predictor_config)
-    validate_config = staticmethod(_validate_predictor)
+    settings = staticmethod(fit.predictor_settings)
+    contents = [{"predictor_hash": stable_hash(fit.default_predictor_config()),
+                 "predictor_config": fit.default_predictor_config(), "predictor_label": "default"}]
+
+    @classmethod
+    def default_key(cls) -> dict:
+        """The key of the default config (a row of ``contents``)."""
+        return cls.key_of(cls.complete())
 
 
 def _split(tiers: np.ndarray, key: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -92,6 +89,8 @@ def load_scan_for_fit(key: dict) -> dict:
 
 @schema
 class PredictiveModel(dj.Computed):
+    """A fitted denoising model of one scan (config x seed) and each unit's held-out correlation v_a."""
+
     definition = """
     -> oracle.OracleStats
     -> PredictorConfig
@@ -177,8 +176,10 @@ class PredictiveModel(dj.Computed):
 
 
 @schema
-class ModelResponses(dj.Computed):
+class ModelResponses(ImageMatrix, dj.Computed):
     """Predicted responses to every image of the scan, behaviour at its mean and the eye centred."""
+
+    matrix_attribute = "responses"
 
     definition = """
     -> PredictiveModel
@@ -187,13 +188,8 @@ class ModelResponses(dj.Computed):
     responses            : <npy@neureg>             # float32 (n_images, n_units), rows as in the Image part
     """
 
-    class Image(dj.Part):
-        definition = """
-        -> master
-        -> experiment.Image
-        ---
-        row_index        : int32
-        """
+    class Image(ImageRows):
+        """Row i of the predictions is this image."""
 
     def make(self, key):
         start = time.perf_counter()
@@ -201,10 +197,5 @@ class ModelResponses(dj.Computed):
         model = (PredictiveModel & key).load_model()
         predicted = fit.predict_responses(model, experiment.load_images(hashes))
         self.insert1(dict(key, n_images=len(hashes), responses=predicted.astype(np.float32)))
-        self.Image.insert(dict(key, image_hash=str(h), row_index=i) for i, h in enumerate(hashes))
+        self.Image.insert(ImageRows.rows(key, hashes))
         logger.info("predicted %d images for %s in %.1f s", len(hashes), key, time.perf_counter() - start)
-
-    def matrix(self) -> tuple[np.ndarray, np.ndarray]:
-        """(image hashes in row order, (n_images, n_units) float32 predictions) of one row."""
-        hashes = (self.Image & self).to_arrays("image_hash", order_by="row_index")
-        return np.atleast_1d(hashes).astype(str), np.asarray(self.fetch1("responses"))

@@ -2,118 +2,56 @@
 
 A target is a similarity matrix over stimulus images (rows are ``experiment.Image``): the non-oracle
 images that every scan of the set was shown, as in the paper (5000 images, averaged over 8 scans).
-Methods (docs/science.md §5, §7): ``neural_model`` (S^model with w_a * v_a weights),
-``neural_data`` (S^data), ``shuffle`` (neural_model with images permuted), ``pixel``,
-``pixel_threshold`` (S^Th), ``vgg`` (VGG19 conv3_1 features; needs a weights file), ``random``.
+The methods are the builders of ``models.neural.targets.TARGETS`` (docs/science.md §5, §7); this module
+fetches what a method reads, calls it once, and stores the result with its lineage.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from pathlib import Path
 
 import datajoint as dj
 import numpy as np
 
 from ..models.neural import similarity as sim
+from ..models.neural import targets
 from . import experiment, oracle, predictive
-from ._config import ConfigTable
+from ._config import ConfigTable, ImageMatrix, ImageRows
 
 logger = logging.getLogger("neureg")
 schema = dj.Schema()
-POPULATE_ORDER = ("ModelAgreement", "SimilarityTarget")
-
-NEEDS_PREDICTOR = ("neural_model", "shuffle")
-# The config keys each method reads; the others are reset to their defaults before hashing, so two
-# configs that compute the same target are one row.
-METHOD_KEYS = {
-    "neural_model": ("predictor_hash", "predictor_seed"),
-    "shuffle": ("predictor_hash", "predictor_seed", "shuffle_seed"),
-    "neural_data": (),
-    "pixel": (),
-    "pixel_threshold": ("threshold",),
-    "vgg": ("vgg_weights",),
-    "random": ("random_seed", "random_dim"),
-}
 
 
 def activate(prefix: str = "neureg_", *, create_tables: bool = True) -> None:
+    """Bind the similarity tables to ``{prefix}similarity`` on the current connection."""
     schema.activate(f"{prefix}similarity", create_tables=create_tables)
-
-
-def default_target_config() -> dict:
-    return {
-        "method": "neural_model",
-        "predictor_hash": "",  # '' = the default PredictorConfig
-        "predictor_seed": 0,
-        "threshold": 0.8,
-        "shuffle_seed": 0,
-        "random_seed": 0,
-        "random_dim": 1000,
-        "vgg_weights": "",  # path to torchvision's VGG19 state_dict
-    }
-
-
-def _validate_target(config: dict) -> None:
-    method = config["method"]
-    if method not in METHOD_KEYS:
-        raise ValueError(f"unknown similarity method {method!r}; known: {sorted(METHOD_KEYS)}")
-    if not 0 < config["threshold"] < 1:
-        raise ValueError(f"threshold must lie in (0, 1), got {config['threshold']!r}")
-    if not isinstance(config["random_dim"], int) or config["random_dim"] < 1:
-        raise ValueError(f"random_dim must be a positive integer, got {config['random_dim']!r}")
-    if method == "vgg":
-        path = config["vgg_weights"]
-        if not path:
-            raise ValueError(
-                "the 'vgg' method needs vgg_weights: the path to torchvision's ImageNet VGG19 state_dict "
-                f"({sim.VGG19_URL})"
-            )
-        if not Path(path).is_file():
-            raise ValueError(f"vgg_weights: no file at {path} (download {sim.VGG19_URL} there)")
 
 
 @schema
 class TargetConfig(ConfigTable, dj.Lookup):
-    definition = """
-    target_hash          : char(32)                 # stable hash of the complete config
-    ---
-    target_config        : json
-    target_label = ''    : varchar(64)
-    """
+    """A similarity method and its settings (``models.neural.targets.TARGETS`` lists the methods)."""
+
     config_name = "target"
-    default_config = staticmethod(default_target_config)
-    validate_config = staticmethod(_validate_target)
+    registry = targets.TARGETS
 
     @classmethod
-    def complete(cls, config=None, **overrides) -> dict:
-        full = super().complete(config, **overrides)
-        defaults = default_target_config()
-        keep = set(METHOD_KEYS[full["method"]]) | {"method"}
-        full = {k: (v if k in keep else defaults[k]) for k, v in full.items()}
-        if full["method"] in NEEDS_PREDICTOR:
-            if not full["predictor_hash"]:
-                full["predictor_hash"] = predictive.PredictorConfig.add(label="default")["predictor_hash"]
-            if not (predictive.PredictorConfig & {"predictor_hash": full["predictor_hash"]}):
-                raise ValueError(f"predictor_hash {full['predictor_hash']!r} is not in predictive.PredictorConfig")
-            if not (predictive.Seed & {"seed": full["predictor_seed"]}):
-                raise ValueError(f"predictor_seed {full['predictor_seed']!r} is not in predictive.Seed")
+    def check_references(cls, full: dict) -> dict:
+        """A method that reads S^model names an existing predictor config and seed ('' = the default config)."""
+        if targets.reads(full) != "model":
+            return full
+        if not full["predictor_hash"]:
+            full = {**full, "predictor_hash": predictive.PredictorConfig.default_key()["predictor_hash"]}
+        if not (predictive.PredictorConfig & {"predictor_hash": full["predictor_hash"]}):
+            raise ValueError(f"predictor_hash {full['predictor_hash']!r} is not in predictive.PredictorConfig")
+        if not (predictive.Seed & {"seed": full["predictor_seed"]}):
+            raise ValueError(f"predictor_seed {full['predictor_seed']!r} is not in predictive.Seed")
         return full
 
 
-def _oracle_weights(key: dict) -> np.ndarray:
-    return np.asarray(
-        (oracle.OracleStats.Unit * experiment.Scan.Unit & key).to_arrays("snr_weight", order_by="unit_index"),
-        dtype=np.float64,
-    )
-
-
-def _model_corr(key: dict) -> np.ndarray:
-    return np.asarray(
-        (predictive.PredictiveModel.Unit * experiment.Scan.Unit & key).to_arrays("model_corr", order_by="unit_index"),
-        dtype=np.float64,
-    )
+def _unit_columns(table, key: dict, attribute: str) -> np.ndarray:
+    """A per-unit attribute of one scan, in the response matrix's column order."""
+    return np.asarray((table * experiment.Scan.Unit & key).to_arrays(attribute, order_by="unit_index"),
+                      dtype=np.float64)
 
 
 def _rows(hashes: np.ndarray, wanted: np.ndarray) -> np.ndarray:
@@ -125,10 +63,16 @@ def _predictor_key(scan_key: dict, config: dict) -> dict:
     return dict(scan_key, predictor_hash=config["predictor_hash"], seed=config["predictor_seed"])
 
 
+def _model_inputs(model_key: dict, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Predicted responses to ``images`` (rows in that order), SNR weights and model correlations of one model."""
+    hashes, predicted = (predictive.ModelResponses & model_key).labeled()
+    return (predicted[_rows(hashes, images)], oracle.snr_weights(model_key),
+            _unit_columns(predictive.PredictiveModel.Unit, model_key, "model_corr"))
+
+
 def scan_model_similarity(model_key: dict, images: np.ndarray) -> np.ndarray:
     """S^model (equation 6) of one fitted model over the given image hashes."""
-    hashes, predicted = (predictive.ModelResponses & model_key).matrix()
-    return sim.model_similarity(predicted[_rows(hashes, images)], _oracle_weights(model_key), _model_corr(model_key))
+    return sim.model_similarity(*_model_inputs(model_key, images))
 
 
 @schema
@@ -150,23 +94,16 @@ class ModelAgreement(dj.Computed):
         return predictive.ModelResponses & oracle.OracleSimilarity.proj()
 
     def make(self, key):
-        labeled = (oracle.OracleSimilarity & key).labeled()
-        model = scan_model_similarity(key, labeled.labels)
-        upper = np.triu_indices(len(labeled.labels), 1)
-        self.insert1(
-            dict(
-                key,
-                n_images=len(labeled.labels),
-                model_oracle_r=sim.similarity_agreement(model, labeled.matrix),
-                data_oracle_r=(oracle.OracleSimilarity & key).fetch1("data_oracle_r"),
-                model_spread=float(np.std(model[upper])),
-                oracle_spread=float(np.std(labeled.matrix[upper])),
-            )
-        )
+        labels, oracle_matrix = (oracle.OracleSimilarity & key).labeled()
+        data_oracle_r = (oracle.OracleSimilarity & key).fetch1("data_oracle_r")
+        agreement = sim.model_agreement(*_model_inputs(key, labels), oracle_matrix)
+        self.insert1(dict(key, data_oracle_r=data_oracle_r, **agreement))
 
 
 @schema
-class SimilarityTarget(dj.Computed):
+class SimilarityTarget(ImageMatrix, dj.Computed):
+    """A regularization target over the images a scan set shares, with each scan's agreement with it."""
+
     definition = """
     -> experiment.ScanSet
     -> TargetConfig
@@ -178,15 +115,12 @@ class SimilarityTarget(dj.Computed):
     weights_sha256 = ''  : char(64)                 # vgg: checksum of the weights file used
     """
 
-    class Image(dj.Part):
-        definition = """
-        -> master
-        -> experiment.Image
-        ---
-        row_index        : int32
-        """
+    class Image(ImageRows):
+        """Row i of the target is this image."""
 
     class Agreement(dj.Part):
+        """How well each member scan's own matrix agrees with the target it contributed to."""
+
         definition = """
         -> master
         -> experiment.Scan
@@ -203,45 +137,31 @@ class SimilarityTarget(dj.Computed):
         config = TargetConfig.config_of(key)
         members = (experiment.ScanSet.Member & key).keys(order_by="KEY")
         images = shared_non_oracle_images(members)
-        method = config["method"]
-        per_scan, extra = [], {}
-        if method in NEEDS_PREDICTOR:
-            missing = [m for m in members if not (predictive.ModelResponses & _predictor_key(m, config))]
-            if missing:
-                raise ValueError(f"no ModelResponses yet for {missing[:2]} with predictor {config['predictor_hash']}")
-            per_scan = [scan_model_similarity(_predictor_key(m, config), images) for m in members]
-            matrix = np.mean(per_scan, axis=0)
-            if method == "shuffle":
-                # The agreement compares like with like: each scan's matrix under the same permutation
-                # (docs/science.md §5), so it measures scan-to-target consistency, as for neural_model.
-                matrix, perm = sim.shuffled(matrix, config["shuffle_seed"])
-                extra["permutation"] = perm
-                per_scan = [s[np.ix_(perm, perm)] for s in per_scan]
-        elif method == "neural_data":
-            for m in members:
-                hashes, scan_matrix = (oracle.DataSimilarity & m).matrix()
-                rows = _rows(hashes.astype(str), images)
-                per_scan.append(np.asarray(scan_matrix, dtype=np.float64)[np.ix_(rows, rows)])
-            matrix = np.mean(per_scan, axis=0)
-        elif method in ("pixel", "pixel_threshold"):
-            matrix = sim.pixel_similarity(experiment.load_images(images))
-            if method == "pixel_threshold":
-                matrix = sim.threshold_similarity(matrix, config["threshold"])
-        elif method == "vgg":
-            matrix = sim.vgg_similarity(experiment.load_images(images), config["vgg_weights"])
-            extra["weights_sha256"] = hashlib.sha256(Path(config["vgg_weights"]).read_bytes()).hexdigest()
-        else:  # random
-            matrix = sim.random_similarity(len(images), config["random_seed"], dim=config["random_dim"])
-        self.insert1(dict(key, method=method, n_images=len(images), similarity=matrix.astype(np.float32), **extra))
-        self.Image.insert(dict(key, image_hash=str(h), row_index=i) for i, h in enumerate(images))
-        self.Agreement.insert(
-            dict(key, **m, scan_target_r=sim.similarity_agreement(s, matrix)) for m, s in zip(members, per_scan)
-        )
+        target = targets.build_target(config, _target_inputs(config, members, images))
+        self.insert1(dict(key, method=config["method"], n_images=len(images),
+                          similarity=target.matrix.astype(np.float32), **target.extra))
+        self.Image.insert(ImageRows.rows(key, images))
+        self.Agreement.insert(dict(key, **m, scan_target_r=r) for m, r in zip(members, target.agreement()))
 
-    def load(self) -> tuple[np.ndarray, np.ndarray]:
-        """(uint8 images (n, H, W) in row order, float32 (n, n) matrix) of one target."""
-        hashes = np.atleast_1d((self.Image & self).to_arrays("image_hash", order_by="row_index")).astype(str)
-        return experiment.load_images(hashes), np.asarray(self.fetch1("similarity"))
+
+def _target_inputs(config: dict, members: list[dict], images: np.ndarray) -> targets.TargetInputs:
+    """Fetch what the config's method reads (``targets.reads``), rows in the order of ``images``."""
+    inputs = targets.TargetInputs(n_images=len(images))
+    source = targets.reads(config)
+    if source == "model":
+        missing = [m for m in members if not (predictive.ModelResponses & _predictor_key(m, config))]
+        if missing:
+            raise ValueError(f"no ModelResponses yet for {missing[:2]} with predictor {config['predictor_hash']}")
+        inputs.per_scan = [scan_model_similarity(_predictor_key(m, config), images) for m in members]
+    elif source == "data":
+        inputs.per_scan = []
+        for m in members:
+            hashes, matrix = (oracle.DataSimilarity & m).labeled()
+            rows = _rows(hashes, images)
+            inputs.per_scan.append(np.asarray(matrix, dtype=np.float64)[np.ix_(rows, rows)])
+    elif source == "images":
+        inputs.images = experiment.load_images(images)
+    return inputs
 
 
 def shared_non_oracle_images(members: list[dict]) -> np.ndarray:

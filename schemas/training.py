@@ -20,15 +20,16 @@ from ..models.vision import datasets as data
 from ..models.vision import networks, training
 from ..models.runtime import Runtime
 from ..models.serialization import array_to_state, state_to_array
-from . import similarity
+from . import experiment, similarity
+from ..models.registry import complete_kwargs
 from ._config import ConfigTable
 
 logger = logging.getLogger("neureg")
 schema = dj.Schema()
-POPULATE_ORDER = ("TrainedNetwork",)
 
 
 def activate(prefix: str = "neureg_", *, create_tables: bool = True) -> None:
+    """Bind the training tables to ``{prefix}training`` on the current connection."""
     schema.activate(f"{prefix}training", create_tables=create_tables)
 
 
@@ -55,7 +56,7 @@ class Dataset(dj.Lookup):
         return key
 
     @classmethod
-    def record(cls, loaded: data.Dataset, root: str | Path | None = None) -> None:
+    def record(cls, loaded: data.ClassificationData, root: str | Path | None = None) -> None:
         cls.insert1(
             dict(
                 dataset=loaded.name,
@@ -68,7 +69,7 @@ class Dataset(dj.Lookup):
         )
 
     @classmethod
-    def load(cls, key: dict) -> data.Dataset:
+    def load(cls, key: dict) -> data.ClassificationData:
         """The dataset of a row, refusing data whose checksum no longer matches what was recorded."""
         name, root, checksum = (cls & key).fetch1("dataset", "data_root", "checksum")
         loaded = data.load_dataset(name, root or None)
@@ -77,70 +78,33 @@ class Dataset(dj.Lookup):
         return loaded
 
 
-def default_network_config() -> dict:
-    config = networks.default_network_config()
-    config.pop("n_classes")  # set by the dataset
-    return config
-
-
-def _validate_network(config: dict) -> None:
-    if config["arch"] not in networks.ARCHITECTURES:
-        raise ValueError(f"unknown arch {config['arch']!r}; known: {list(networks.ARCHITECTURES)}")
-    if not isinstance(config["width"], (int, float)) or not config["width"] > 0:
-        raise ValueError(f"width must be a positive number, got {config['width']!r}")
-
-
-def _validate_train(config: dict) -> None:
-    for name in ("epochs", "batch_size", "lr_step_epochs"):
-        if not isinstance(config[name], int) or isinstance(config[name], bool) or config[name] < 1:
-            raise ValueError(f"train config {name!r} must be a positive integer, got {config[name]!r}")
-    if not config["lr"] > 0:
-        raise ValueError(f"train config 'lr' must be positive, got {config['lr']!r}")
-    if config["augment"] not in training.AUGMENTATIONS:
-        raise ValueError(f"augment must be one of {list(training.AUGMENTATIONS)}, got {config['augment']!r}")
-
-
-def _validate_regularizer(config: dict) -> None:
-    if not isinstance(config["alpha"], (int, float)) or config["alpha"] < 0:
-        raise ValueError(f"alpha must be a non-negative number, got {config['alpha']!r}")
-    if not isinstance(config["pairs_per_step"], int) or config["pairs_per_step"] < 1:
-        raise ValueError(f"pairs_per_step must be a positive integer, got {config['pairs_per_step']!r}")
-    if not 0 < config["eps"] < 0.5:
-        raise ValueError(f"eps must lie in (0, 0.5), got {config['eps']!r}")
-
-
 @schema
 class NetworkConfig(ConfigTable, dj.Lookup):
-    definition = """
-    network_hash         : char(32)
-    ---
-    network_config       : json
-    network_label = ''   : varchar(64)
+    """An architecture and its keyword arguments (``models.vision.networks.ARCHITECTURES``).
+
+    ``n_classes`` is not part of it: the dataset sets it, so one config serves CIFAR-10 and CIFAR-100.
     """
+
     config_name = "network"
-    default_config = staticmethod(default_network_config)
-    validate_config = staticmethod(_validate_network)
+    registry = networks.ARCHITECTURES
 
     @classmethod
-    def complete(cls, config=None, **overrides) -> dict:
-        full = super().complete(config, **overrides)
-        if full["arch"] != "vone_resnet18":  # VOne keys do nothing here: keep them out of the hash
-            defaults = default_network_config()
-            full = {k: (defaults[k] if k.startswith("vone_") else v) for k, v in full.items()}
+    def complete(cls, config: dict | None = None, **overrides) -> dict:
+        """The architecture's complete keyword arguments, less ``n_classes``; ``arch`` defaults to resnet18."""
+        given = {"arch": "resnet18", **(config or {}), **overrides}
+        if "n_classes" in given:
+            raise ValueError("NetworkConfig: n_classes is set by the dataset, not the network config")
+        full = super().complete(given)
+        full.pop("n_classes")
         return full
 
 
 @schema
 class TrainConfig(ConfigTable, dj.Lookup):
-    definition = """
-    train_hash           : char(32)
-    ---
-    train_config         : json
-    train_label = ''     : varchar(64)
-    """
+    """A training schedule (``models.vision.training.train_settings``)."""
+
     config_name = "train"
-    default_config = staticmethod(training.default_train_config)
-    validate_config = staticmethod(_validate_train)
+    settings = staticmethod(training.train_settings)
 
 
 @schema
@@ -158,12 +122,7 @@ class RegularizerConfig(dj.Lookup):
     @classmethod
     def complete(cls, config: dict | None = None, target: dict | None = None) -> tuple[dict, dict]:
         """The full config and the target's key ({} for alpha = 0); ValueError on anything invalid."""
-        full = {**training.default_regularizer_config()}
-        unknown = sorted(set(config or {}) - set(full))
-        if unknown:
-            raise ValueError(f"RegularizerConfig: unknown config key(s) {unknown}; known: {sorted(full)}")
-        full.update(config or {})
-        _validate_regularizer(full)
+        full = complete_kwargs(training.regularizer_settings, dict(config or {}), "RegularizerConfig")
         if full["alpha"] == 0:
             return full, {}  # the 'None' condition pulls toward nothing
         if target is None:
@@ -235,6 +194,8 @@ def checkpoint_dir() -> Path:
 
 @schema
 class TrainedNetwork(dj.Computed):
+    """One trained classifier (plan x seed): its weights, test accuracy, layer weights gamma and epochs."""
+
     definition = """
     -> TrainingPlan
     -> Seed
@@ -272,7 +233,8 @@ class TrainedNetwork(dj.Computed):
         dataset = Dataset.load(key)
         images = matrix = None
         if target is not None:
-            images, matrix = (similarity.SimilarityTarget & target).load()
+            hashes, matrix = (similarity.SimilarityTarget & target).labeled()
+            images = experiment.load_images(hashes)
         runtime = Runtime.from_env()
         checkpoint = checkpoint_dir() / f"{stable_hash({k: str(v) for k, v in key.items()})}.pt"
         logger.info("training %s on %s (checkpoint %s)", key, runtime, checkpoint)

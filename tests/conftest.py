@@ -1,8 +1,17 @@
 """Real database servers for the tests: embedded PostgreSQL and a MySQL-protocol server (MariaDB/MySQL).
 
-Every database test runs once per backend through the session-scoped ``pipeline`` fixture. The MySQL
-server is reached with NEUREG_TEST_MYSQL_HOST / _PORT / _USER / _PASS (``.ci/run`` creates that account).
-Outside CI an unreachable MySQL server skips its tests with the reason in the summary; under CI
+Each pytest process talks to one backend, as neureg's own processes do (``neureg.connect`` binds the
+schema modules to one database): ``--backend postgres`` (the default) or ``--backend mysql``, also set by
+``NEUREG_TEST_BACKEND``. The whole suite is therefore two runs::
+
+    python -m pytest && python -m pytest --backend mysql
+
+The postgres run collects every test; the mysql run keeps only the database tests (those whose fixtures
+include ``pipeline``, marked ``db`` here) and deselects the rest, so the tests without a database run
+once. The session-scoped ``pipeline`` fixture activates the whole pipeline on the process's backend.
+
+The MySQL server is reached with NEUREG_TEST_MYSQL_HOST / _PORT / _USER / _PASS (``.ci/run`` creates that
+account). Outside CI an unreachable MySQL server skips its tests with the reason in the summary; under CI
 (``CI`` set) it fails them, so a broken server can never pass as green.
 """
 
@@ -19,6 +28,41 @@ import pytest
 import neureg
 
 BACKENDS = ("postgres", "mysql")
+BACKEND_VARIABLE = "NEUREG_TEST_BACKEND"
+
+
+def pytest_addoption(parser):
+    default = os.environ.get(BACKEND_VARIABLE) or "postgres"
+    parser.addoption(
+        "--backend", choices=BACKENDS, default=default,
+        help=f"the database backend of this pytest process (default: ${BACKEND_VARIABLE} or postgres); "
+             "with mysql only the database tests run",
+    )
+
+
+def pytest_configure(config):
+    backend = config.getoption("--backend")
+    if backend not in BACKENDS:  # a bad NEUREG_TEST_BACKEND: argparse checks only what is typed
+        raise pytest.UsageError(f"{BACKEND_VARIABLE} must be one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
+def pytest_report_header(config):
+    return f"neureg database backend: {config.getoption('--backend')}"
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m db`` filters on the marker
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that uses ``pipeline`` as ``db``; a mysql run keeps only those."""
+    selected, deselected = [], []
+    for item in items:
+        if "pipeline" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.db)
+            selected.append(item)
+        else:
+            deselected.append(item)
+    if config.getoption("--backend") != "postgres" and deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected
 
 
 def mysql_settings() -> dict:
@@ -53,12 +97,12 @@ def _drop_all(pipeline) -> None:
             schema.drop(prompt=False)
 
 
-@pytest.fixture(scope="session", params=BACKENDS)
-def pipeline(request, tmp_path_factory):
-    """The whole pipeline activated on one real server under a throw-away schema prefix."""
+@pytest.fixture(scope="session")
+def pipeline(request):
+    """The whole pipeline activated on this process's backend (``--backend``) under a throw-away prefix."""
     import datajoint as dj
 
-    backend = request.param
+    backend = request.config.getoption("--backend")
     # Not under pytest's tmp dirs: embedded PostgreSQL runs as its own system user when we are root
     # and needs the parents readable, which pytest's 0700 temp folders are not at exit.
     home = Path(tempfile.mkdtemp(prefix=f"neureg_test_{backend}_"))
@@ -182,8 +226,10 @@ def targets(pipeline, oracle_populated, predictive_populated):
 
     configs = {}
     for method in TARGET_METHODS:
-        extra = {"predictor_hash": predictive_populated["predictor_hash"]} if method in ("neural_model", "shuffle") else {}
-        configs[method] = pipeline.similarity.TargetConfig.add(dict(method=method, random_dim=50, **extra), label=method)
+        extra = {"neural_model": {"predictor_hash": predictive_populated["predictor_hash"]},
+                 "shuffle": {"predictor_hash": predictive_populated["predictor_hash"]},
+                 "random": {"random_dim": 50}}.get(method, {})
+        configs[method] = pipeline.similarity.TargetConfig.add(dict(method=method, **extra), label=method)
     cohort_set = pipeline.experiment.ScanSet.create([key for _, key in oracle_populated])
     populate_stage(pipeline, ["similarity"], keys=[dict(k, **predictive_populated) for _, k in oracle_populated]
                    + [dict(cohort_set, **c) for c in configs.values()])
@@ -191,7 +237,7 @@ def targets(pipeline, oracle_populated, predictive_populated):
 
 
 TINY_NETWORK = dict(width=0.0625)
-TINY_VONE = dict(arch="vone_resnet18", width=0.0625, vone_simple_channels=8, vone_complex_channels=8)
+TINY_VONE = dict(arch="vone_resnet18", width=0.0625, simple_channels=8, complex_channels=8)
 TINY_TRAIN = dict(epochs=2, max_train_images=192, batch_size=32)
 
 

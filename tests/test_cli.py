@@ -102,3 +102,39 @@ def test_full_disk_during_ingest_is_one_line_and_leaves_nothing(tmp_path, full_d
     assert counts[scan] == 0
     # No partial (.npy.saving) or unreferenced block is left to keep the store full.
     assert [p for p in full_disk.rglob("*") if p.is_file()] == []
+
+
+def _oracle_images(pipeline, key) -> set:
+    trials = pipeline.experiment.Trial & key & "tier = 'oracle'"
+    return {str(h) for h in trials.to_arrays("image_hash")}
+
+
+def test_scanset_registers_one_set_per_group_sharing_oracle_images(pipeline, cohort, subprocess_env):
+    """`neureg scanset --oracle-groups`: the cohort's four scans (same oracle images) become one set, once."""
+    from neureg.populate.scansets import oracle_groups
+
+    scan_keys = [key for _, key in cohort]
+    run = subprocess.run([sys.executable, "-m", "neureg.cli", "scanset", "--oracle-groups", "--json"],
+                         env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    sets = json.loads(run.stdout)
+    expected = sorted((k["mouse"], str(k["session_date"]), k["scan_idx"]) for k in scan_keys)
+    members = {s["scan_set"]: sorted((m["mouse"], m["session_date"], m["scan_idx"]) for m in s["members"]) for s in sets}
+    cohort_set = pipeline.experiment.ScanSet.create(scan_keys)  # the same scans hash to the same set
+    assert members.get(cohort_set["scan_set"]) == expected, sets
+    for scan_set in sets:  # every group: two or more scans, all shown the same oracle images
+        assert scan_set["n_scans"] == len(scan_set["members"]) >= 2
+        images = {frozenset(_oracle_images(pipeline, m)) for m in (pipeline.experiment.ScanSet & {"scan_set": scan_set["scan_set"]}).members()}
+        assert len(images) == 1  # the note is the first registration's (an existing set keeps its own)
+        if scan_set["new"]:
+            assert scan_set["note"] == f"scans sharing {len(next(iter(images)))} oracle images"
+    assert len(sets) == len(oracle_groups(pipeline))
+    again = run_cli("scanset", "--oracle-groups", "--json", env=subprocess_env)
+    assert again.returncode == 0 and [s["new"] for s in json.loads(again.stdout)] == [False] * len(sets)
+    text = run_cli("scanset", "--oracle-groups", env=subprocess_env)
+    assert f"scan_set {cohort_set['scan_set']}: 4 scans, already registered" in text.stdout, text.stdout
+
+
+def test_scanset_needs_a_choice(tmp_path):
+    run = run_cli("scanset", env={"NEUREG_HOME": str(tmp_path)})
+    assert run.returncode == 2 and "one of the arguments --oracle-groups --all is required" in run.stderr

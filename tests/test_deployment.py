@@ -18,6 +18,7 @@ import pytest
 
 import neureg
 from neureg.populate.accounts import accounts_sql, statements
+from neureg.populate import accounts
 from neureg.populate.worker import register_cli
 
 ROOT = Path(neureg.__file__).resolve().parent
@@ -126,7 +127,7 @@ def _accounts_command(*argv):
     parser = argparse.ArgumentParser(prog="neureg")
     parser.add_argument("--home")
     parser.add_argument("--prefix")
-    register_cli(parser.add_subparsers(dest="command"))
+    accounts.register_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["accounts", "--sql", *argv])
     out, err = StringIO(), StringIO()
     from contextlib import redirect_stderr
@@ -163,7 +164,7 @@ def test_accounts_command_prints_the_sql():
     parser = argparse.ArgumentParser(prog="neureg")
     parser.add_argument("--home")
     parser.add_argument("--prefix")
-    register_cli(parser.add_subparsers(dest="command"))
+    accounts.register_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["--prefix", "lab1_", "accounts", "--sql", "--lab", "ann", "--password", "ann=s3cr'et"])
     out = StringIO()
     with redirect_stdout(out):

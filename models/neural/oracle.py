@@ -292,3 +292,49 @@ def trial_oracle_agreement(responses: np.ndarray, image_labels: np.ndarray, weig
     pairs = groups.counts[image_a].astype(np.float64) * groups.counts[image_b]
     averaged = (oracle[image_a, image_b] * pairs - single) / (pairs - 1)
     return float(np.corrcoef(single, averaged)[0, 1])
+
+
+# ------------------------------------------------------------------------------ one call per table
+def single_presentation_similarity(responses: np.ndarray, image_labels: np.ndarray,
+                                   weights: np.ndarray) -> LabeledSimilarity:
+    """S^data (equation 2) over the images shown once: the 'neural data' target's rows."""
+    image_labels = np.asarray(image_labels)
+    labels, counts = np.unique(image_labels, return_counts=True)
+    single = np.isin(image_labels, labels[counts == 1])
+    if single.sum() < 2:
+        raise ValueError(f"{single.sum()} single-presentation images; S^data needs at least 2")
+    labels, matrix = data_similarity(responses[single], image_labels[single], weights)
+    return LabeledSimilarity(labels, matrix.astype(np.float32))
+
+
+def oracle_similarity_report(responses: np.ndarray, image_labels: np.ndarray, weights: np.ndarray) -> dict:
+    """S^oracle (equation 3) with how noisy single-trial similarity is beside it: one scan's columns."""
+    labels, matrix = oracle_similarity(responses, image_labels, weights)
+    return {
+        "labels": labels,
+        "similarity": matrix,
+        "data_oracle_r": trial_oracle_agreement(responses, image_labels, weights),
+        "repeat_fluctuations": repeat_fluctuations(responses, image_labels, weights).astype(np.float32),
+    }
+
+
+def scan_stability(similarities: Sequence[LabeledSimilarity], repeats: Sequence[np.ndarray], n_bins: int) -> dict:
+    """dS^scan (equation 4) against dS^repeat (equation 5) over scans sharing oracle images, as stored columns."""
+    aligned = align_similarities(similarities)
+    scan = scan_fluctuations(aligned.matrix)
+    repeat = np.concatenate([np.asarray(r) for r in repeats])
+    edges = shared_bin_edges(scan, repeat, n_bins=n_bins)
+    scan_summary, repeat_summary = summarize(scan), summarize(repeat)
+    as_json = lambda s: {**s, "quantiles": {str(q): v for q, v in s["quantiles"].items()}}  # noqa: E731
+    return {
+        "n_scans": len(similarities),
+        "n_images": len(aligned.labels),
+        "scan_std": scan_summary["std"],
+        "repeat_std": repeat_summary["std"],
+        "width_ratio": scan_summary["std"] / repeat_summary["std"] if repeat_summary["std"] > 0 else float("inf"),
+        "scan_summary": as_json(scan_summary),
+        "repeat_summary": as_json(repeat_summary),
+        "bin_edges": edges,
+        "scan_hist": histogram_counts(scan, edges),
+        "repeat_hist": histogram_counts(repeat, edges),
+    }

@@ -21,65 +21,50 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Annotated, Callable
 
 import numpy as np
 import torch
 
+from ..registry import (NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, UnitInterval, at_least,
+                        complete_kwargs, one_of)
 from ..runtime import evaluation_mode, synchronize
 from .predictive_mapping import receptive_field_positions
 from .predictive_modules import (FactorizedReadout, GaussianReadout, Modulator, PredictiveNetwork,
                                  Shifter, SkipCore)
 
-_DEFAULTS: dict = {
-    # core
-    "hidden_channels": 16,      # channels per core layer; the readout sees core_layers x this many
-    "input_kernel": 9,          # first-layer filter size (valid convolution)
-    "hidden_kernel": 5,         # later layers' filter size (odd: 'same' padding)
-    "core_layers": 3,
-    "bn_momentum": 0.1,
-    "smoothness_weight": 0.01,  # x Laplacian penalty of the first-layer filters
-    # readout
-    "readout": "gaussian",      # "gaussian" (learned position) or "factorized" (mask x channels)
-    "readout_l1": 0.001,        # x mean |readout weights| (and |normalized mask| when factorized)
-    "init_positions": "mapped",  # gaussian: "mapped" (reverse correlation) or "random"
-    "init_mu_range": 0.5,       # gaussian, random init: positions uniform in +-this (grid units)
-    "init_sigma": 0.3,          # gaussian: initial position jitter in training (grid units)
-    # non-visual inputs
-    "shifter": True,
-    "shifter_hidden": 5,
-    "modulator": True,
-    "modulator_hidden": 10,
-    # optimisation
-    "batch_size": 64,
-    "lr": 0.01,
-    "max_epochs": 60,
-    "patience": 4,              # epochs without a validation gain before decaying lr / stopping
-    "lr_decay_steps": 2,        # times lr is decayed (restarting from the best weights) before stop
-    "lr_decay_factor": 0.3,
-    "tolerance": 1e-4,          # a validation gain smaller than this is no gain
-}
+def predictor_settings(
+    hidden_channels: PositiveInt = 16, input_kernel: PositiveInt = 9, hidden_kernel: PositiveInt = 5,
+    core_layers: PositiveInt = 3, bn_momentum: UnitInterval = 0.1, smoothness_weight: NonNegativeFloat = 0.01,
+    readout: Annotated[str, one_of("gaussian", "factorized")] = "gaussian", readout_l1: NonNegativeFloat = 0.001,
+    init_positions: Annotated[str, one_of("mapped", "random")] = "mapped", init_mu_range: PositiveFloat = 0.5,
+    init_sigma: PositiveFloat = 0.3, shifter: bool = True, shifter_hidden: PositiveInt = 5, modulator: bool = True,
+    modulator_hidden: PositiveInt = 10, batch_size: Annotated[int, at_least(2)] = 64, lr: PositiveFloat = 0.01,
+    max_epochs: PositiveInt = 60, patience: PositiveInt = 4, lr_decay_steps: NonNegativeInt = 2,
+    lr_decay_factor: UnitInterval = 0.3, tolerance: NonNegativeFloat = 1e-4,
+) -> None:
+    """A predictive model's config (its keyword arguments; docs/science.md §5).
+
+    Core: ``hidden_channels`` per layer (the readout sees core_layers x this many), a valid first
+    convolution of ``input_kernel``, odd ``hidden_kernel`` ('same' padding), a Laplacian penalty of
+    ``smoothness_weight`` on the first-layer filters. Readout: "gaussian" (a learned position,
+    initialised from reverse correlation when ``init_positions`` is "mapped", else uniform in
+    +-``init_mu_range``; ``init_sigma`` its training jitter) or "factorized" (mask x channels), with an
+    L1 penalty ``readout_l1``. Shifter and modulator take eye position and behaviour. Optimisation:
+    Adam at ``lr``, batch norm needs ``batch_size`` >= 2; after ``patience`` epochs without a validation
+    gain above ``tolerance`` the lr decays by ``lr_decay_factor`` from the best weights, ``lr_decay_steps``
+    times, then the fit stops.
+    """
 
 
 def default_predictor_config() -> dict:
     """Every config key with its default: a fresh dict, safe to edit."""
-    return copy.deepcopy(_DEFAULTS)
+    return complete_kwargs(predictor_settings, {})
 
 
 def resolve_config(config: dict | None) -> dict:
-    """Defaults overlaid with ``config``; an unknown key is an error so a typo never trains silently."""
-    merged = default_predictor_config()
-    unknown = set(config or {}) - set(merged)
-    if unknown:
-        raise ValueError(f"unknown predictor config keys: {sorted(unknown)}; known: {sorted(merged)}")
-    merged.update(config or {})
-    if merged["readout"] not in ("gaussian", "factorized"):
-        raise ValueError(f"readout must be 'gaussian' or 'factorized', got {merged['readout']!r}")
-    if merged["batch_size"] < 2:
-        raise ValueError(f"batch_size must be at least 2 (batch norm), got {merged['batch_size']}")
-    if merged["init_positions"] not in ("mapped", "random"):
-        raise ValueError(f"init_positions must be 'mapped' or 'random', got {merged['init_positions']!r}")
-    return merged
+    """Defaults overlaid with ``config``; an unknown key or a bad value is an error, so a typo never trains."""
+    return complete_kwargs(predictor_settings, dict(config or {}), "predictor config")
 
 
 def build_predictor(config: dict | None, n_units: int, image_shape: tuple[int, int]) -> PredictiveNetwork:

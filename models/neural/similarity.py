@@ -196,3 +196,16 @@ def _centered_cosine_lean(features: np.ndarray) -> np.ndarray:
     s = (s + s.T) / 2  # exact symmetry and unit diagonal despite float32 rounding
     s[np.flatnonzero(~silent), np.flatnonzero(~silent)] = 1.0
     return s
+
+
+def model_agreement(pred_rates: np.ndarray, snr_weight: np.ndarray, model_corr: np.ndarray,
+                    oracle: np.ndarray) -> dict:
+    """How well S^model over the oracle images agrees with S^oracle (Fig. 1D), and both spreads."""
+    model = model_similarity(pred_rates, snr_weight, model_corr)
+    upper = np.triu_indices(len(oracle), 1)
+    return {
+        "n_images": len(oracle),
+        "model_oracle_r": similarity_agreement(model, oracle),
+        "model_spread": float(np.std(model[upper])),
+        "oracle_spread": float(np.std(np.asarray(oracle)[upper])),
+    }

@@ -16,10 +16,9 @@ Each unit is a linear-nonlinear model of a mouse V1 neuron:
   unit's Fano factor is set from a log-normal target signal-to-noise ratio, so reliability varies over
   two orders of magnitude and most units are unreliable, as in two-photon data.
 
-Geometry: the 64-pixel image width is assumed to span 120 degrees of visual field, so
-``PIXELS_PER_DEGREE = 64 / 120`` (0.53 px/deg, 1.9 deg/px). Preferred spatial frequencies are log-normal
-around 0.04 cycles/deg (a 25-degree period, 13 px), receptive-field envelopes have a Gaussian sigma around
-5.5 degrees (a 10-20 degree receptive field), as reported for mouse V1 (Niell & Stryker 2008).
+The pieces live beside this module: ``stimuli`` (natural-image crops, contrast, eye-movement resampling)
+and ``receptive_fields`` (the units, their Gabor filters and gain; its docstring gives the geometry).
+This module adds the behaviour process, trial layout, noise and the truth.
 
 Truth. ``true_rates`` are noise-free rates at the mean behaviour and the resting eye. ``signal_var`` and
 ``noise_var`` are equation 1's sigma^2 and eta^2 for infinitely many repeats of this scan's oracle images:
@@ -32,255 +31,17 @@ from the same behaviour process. ``true_snr = signal_var / noise_var`` (the squa
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage, signal
+from scipy import signal
 
+from .receptive_fields import PIXELS_PER_DEGREE, Filters, UnitPopulation, sample_population
+from .stimuli import IMAGE_SHAPE, natural_image_set
 
-IMAGE_SHAPE = (36, 64)
-PIXELS_PER_DEGREE = 64 / 120
-RUN_SCALE_CM_S = 20.0  # running speed that multiplies the log gain by gain_running
-POOL_SIGMA_PX = 6.0  # Gaussian sigma of the normalization pool (about 11 degrees)
 REFERENCE_TRIALS = 50_000  # length of the behaviour trace the truth's expectations are taken over
 GAIN_SAMPLES = 4096
 SHIFT_SAMPLES = 24
-SOURCE_PHOTOS = (
-    "camera", "astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
-    "gravel", "brick", "grass", "coins", "moon", "clock", "retina", "cell", "stereo_motorcycle",
-)  # photographs that ship inside scikit-image (no download); text, logos and binary shapes left out
-
-
-# ------------------------------------------------------------------------------------------- images
-@functools.lru_cache(maxsize=1)
-def _photo_pyramids() -> tuple[np.ndarray, ...]:
-    """Grayscale source photographs at downsampling factors 1x, 1.5x, ... 7.6x, float32 in [0, 1]."""
-    import skimage.data
-    from skimage.color import rgb2gray
-    from skimage.transform import rescale
-
-    levels = []
-    for name in SOURCE_PHOTOS:
-        photo = getattr(skimage.data, name)()
-        photo = photo[0] if isinstance(photo, tuple) else photo
-        level = (rgb2gray(photo[..., :3]) if photo.ndim == 3 else photo / 255.0).astype(np.float32)
-        for _ in range(6):  # each level 1.5x smaller than the last, anti-aliased
-            if level.shape[0] < IMAGE_SHAPE[0] + 4 or level.shape[1] < IMAGE_SHAPE[1] + 4:
-                break
-            levels.append(level)
-            level = rescale(level, 1 / 1.5, anti_aliasing=True, order=1).astype(np.float32)
-    return tuple(levels)
-
-
-def natural_image_set(n_images: int, seed: int = 0, min_std: float = 10.0) -> np.ndarray:
-    """``n_images`` distinct 36x64 uint8 crops of real photographs at random positions, scales and flips.
-
-    Crops are drawn one at a time from one generator, so a smaller set is a prefix of a larger one with
-    the same seed. Near-uniform crops (pixel std < ``min_std`` grey levels: sky, black background) are
-    rejected because natural-image stimuli are textured. Scales with more crop positions are drawn more
-    often (weight sqrt(positions)) so coarse levels do not yield many nearly identical crops.
-    """
-    if n_images < 1:
-        raise ValueError(f"n_images must be at least 1, got {n_images}")
-    levels = _photo_pyramids()
-    h, w = IMAGE_SHAPE
-    positions = np.array([(lv.shape[0] - h + 1) * (lv.shape[1] - w + 1) for lv in levels], dtype=float)
-    weights = np.sqrt(positions) / np.sqrt(positions).sum()
-    rng = np.random.default_rng(seed)
-    images, seen = [], set()
-    while len(images) < n_images:
-        level = levels[rng.choice(len(levels), p=weights)]
-        y = rng.integers(level.shape[0] - h + 1)
-        x = rng.integers(level.shape[1] - w + 1)
-        crop = level[y : y + h, x : x + w]
-        crop = crop[:, ::-1] if rng.random() < 0.5 else crop
-        pixels = np.clip(np.rint(crop * 255), 0, 255).astype(np.uint8)
-        key = pixels.tobytes()
-        if pixels.std() >= min_std and key not in seen:
-            seen.add(key)
-            images.append(pixels)
-    return np.stack(images)
-
-
-def to_contrast(images: np.ndarray) -> np.ndarray:
-    """uint8 pixels -> Weber contrast against the mid-grey screen, float32 in [-1, 1]."""
-    return (np.asarray(images, dtype=np.float32) - 127.5) / 127.5
-
-
-def shift_images(contrast: np.ndarray, shifts: np.ndarray) -> np.ndarray:
-    """Resample each image so that pixel p shows what was at ``p + shift`` (bilinear, edges replicated).
-
-    A unit whose filter sits at ``c`` then sees the content originally at ``c + shift``: its receptive
-    field moved by ``shift`` = (dx, dy) pixels. The whole image moves together, so each image needs one
-    integer offset into an edge-padded copy and one pair of interpolation weights.
-    """
-    n, h, w = contrast.shape
-    shifts = np.asarray(shifts, dtype=np.float64).reshape(n, 2)
-    margin = int(np.ceil(np.abs(shifts).max(initial=0))) + 1
-    padded = np.pad(contrast, ((0, 0), (margin, margin), (margin, margin)), mode="edge")
-    whole = np.floor(shifts).astype(np.intp)
-    fx, fy = ((shifts - whole).astype(np.float32)[:, k, None, None] for k in (0, 1))
-    windows = np.lib.stride_tricks.sliding_window_view(padded, (h + 1, w + 1), axis=(1, 2))
-    block = windows[np.arange(n), margin + whole[:, 1], margin + whole[:, 0]]  # (n, h + 1, w + 1)
-    top = block[:, :-1, :-1] * (1 - fx) + block[:, :-1, 1:] * fx
-    bottom = block[:, 1:, :-1] * (1 - fx) + block[:, 1:, 1:] * fx
-    return top * (1 - fy) + bottom * fy
-
-
-@functools.lru_cache(maxsize=8)
-def _blur_matrices(sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    """Gaussian blur along rows and columns (edges replicated) as matrices, so a batch blurs in two matmuls."""
-    h, w = IMAGE_SHAPE
-    rows = ndimage.gaussian_filter1d(np.eye(h), sigma, axis=0, mode="nearest").astype(np.float32)
-    cols = ndimage.gaussian_filter1d(np.eye(w), sigma, axis=0, mode="nearest").astype(np.float32)
-    return rows, np.ascontiguousarray(cols.T)
-
-
-def local_contrast(contrast: np.ndarray, sigma: float = POOL_SIGMA_PX) -> np.ndarray:
-    """RMS contrast around every pixel: the normalization pool each unit reads at its RF centre."""
-    rows, cols_t = _blur_matrices(float(sigma))
-    blur = lambda x: np.matmul(rows, x @ cols_t)  # noqa: E731
-    detail = contrast - blur(contrast)
-    return np.sqrt(np.maximum(blur(detail * detail), 0))
-
-
-# ------------------------------------------------------------------------------------------ units
-@dataclass
-class UnitPopulation:
-    """Per-unit parameters, all (n_units,) arrays. Pixel coordinates: x to the right, y down."""
-
-    center_x: np.ndarray  # receptive-field centre, px
-    center_y: np.ndarray
-    sigma: np.ndarray  # envelope sigma across the bars, px
-    aspect: np.ndarray  # envelope sigma along the bars / across (>= 1)
-    orientation: np.ndarray  # direction of the carrier's modulation, radians
-    spatial_frequency: np.ndarray  # cycles per pixel (cycles/deg = this * PIXELS_PER_DEGREE)
-    phase: np.ndarray  # radians
-    is_complex: np.ndarray  # bool: quadrature energy instead of a rectified single phase
-    c50: np.ndarray  # semi-saturation contrast of the divisive normalization
-    amplitude: np.ndarray
-    baseline: np.ndarray
-    gain_running: np.ndarray  # log gain per RUN_SCALE_CM_S of running speed
-    gain_pupil: np.ndarray  # log gain per standard deviation of pupil dilation
-    fano: np.ndarray  # noise variance / rate
-
-    @property
-    def n_units(self) -> int:
-        return self.center_x.size
-
-    def filters(self, units: np.ndarray | None = None) -> Filters:
-        """Gabor filters of ``units`` (default all) as one (H*W, n + n_complex) float32 matrix.
-
-        One dense matmul beats cutting filters to their receptive-field windows here: float32 GEMM runs
-        at several times the flop rate of many narrow products, which cancels the saved flops.
-        """
-        units = np.arange(self.n_units) if units is None else np.asarray(units)
-        complex_pos = np.flatnonzero(self.is_complex[units])
-        unit = np.concatenate([units, units[complex_pos]])
-        phase = np.concatenate([self.phase[units], self.phase[units[complex_pos]] + np.pi / 2])
-        yy, xx = np.mgrid[0 : IMAGE_SHAPE[0], 0 : IMAGE_SHAPE[1]].astype(np.float32)
-        weights = np.empty((yy.size, unit.size), dtype=np.float32)
-        col = lambda v: np.asarray(v, dtype=np.float32)[:, None, None]  # noqa: E731
-        for start in range(0, unit.size, 1024):
-            part = slice(start, start + 1024)
-            a = unit[part]
-            dx, dy = xx[None] - col(self.center_x[a]), yy[None] - col(self.center_y[a])
-            cos, sin = col(np.cos(self.orientation[a])), col(np.sin(self.orientation[a]))
-            across, along = dx * cos + dy * sin, -dx * sin + dy * cos
-            s = col(self.sigma[a])
-            envelope = np.exp(-0.5 * (across**2 / s**2 + along**2 / (s * col(self.aspect[a])) ** 2))
-            gabor = envelope * np.cos(2 * np.pi * col(self.spatial_frequency[a]) * across + col(phase[part]))
-            # Zero mean (mean luminance does not drive V1) and unit norm; flush the envelope's far tail
-            # to zero, denormal floats would stall the matmul.
-            gabor -= envelope * (gabor.sum((1, 2), keepdims=True) / envelope.sum((1, 2), keepdims=True))
-            gabor = gabor.reshape(a.size, -1)
-            gabor /= np.linalg.norm(gabor, axis=1, keepdims=True) + 1e-12
-            gabor[np.abs(gabor) < 1e-7] = 0
-            weights[:, part] = gabor.T
-        return Filters(weights, complex_pos)
-
-    def filter_image(self, unit: int, quadrature: bool = False) -> np.ndarray:
-        """(36, 64) float32 picture of one unit's phase-0 (or quadrature) filter, for probes and plots."""
-        if quadrature and not self.is_complex[unit]:
-            raise ValueError(f"unit {unit} is a simple cell: it has no quadrature filter")
-        return self.filters(np.array([unit])).weights[:, int(quadrature)].reshape(IMAGE_SHAPE).copy()
-
-    def pixel_index(self) -> np.ndarray:
-        """Flat index of the pixel nearest each receptive-field centre (where the pool is read)."""
-        h, w = IMAGE_SHAPE
-        row = np.clip(np.rint(self.center_y), 0, h - 1).astype(np.intp)
-        col = np.clip(np.rint(self.center_x), 0, w - 1).astype(np.intp)
-        return row * w + col
-
-    def gain(self, running: np.ndarray, dilation_z: np.ndarray) -> np.ndarray:
-        """(n_states, n_units) multiplicative gain for running speeds (cm/s) and dilation z-scores."""
-        speed = np.asarray(running, np.float32)[:, None] / RUN_SCALE_CM_S
-        log_gain = speed * self.gain_running.astype(np.float32)
-        log_gain += np.asarray(dilation_z, np.float32)[:, None] * self.gain_pupil.astype(np.float32)
-        return np.exp(log_gain)
-
-    def rates(self, images: np.ndarray, shifts: np.ndarray | None = None, gains: np.ndarray | None = None,
-              filters: Filters | None = None, chunk: int = 1024) -> np.ndarray:
-        """Noise-free rates (n_images, n_units) float32 for uint8 ``images`` seen with RF ``shifts``
-        ((n, 2) px, default none) and ``gains`` ((n, n_units), default 1). Chunked float32 matmuls."""
-        images = np.asarray(images)
-        filters = self.filters() if filters is None else filters
-        n = len(images)
-        pool_pixel = self.pixel_index()
-        baseline, amplitude, c50 = (p.astype(np.float32) for p in (self.baseline, self.amplitude, self.c50))
-        out = np.empty((n, self.n_units), dtype=np.float32)
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            x = to_contrast(images[start:stop])
-            if shifts is not None:
-                x = shift_images(x, shifts[start:stop])
-            pool = local_contrast(x).reshape(stop - start, -1)[:, pool_pixel]
-            rate = baseline + amplitude * filters.drive(x) / (c50 + pool)
-            out[start:stop] = rate if gains is None else rate * gains[start:stop]
-        return out
-
-
-@dataclass
-class Filters:
-    """(H*W, n_units + n_complex) weights: the phase-0 filter of every unit, then the quadrature
-    (phase + 90 deg) filter of each complex unit; ``complex_pos`` indexes those units."""
-
-    weights: np.ndarray
-    complex_pos: np.ndarray
-
-    def drive(self, contrast: np.ndarray) -> np.ndarray:
-        """(n, n_units): simple cells relu(q0), complex cells quadrature energy sqrt(q0^2 + q90^2)."""
-        q = contrast.reshape(len(contrast), -1) @ self.weights
-        n_units = self.weights.shape[1] - self.complex_pos.size
-        drive = np.maximum(q[:, :n_units], 0)
-        drive[:, self.complex_pos] = np.hypot(q[:, self.complex_pos], q[:, n_units:])
-        return drive
-
-
-def sample_population(n_units: int, rng: np.random.Generator) -> UnitPopulation:
-    """Draw mouse-V1-like units. The Fano factor is set later from each unit's response statistics."""
-    h, w = IMAGE_SHAPE
-    ppd = PIXELS_PER_DEGREE
-    sf_cpd = np.clip(0.04 * np.exp(0.5 * rng.standard_normal(n_units)), 0.01, 0.16)
-    sigma_deg = np.clip(5.5 * np.exp(0.3 * rng.standard_normal(n_units)), 2.5, 12.0)
-    return UnitPopulation(
-        # The monitor is placed so that the imaged population's receptive fields sit mid-screen.
-        center_x=np.clip((w - 1) / 2 + 8.0 * rng.standard_normal(n_units), 2, w - 3),
-        center_y=np.clip((h - 1) / 2 + 5.0 * rng.standard_normal(n_units), 2, h - 3),
-        sigma=sigma_deg * ppd,
-        aspect=1 + np.abs(0.5 * rng.standard_normal(n_units)),
-        orientation=rng.uniform(0, np.pi, n_units),
-        spatial_frequency=sf_cpd / ppd,
-        phase=rng.uniform(0, 2 * np.pi, n_units),
-        is_complex=rng.random(n_units) < 0.5,
-        c50=0.15 * np.exp(0.4 * rng.standard_normal(n_units)),
-        amplitude=np.exp(0.5 * rng.standard_normal(n_units)),
-        baseline=0.1 * np.exp(0.5 * rng.standard_normal(n_units)),
-        gain_running=0.6 + 0.4 * rng.standard_normal(n_units),  # mostly enhanced by locomotion
-        gain_pupil=0.15 + 0.1 * rng.standard_normal(n_units),
-        fano=np.ones(n_units),
-    )
 
 
 # -------------------------------------------------------------------------------------- behaviour
@@ -374,6 +135,7 @@ def _dilation_z(dilation: np.ndarray) -> np.ndarray:
 
 
 def check_sizes(n_units: int, n_images: int, n_oracle: int, n_repeats: int) -> None:
+    """Refuse sizes the truth cannot be computed for, before minutes of simulation (cohorts check too)."""
     if n_units < 1:
         raise ValueError(f"n_units must be at least 1, got {n_units}")
     if n_oracle < 2:

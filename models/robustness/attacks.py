@@ -3,8 +3,8 @@
 For every test image and every attack configuration we want the smallest perturbation that changes
 the model's decision, then per image the minimum over configurations of the same norm, then the
 median over images. An attack configuration is a plain dict (so a DataJoint Lookup table can key it
-by a hash), for example ``{"attack": "l2_ddn", "steps": 300}``; :func:`validate_attack_config` fills
-in every default, so hash the validated form.
+by a hash), for example ``{"attack": "l2_ddn", "steps": 300}``: the keyword arguments of a builder in
+``attack_registry``, whose ``validate_attack_config`` fills in every default, so hash the validated form.
 
 Conventions of the result (see :class:`MinimalPerturbations`):
 
@@ -21,16 +21,16 @@ Conventions of the result (see :class:`MinimalPerturbations`):
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..runtime import evaluation_mode, resolve_device
+from .attack_registry import ATTACKS, attack_norm, default_attack_configs, needs_starting_points, validate_attack_config
 from .evaluation import (
     as_image_tensor,
     as_label_tensor,
@@ -40,183 +40,11 @@ from .evaluation import (
 )
 
 NORMS = ("linf", "l2")
+__all__ = ["ATTACKS", "attack_norm", "default_attack_configs", "validate_attack_config", "minimal_perturbations",
+           "MinimalPerturbations", "median_perturbation", "perturbation_norm"]
 
 #: Float slack when comparing a recomputed distance with a reported one.
 DISTANCE_TOLERANCE = 1e-6
-
-
-# ---------------------------------------------------------------------------------------------------
-# attack configurations
-# ---------------------------------------------------------------------------------------------------
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
-
-
-def _positive_float(value: Any) -> bool:
-    return _is_number(value) and 0 < value < math.inf
-
-
-def _non_negative_float(value: Any) -> bool:
-    return _is_number(value) and 0 <= value < math.inf
-
-
-def _unit_interval(value: Any) -> bool:  # (0, 1]
-    return _is_number(value) and 0 < value <= 1
-
-
-def _fraction(value: Any) -> bool:  # [0, 1)
-    return _is_number(value) and 0 <= value < 1
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
-def _boolean(value: Any) -> bool:
-    return isinstance(value, (bool, np.bool_))
-
-
-_RULE_WORDS = {
-    _positive_int: "a positive integer",
-    _positive_float: "a finite number > 0",
-    _non_negative_float: "a finite number >= 0",
-    _unit_interval: "a number in (0, 1]",
-    _fraction: "a number in [0, 1)",
-    _boolean: "True or False",
-}
-
-_BRENDEL_BETHGE = {
-    "steps": (1000, _positive_int),
-    "lr": (1e-3, _positive_float),
-    "lr_decay": (0.5, _unit_interval),
-    "lr_num_decay": (20, _positive_int),
-    "momentum": (0.8, _fraction),
-    "binary_search_steps": (10, _positive_int),
-    "overshoot": (1.1, _positive_float),
-}
-
-#: attack name -> (norm, {parameter: (default, check)}). Defaults follow foolbox except the step
-#: counts (foolbox: DDN 10, C&W 10000 per binary-search step, Boundary 25000) and PGD's step size.
-ATTACKS: dict[str, tuple[str, dict[str, tuple[Any, Callable[[Any], bool]]]]] = {
-    # PGD has no minimal mode: bisection over epsilon per image (see _minimal_linf_pgd).
-    "linf_pgd": (
-        "linf",
-        {
-            "steps": (40, _positive_int),
-            "rel_stepsize": (None, _positive_float),  # None: 2.5 / steps (Madry et al.'s rule)
-            "random_start": (True, _boolean),
-            "init_epsilon": (1 / 255, _positive_float),
-            "max_epsilon": (0.5, _unit_interval),
-            "search_steps": (10, _positive_int),
-        },
-    ),
-    # Fast Minimum Norm (Pintor et al. 2021): a minimal-norm attack in one run, no epsilon search.
-    "linf_fmn": ("linf", {"steps": (100, _positive_int), "max_stepsize": (1.0, _positive_float),
-                          "gamma": (0.05, _fraction), "binary_search_steps": (10, _positive_int)}),
-    # L2: foolbox's max_stepsize 1.0 pins the result at the first step's norm whenever the minimal
-    # distance is smaller (measured on 32x32 grayscale networks: every image at exactly 1.0); 0.1 not.
-    "l2_fmn": ("l2", {"steps": (100, _positive_int), "max_stepsize": (0.1, _positive_float),
-                      "gamma": (0.05, _fraction), "binary_search_steps": (10, _positive_int)}),
-    "l2_ddn": ("l2", {"steps": (300, _positive_int), "init_epsilon": (1.0, _positive_float),
-                      "gamma": (0.05, _fraction)}),
-    "l2_cw": (
-        "l2",
-        {
-            "steps": (1000, _positive_int),
-            "binary_search_steps": (9, _positive_int),
-            "stepsize": (1e-2, _positive_float),
-            "confidence": (0.0, _non_negative_float),
-            "initial_const": (1e-3, _positive_float),
-            "abort_early": (True, _boolean),
-        },
-    ),
-    "l2_bb": ("l2", dict(_BRENDEL_BETHGE)),
-    "linf_bb": ("linf", dict(_BRENDEL_BETHGE)),
-    # Decision-based (black-box): a view that gradient masking cannot fool.
-    "boundary": (
-        "l2",
-        {
-            "steps": (5000, _positive_int),
-            "spherical_step": (1e-2, _positive_float),
-            "source_step": (1e-2, _positive_float),
-            "source_step_convergance": (1e-7, _positive_float),
-            "step_adaptation": (1.5, _positive_float),
-            "update_stats_every_k": (10, _positive_int),
-        },
-    ),
-}
-
-#: Attacks that start from adversarial images drawn from a pool of dataset images.
-NEEDS_STARTING_POINTS = ("l2_bb", "linf_bb", "boundary")
-
-
-def validate_attack_config(config: dict) -> dict:
-    """The config with every default filled in, or a ValueError saying exactly what is wrong."""
-    if not isinstance(config, dict):
-        raise ValueError(f"an attack config is a dict, got {type(config).__name__}")
-    name = config.get("attack")
-    if name not in ATTACKS:
-        raise ValueError(f"unknown attack {name!r}; known attacks: {', '.join(sorted(ATTACKS))}")
-    _, parameters = ATTACKS[name]
-    unknown = sorted(set(config) - set(parameters) - {"attack"})
-    if unknown:
-        raise ValueError(
-            f"{name}: unknown parameter(s) {unknown}; allowed: {', '.join(sorted(parameters))}"
-        )
-    validated: dict[str, Any] = {"attack": name}
-    for key, (default, check) in parameters.items():
-        value = config.get(key, default)
-        if key == "rel_stepsize" and value is None:
-            value = 2.5 / validated["steps"]
-        if not check(value):
-            raise ValueError(f"{name}: {key!r} must be {_RULE_WORDS[check]}, got {value!r}")
-        validated[key] = value.item() if isinstance(value, (np.generic,)) else value
-    if name == "linf_pgd" and validated["init_epsilon"] > validated["max_epsilon"]:
-        raise ValueError(f"linf_pgd: init_epsilon {validated['init_epsilon']} > max_epsilon "
-                         f"{validated['max_epsilon']}")
-    if name in ("l2_bb", "linf_bb") and validated["lr_num_decay"] > validated["steps"]:
-        raise ValueError(f"{name}: lr_num_decay ({validated['lr_num_decay']}) must not exceed steps "
-                         f"({validated['steps']}): the trust region decays every steps/lr_num_decay")
-    return validated
-
-
-def attack_norm(config: dict) -> str:
-    """"linf" or "l2": the norm in which the attack minimises and its distances are reported."""
-    return ATTACKS[validate_attack_config(config)["attack"]][0]
-
-
-def default_attack_configs(quick: bool = False) -> list[dict]:
-    """The standard minimal-perturbation attack set, validated.
-
-    Full set (for the real evaluation, on a GPU): Linf and L2 Fast Minimum Norm first, Linf PGD with an
-    epsilon search at two step settings as a cross-check, Linf and L2 Brendel-Bethge, DDN,
-    Carlini-Wagner and the Boundary attack. ``quick=True`` is a CPU demo set: FMN, PGD, DDN and C&W
-    with few steps and no Brendel-Bethge (its
-    numba compilation alone takes ~30 s) or Boundary attack (thousands of queries per image).
-    """
-    if quick:
-        configs = [
-            {"attack": "linf_fmn", "steps": 50},
-            {"attack": "l2_fmn", "steps": 50},
-            {"attack": "linf_pgd", "steps": 20, "rel_stepsize": 2.5 / 20, "search_steps": 7},
-            {"attack": "l2_ddn", "steps": 50},
-            {"attack": "l2_cw", "steps": 50, "binary_search_steps": 4, "initial_const": 1e-2},
-        ]
-    else:
-        configs = [
-            {"attack": "linf_fmn", "steps": 100},
-            {"attack": "l2_fmn", "steps": 100},
-            {"attack": "linf_pgd", "steps": 40, "rel_stepsize": 2.5 / 40},
-            {"attack": "linf_pgd", "steps": 100, "rel_stepsize": 0.025},
-            {"attack": "linf_bb", "steps": 1000},
-            {"attack": "l2_ddn", "steps": 300},
-            {"attack": "l2_cw", "steps": 1000, "binary_search_steps": 9},
-            {"attack": "l2_bb", "steps": 1000},
-            {"attack": "boundary", "steps": 5000},
-        ]
-    return [validate_attack_config(config) for config in configs]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -302,6 +130,31 @@ class MinimalPerturbations:
         """The score: median over images of the per-image minimum in ``norm``."""
         return median_perturbation(self.best(norm)[0])
 
+    def summary(self, attack_ids: list[str]) -> dict:
+        """What a results table keeps, ``attack_ids[c]`` naming config c (e.g. its hash).
+
+        ``medians`` and ``images[i][norm]`` are None where nothing finite was found (databases store no
+        infinity, and a failed image still counts as larger than every distance in the median);
+        ``images[i][norm + '_attack']`` is '' where no attack earned the image; ``attacks[c]`` holds
+        that attack's own median and its success rate over the correctly classified images.
+        """
+        finite = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731
+        best = {norm: self.best(norm) for norm in NORMS if norm in self.norms}
+        images = []
+        for i, correct in enumerate(self.clean_correct):
+            row = {"clean_correct": bool(correct)}
+            for norm, (distance, index) in best.items():
+                row[norm] = finite(distance[i])
+                row[f"{norm}_attack"] = attack_ids[index[i]] if index[i] >= 0 else ""
+            images.append(row)
+        correct = np.asarray(self.clean_correct, dtype=bool)
+        attacks = [{"median_distance": finite(median_perturbation(self.distances[c])),
+                    "success_rate": float(np.isfinite(self.distances[c][correct]).mean()) if correct.any() else 0.0}
+                   for c in range(len(self.configs))]
+        return {"clean_accuracy": float(correct.mean()) if correct.size else 0.0,
+                "medians": {f"median_{norm}": finite(self.median(norm)) for norm in best},
+                "images": images, "attacks": attacks}
+
 
 # ---------------------------------------------------------------------------------------------------
 # the attacks
@@ -338,7 +191,7 @@ def minimal_perturbations(
     n_images = len(x_all)
     distances = np.full((len(configs), n_images), np.inf)
     adversarials = np.full((len(configs),) + tuple(x_all.shape), np.nan, dtype=np.float32)
-    norms = [ATTACKS[config["attack"]][0] for config in configs]
+    norms = [attack_norm(config) for config in configs]
     if n_images == 0:
         return MinimalPerturbations(configs, norms, distances, adversarials, np.zeros(0, bool))
 
@@ -352,7 +205,7 @@ def minimal_perturbations(
         to_attack = np.flatnonzero(clean_correct)
 
         pool = None
-        if any(config["attack"] in NEEDS_STARTING_POINTS for config in configs):
+        if any(needs_starting_points(config) for config in configs):
             pool_x, pool_y = (x_all, y_all) if starting_pool is None else starting_pool
             pool_x = as_image_tensor(pool_x)
             pool_y = as_label_tensor(pool_y, len(pool_x))
@@ -390,38 +243,14 @@ def _verify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, adv: torch.Tenso
 
 def _run_attack(fmodel, model, x, y, config, pool, stochastic) -> torch.Tensor:
     """One batch through one attack; returns candidate adversarials (NaN where the attack gave up)."""
-    import foolbox as fb
-
-    name = config["attack"]
-    params = {k: v for k, v in config.items() if k != "attack"}
-    criterion = fb.criteria.Misclassification(y)
-    if name == "linf_pgd":
-        return _minimal_linf_pgd(fmodel, model, x, y, **params)
-    if name == "l2_ddn":
-        return fb.attacks.DDNAttack(**params).run(fmodel, x, criterion)
-    if name in ("linf_fmn", "l2_fmn"):
-        attack_class = fb.attacks.LInfFMNAttack if name == "linf_fmn" else fb.attacks.L2FMNAttack
-        return attack_class(**params).run(fmodel, x, criterion)
-    if name == "l2_cw":
-        adv = fb.attacks.L2CarliniWagnerAttack(**params).run(fmodel, x, criterion)
-        # foolbox's C&W returns an all-zero image where it found no adversarial: mark it failed
-        # rather than let a black image pass verification as a (huge) adversarial.
-        gave_up = (adv == 0).flatten(1).all(dim=1) & ~(x == 0).flatten(1).all(dim=1)
-        adv[gave_up] = float("nan")
-        return adv
-
-    norm = ATTACKS[name][0]
-    starts, has_start = _starting_points(x, y, pool, norm)
+    attack = ATTACKS.build(config)
+    if not needs_starting_points(config):
+        return attack(fmodel, x, y)
+    starts, has_start = _starting_points(x, y, pool, attack_norm(config))
     starts = _nearest_adversarial_on_segment(model, x, y, starts, has_start)
     adv = torch.full_like(x, float("nan"))
     if not has_start.any():
         return adv
-    if name == "boundary":
-        attack = fb.attacks.BoundaryAttack(**params)
-    elif name == "l2_bb":
-        attack = fb.attacks.L2BrendelBethgeAttack(**params)
-    else:
-        attack = fb.attacks.LinfinityBrendelBethgeAttack(**params)
     # The attacks assert that every starting point is adversarial. For a deterministic model ours
     # are by construction; under EoT each check is a new random draw, so re-check, drop the points
     # that look clean this time, and retry a batch whose check still fails (three tries, then inf).
@@ -432,14 +261,13 @@ def _run_attack(fmodel, model, x, y, config, pool, stochastic) -> torch.Tensor:
         if len(sub) == 0:
             break
         try:
-            adv[sub] = attack.run(fmodel, x[sub], fb.criteria.Misclassification(y[sub]),
-                                  starting_points=starts[sub])
+            adv[sub] = attack(fmodel, x[sub], y[sub], starts[sub])
             break
         except (AssertionError, ValueError) as error:
             if not stochastic:
                 raise
             if attempt == 2:
-                warnings.warn(f"{name}: batch skipped, starting points not adversarial under EoT "
+                warnings.warn(f"{config['attack']}: batch skipped, starting points not adversarial under EoT "
                               f"in three tries: {error}")
     return adv
 
@@ -486,69 +314,3 @@ def _nearest_adversarial_on_segment(model, x, y, starts, has_start, steps: int =
         lo = torch.where(adversarial, lo, mid)
     moved = (hi < 1).view(shape)
     return torch.where(moved, point(hi), starts)
-
-
-def _minimal_linf_pgd(fmodel, model, x, y, *, steps, rel_stepsize, random_start, init_epsilon,
-                      max_epsilon, search_steps) -> torch.Tensor:
-    """Smallest Linf epsilon at which PGD fools the model, searched per image (batched).
-
-    Phase 1 (bracket): try ``init_epsilon``, doubling (capped at ``max_epsilon``) for the images
-    not yet fooled: at most 1 + ceil(log2(max_epsilon / init_epsilon)) PGD runs. Images never fooled
-    at ``max_epsilon`` are failures. Phase 2 (bisection): ``search_steps`` PGD runs halve every
-    bracket, so the final epsilon is within bracket_width / 2**search_steps of the smallest one PGD
-    succeeds at (init_epsilon / 2**search_steps when fooled at once: 1.5e-5 at the defaults).
-    Each PGD run is ``steps`` steps of ``rel_stepsize * epsilon`` (epsilon per image). The reported
-    adversarial is the verified one of smallest measured Linf norm, not the epsilon.
-    """
-    import eagerpy as ep
-    import foolbox as fb
-
-    class PerImageEpsilonLinfPGD(fb.attacks.LinfPGD):
-        """foolbox's PGD loop with epsilon an (N, 1, ..., 1) tensor: one ball per image."""
-
-        def get_random_start(self, x0, epsilon):
-            return x0 + epsilon * ep.uniform(x0, x0.shape, -1.0, 1.0)
-
-        def project(self, x_, x0, epsilon):
-            return x0 + ep.minimum(ep.maximum(x_ - x0, -epsilon), epsilon)
-
-    attack = PerImageEpsilonLinfPGD(steps=steps, rel_stepsize=rel_stepsize, random_start=random_start)
-    n = len(x)
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    best = torch.full_like(x, float("nan"))
-    best_norm = torch.full((n,), math.inf, device=x.device)
-
-    def attempt(which: torch.Tensor, epsilon: torch.Tensor) -> torch.Tensor:
-        """PGD on images ``which`` at their epsilons; keeps improvements; returns success mask."""
-        eps = ep.astensor(epsilon.to(x.dtype).view(shape))
-        adv = attack.run(fmodel, x[which], fb.criteria.Misclassification(y[which]), epsilon=eps)
-        with torch.no_grad():
-            success = model(adv).argmax(dim=1) != y[which]
-        linf = (adv - x[which]).flatten(1).abs().amax(dim=1)
-        better = success & (linf < best_norm[which])
-        best[which[better]] = adv[better].detach()
-        best_norm[which[better]] = linf[better]
-        return success
-
-    lo = torch.zeros(n, device=x.device, dtype=torch.float64)
-    hi = torch.full((n,), math.inf, device=x.device, dtype=torch.float64)
-    trial = torch.full((n,), float(init_epsilon), device=x.device, dtype=torch.float64)
-    searching = torch.ones(n, dtype=torch.bool, device=x.device)
-    while searching.any():
-        which = searching.nonzero().flatten()
-        success = attempt(which, trial[which])
-        hi[which[success]] = trial[which[success]]
-        failed = which[~success]
-        lo[failed] = trial[failed]
-        exhausted = trial[failed] >= max_epsilon
-        searching[which[success]] = False
-        searching[failed[exhausted]] = False
-        trial[failed] = torch.clamp(trial[failed] * 2, max=max_epsilon)
-
-    bracketed = torch.isfinite(hi).nonzero().flatten()
-    for _ in range(search_steps if len(bracketed) else 0):
-        mid = (lo[bracketed] + hi[bracketed]) / 2
-        success = attempt(bracketed, mid)
-        hi[bracketed[success]] = mid[success]
-        lo[bracketed[~success]] = mid[~success]
-    return best

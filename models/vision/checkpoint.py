@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .datasets import Dataset, dataset_checksum
+from .datasets import ClassificationData, dataset_checksum
 
 CHECKPOINT_FORMAT = 1
 
 
-def run_fingerprint(configs: dict, seed: int, dataset: Dataset, stimuli, target) -> str:
+def run_fingerprint(configs: dict, seed: int, dataset: ClassificationData, stimuli, target) -> str:
     """What a checkpoint must match to be resumed: configs, seed, and the exact data and target."""
     digest = hashlib.sha256(json.dumps({"configs": configs, "seed": seed}, sort_keys=True, default=str).encode())
     digest.update(dataset_checksum(dataset).encode())

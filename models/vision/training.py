@@ -32,7 +32,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Callable
 
 import numpy as np
 import torch
@@ -40,35 +40,47 @@ from torch import nn
 from torch.nn import functional as F
 
 from .checkpoint import load_checkpoint, run_fingerprint, save_checkpoint
-from .datasets import Dataset
+from .datasets import ClassificationData
 from .graphs import GraphedStep
-from .networks import build_network, default_network_config, tap_feature_sizes
+from .networks import build_network, tap_feature_sizes
 from .regularizer import PairSampler, SimilarityRegularizer
+from ..registry import (Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, UnitInterval, complete_kwargs,
+                        one_of, open_interval)
 from ..runtime import Runtime, as_runtime, synchronize
 
 AUGMENTATIONS = ("crop_flip", "crop", "none")
 
 
+def train_settings(epochs: PositiveInt = 40, batch_size: PositiveInt = 64, lr: PositiveFloat = 0.1,
+                   momentum: Fraction = 0.9, nesterov: bool = False, weight_decay: NonNegativeFloat = 5e-4,
+                   lr_decay: UnitInterval = 0.3, lr_step_epochs: PositiveInt = 4,
+                   lr_reset_epochs: NonNegativeInt | None = 20,
+                   augment: Annotated[str, one_of(*AUGMENTATIONS)] = "crop_flip",
+                   max_train_images: PositiveInt | None = None) -> None:
+    """A training schedule's config: Li et al.'s SGD, 40 epochs, batch 64, lr 0.1 x0.3 every 4 epochs, back
+    to 0.1 after 20 (``lr_reset_epochs`` None or 0: no reset).
+
+    ``augment`` crop_flip is a random 32x32 crop of the 4-px zero-padded image and a horizontal flip;
+    ``max_train_images`` a fixed, seed-independent subset of the training set, for demos. How a run
+    executes (device, bf16, channels_last, cuDNN determinism) is a Runtime, never part of this config.
+    """
+
+
+def regularizer_settings(alpha: NonNegativeFloat = 0.0, pairs_per_step: PositiveInt = 32,
+                         eps: Annotated[float, open_interval(0, 0.5)] = 1e-3,
+                         centre_momentum: UnitInterval = 0.05) -> None:
+    """The similarity loss's config: alpha = 0 is the 'None' condition; 32 pairs = 64 images a step, as many
+    as the CIFAR batch (Li et al.); ``eps`` keeps Fisher's z finite; ``centre_momentum`` the running centres'."""
+
+
 def default_train_config() -> dict:
-    """Li et al.'s schedule: SGD, 40 epochs, batch 64, lr 0.1 x0.3 every 4 epochs, back to 0.1 after 20."""
-    return {
-        "epochs": 40,
-        "batch_size": 64,
-        "lr": 0.1,
-        "momentum": 0.9,
-        "nesterov": False,
-        "weight_decay": 5e-4,
-        "lr_decay": 0.3,
-        "lr_step_epochs": 4,
-        "lr_reset_epochs": 20,  # None or 0: no reset
-        "augment": "crop_flip",  # random 32x32 crop of the 4-px zero-padded image, horizontal flip
-        "max_train_images": None,  # a fixed (seed-independent) subset of the training set, for demos
-    }  # how a run executes (device, bf16, channels_last, cuDNN determinism) is a Runtime, never hashed
+    """Every training-schedule key with its default."""
+    return complete_kwargs(train_settings, {})
 
 
 def default_regularizer_config() -> dict:
-    """alpha = 0 is the 'None' condition; 32 pairs = 64 images a step, as many as the CIFAR batch (Li et al.)."""
-    return {"alpha": 0.0, "pairs_per_step": 32, "eps": 1e-3, "centre_momentum": 0.05}
+    """Every regularizer key with its default."""
+    return complete_kwargs(regularizer_settings, {})
 
 
 def learning_rate(epoch: int, config: dict) -> float:
@@ -223,7 +235,7 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()}
 
 
-def _training_subset(dataset: Dataset, max_images: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _training_subset(dataset: ClassificationData, max_images: int | None) -> tuple[np.ndarray, np.ndarray]:
     if max_images is None or max_images >= len(dataset.train_y):
         return dataset.train_x, dataset.train_y
     keep = np.sort(np.random.default_rng(0).permutation(len(dataset.train_y))[:max_images])
@@ -256,15 +268,13 @@ class TrainingRun:
         return len(self.train_y) // self.configs["train"]["batch_size"]
 
 
-def build_run(net_config: dict, train_config: dict, reg_config: dict, dataset: Dataset, target_images=None,
+def build_run(net_config: dict, train_config: dict, reg_config: dict, dataset: ClassificationData, target_images=None,
               target_similarity=None, seed: int = 0, runtime: Runtime | str | None = None) -> TrainingRun:
     """A fresh run: seeded network and optimizer, target on the device, training data on the device."""
     runtime = as_runtime(runtime)
-    net_cfg = {**default_network_config(), **net_config, "n_classes": dataset.n_classes}
-    train_cfg = {**default_train_config(), **train_config}
-    reg_cfg = {**default_regularizer_config(), **reg_config}
-    if train_cfg["augment"] not in AUGMENTATIONS:
-        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {train_cfg['augment']!r}")
+    net_cfg = {**net_config, "n_classes": dataset.n_classes}
+    train_cfg = complete_kwargs(train_settings, train_config, "train config")
+    reg_cfg = complete_kwargs(regularizer_settings, reg_config, "regularizer config")
     device, memory_format = runtime.torch_device, runtime.memory_format
     torch.manual_seed(derived_seed(seed, 0, "init"))
     model = build_network(net_cfg).to(device, memory_format=memory_format)
@@ -365,7 +375,7 @@ def train_network(
     net_config: dict,
     train_config: dict,
     reg_config: dict,
-    dataset: Dataset,
+    dataset: ClassificationData,
     target_images=None,
     target_similarity=None,
     seed: int = 0,

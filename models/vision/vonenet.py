@@ -62,25 +62,6 @@ ENVELOPE_JOINT_COUNTS = np.array(  # Ringach 2002: rows nx bins, columns ny bins
 )
 
 
-def default_vone_config() -> dict:
-    """VOne keys of a network config (prefixed so they sit beside arch/width without clashing)."""
-    return {
-        "vone_simple_channels": 256,
-        "vone_complex_channels": 256,
-        "vone_visual_degrees": 8.0,
-        "vone_image_size": 32,
-        "vone_sf_max": None,  # cycles/deg; None = the Nyquist limit ppd / 2
-        "vone_sf_corr": 0.75,
-        "vone_ksize": 7,
-        "vone_stride": 1,
-        "vone_k_exc": 25.0,
-        "vone_noise": True,
-        "vone_noise_scale": 0.35,
-        "vone_noise_level": 0.07,
-        "vone_gabor_seed": 0,
-    }
-
-
 def _sample_binned(u: np.ndarray, edges: np.ndarray, counts: np.ndarray, log: bool) -> np.ndarray:
     """Inverse CDF of a histogram density, uniform (or log-uniform) within each bin, at quantiles u."""
     cdf = np.concatenate([[0.0], np.cumsum(counts) / counts.sum()])
@@ -214,26 +195,19 @@ class VOneBlock(nn.Module):
         self.register_buffer("weight", kernels.repeat(1, in_channels, 1, 1) / in_channels)
 
     @classmethod
-    def from_config(cls, config: dict) -> "VOneBlock":
-        """The block a network config describes (keys from ``default_vone_config``)."""
-        cfg = {**default_vone_config(), **config}
-        ppd = cfg["vone_image_size"] / cfg["vone_visual_degrees"]
-        sf_max = cfg["vone_sf_max"] if cfg["vone_sf_max"] is not None else ppd / 2
-        n = cfg["vone_simple_channels"] + cfg["vone_complex_channels"]
-        params = sample_gabor_parameters(n, cfg["vone_gabor_seed"], sf_max, cfg["vone_sf_corr"])
-        return cls(
-            params,
-            cfg["vone_simple_channels"],
-            cfg["vone_complex_channels"],
-            ppd,
-            cfg["vone_ksize"],
-            cfg["vone_stride"],
-            cfg["vone_k_exc"],
-            cfg["vone_noise"],
-            cfg["vone_noise_scale"],
-            cfg["vone_noise_level"],
-            in_channels=cfg.get("in_channels", 1),
-        )
+    def build(cls, simple_channels: int = 256, complex_channels: int = 256, visual_degrees: float = 8.0,
+              image_size: int = 32, sf_max: float | None = None, sf_corr: float = 0.75, ksize: int = 7,
+              stride: int = 1, k_exc: float = 25.0, noise: bool = True, noise_scale: float = 0.35,
+              noise_level: float = 0.07, gabor_seed: int = 0, in_channels: int = 1) -> "VOneBlock":
+        """The block VOneNet's parameters describe (``sf_max`` None: the Nyquist limit ppd / 2).
+
+        The Gabor bank is drawn from ``gabor_seed`` alone, so every training seed shares it, as in VOneNet.
+        """
+        ppd = image_size / visual_degrees
+        params = sample_gabor_parameters(simple_channels + complex_channels, gabor_seed,
+                                         sf_max if sf_max is not None else ppd / 2, sf_corr)
+        return cls(params, simple_channels, complex_channels, ppd, ksize, stride, k_exc, noise, noise_scale,
+                   noise_level, in_channels=in_channels)
 
     def cell_responses(self, x: torch.Tensor) -> torch.Tensor:
         """Noise-free simple and complex cell activity, (N, simple + complex, H / stride, W / stride)."""

@@ -15,7 +15,7 @@ from torch import nn
 
 from neureg.models.robustness.attacks import minimal_perturbations, perturbation_norm
 from neureg.models.robustness.autoattack import autoattack_robust_accuracy
-from neureg.models.vision.datasets import Dataset
+from neureg.models.vision.datasets import ClassificationData
 from neureg.models.neural.predictive import fit_predictor, predict_responses, unit_correlations
 from neureg.models.vision.regularizer import similarity_loss
 from neureg.models.robustness.evaluation import accuracy, robust_accuracy
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.cuda
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def toy_dataset(n_train=128, n_test=64, seed=0) -> Dataset:
+def toy_dataset(n_train=128, n_test=64, seed=0) -> ClassificationData:
     """Four classes of faint sign templates on gray: learnable in a few steps by a tiny ResNet."""
     g = np.random.default_rng(seed)
     templates = np.sign(np.random.default_rng(99).normal(size=(4, 1, 32, 32)))
@@ -39,7 +39,7 @@ def toy_dataset(n_train=128, n_test=64, seed=0) -> Dataset:
         return np.clip(x, 0, 1).astype(np.float32), y.astype(np.int64)
 
     (tx, ty), (vx, vy) = draw(n_train), draw(n_test)
-    return Dataset("toy", tx, ty, vx, vy, 4)
+    return ClassificationData("toy", tx, ty, vx, vy, 4)
 
 
 def toy_target(n=16, seed=1):
@@ -128,7 +128,7 @@ def test_resume_on_device_replays_the_uninterrupted_run(tmp_path):
 
 
 def test_vone_block_on_device_matches_cpu_without_noise():
-    block = VOneBlock.from_config({"vone_simple_channels": 8, "vone_complex_channels": 8, "vone_noise": False})
+    block = VOneBlock.build(simple_channels=8, complex_channels=8, noise=False)
     x = torch.rand(4, 1, 32, 32)
     expected = block.eval()(x)
     got = block.to(DEVICE).eval()(x.to(DEVICE)).cpu()
@@ -137,7 +137,7 @@ def test_vone_block_on_device_matches_cpu_without_noise():
 
 def test_vone_noise_on_device_has_the_published_variance():
     """Noise on: the spread over draws matches sqrt(relu(s*x + l) + 1e-4) / s (see docs) at the device."""
-    block = VOneBlock.from_config({"vone_simple_channels": 8, "vone_complex_channels": 8}).to(DEVICE).eval()
+    block = VOneBlock.build(simple_channels=8, complex_channels=8).to(DEVICE).eval()
     x = torch.rand(2, 1, 32, 32, device=DEVICE)
     with torch.no_grad():
         draws = torch.stack([block(x) for _ in range(400)])

@@ -26,10 +26,11 @@ from neureg.populate.worker import (
     add_worker_arguments,
     options_from_args,
     register_cli,
-    select_device,
     select_tables,
 )
-from neureg.populate.worker_jobs import HOST, attempts_recorded, release, tag_message
+from neureg.populate.devices import select_device
+from neureg.populate.stages import pipeline_tables, stage_tables
+from neureg.populate.worker_jobs import HOST, attempts_recorded, release, retry_failed, tag_message
 
 TOY_LOG = "NEUREG_TOY_LOG"  # file each toy make() appends "start ITEM PID" / "end ITEM PID" to
 
@@ -96,7 +97,7 @@ def toy_stage(database: str) -> SimpleNamespace:
             _toy_log("end", key["item"])
 
     Square = schema(Square, context={"Item": Item})
-    return SimpleNamespace(schema=schema, Item=Item, Square=Square, POPULATE_ORDER=("Square",))
+    return SimpleNamespace(schema=schema, Item=Item, Square=Square)
 
 
 def toy_report(stage) -> dict:
@@ -171,7 +172,7 @@ def run_once(stage, **options) -> int:
 
 # ------------------------------------------------------------------------------------------------ tests
 def test_restriction_with_reserve_jobs_is_honoured(toy):
-    """An upstream report (datajoint-python issue 1413) warns that populate(restriction, reserve_jobs=True) may ignore the
+    """DataJoint's issue tracker has a report that populate(restriction, reserve_jobs=True) may ignore the
     restriction. In 2.3.5 it does not, for new jobs (refresh) and for pending ones; the worker does not rely
     on it, but a DataJoint upgrade that breaks it should be noticed here."""
     toy.Item.insert(dict(item=i) for i in range(4))
@@ -260,9 +261,9 @@ def test_sigterm_interrupts_releases_and_exits_zero(toy):
 
 def test_heartbeat_keeps_a_long_job_and_reports_it(toy, monkeypatch, caplog):
     """A job running past --orphan-timeout is not reclaimed while its worker beats; it is reported as running."""
-    from neureg.populate import worker_jobs
+    from neureg.populate import heartbeat
 
-    monkeypatch.setattr(worker_jobs, "STILL_RUNNING_EVERY", 0.5)
+    monkeypatch.setattr(heartbeat, "STILL_RUNNING_EVERY", 0.5)
     toy.Item.insert1(dict(item=3, first_delay=3.0))
     jobs = toy.Square().jobs
     with caplog.at_level("INFO", logger="neureg"):
@@ -301,7 +302,76 @@ def test_table_and_stage_selection(toy, pipeline):
     with pytest.raises(ValueError, match="unknown stage"):
         select_tables(pipeline, stages=["nonsense"])
     oracle = select_tables(pipeline, stages=["oracle"])
-    assert [t.__name__ for t in oracle] == list(pipeline.oracle.POPULATE_ORDER)
+    assert oracle == [t for t in stage_tables(pipeline) if t.database == pipeline.oracle.schema.database]
+    assert select_tables(pipeline, tables=["oracle.ScanStability", "OracleStats"]) == [
+        pipeline.oracle.OracleStats, pipeline.oracle.ScanStability]
+
+
+def _computed_classes(pipeline) -> set:
+    """Every dj.Computed / dj.Imported master declared in the pipeline's schema modules, found by scanning them."""
+    found = set()
+    for module in vars(pipeline).values():
+        schema = getattr(module, "schema", None)
+        for obj in vars(module).values() if schema is not None else ():
+            if (isinstance(obj, type) and issubclass(obj, (dj.Computed, dj.Imported)) and not issubclass(obj, dj.Part)
+                    and getattr(obj, "database", None) == schema.database):
+                found.add(obj)
+    return found
+
+
+def test_stage_order_puts_every_table_after_its_upstream_tables(pipeline):
+    """The registry's order, checked edge by edge against DataJoint's graph as each table's parents() see it."""
+    entries = pipeline_tables(pipeline)
+    names = [e.table.full_table_name for e in entries]
+    assert len(names) == len(set(names))
+    position = {name: i for i, name in enumerate(names)}
+    master = {e.table.full_table_name: (e.table.master if issubclass(e.table, dj.Part) else e.table).full_table_name
+              for e in entries}
+    checked = 0
+    for entry in entries:
+        name = entry.table.full_table_name
+        if name != master[name]:
+            assert position[master[name]] < position[name], f"part {name} before its master"
+        for parent in entry.table().parents():
+            if parent not in position:
+                continue  # a table outside the pipeline's schemas
+            if master[parent] == master[name]:
+                assert position[parent] < position[name], (parent, name)
+            else:  # a master and its parts stay together, after everything any of them references
+                assert position[master[parent]] < position[master[name]], (parent, name)
+            checked += 1
+    assert checked > 20
+    computed = stage_tables(pipeline)
+    assert set(computed) == _computed_classes(pipeline)  # every computed table, and only those
+    assert [position[t.full_table_name] for t in computed] == sorted(position[t.full_table_name] for t in computed)
+    # Waits that only a key_source expresses (not a foreign key) are honoured too, so one pass fills them.
+    order = [t.__name__ for t in computed]
+    assert order.index("OracleSimilarity") < order.index("ScanStability")
+    assert order.index("DataSimilarity") < order.index("SimilarityTarget")
+    stages = [e.stage for e in entries if e.auto]
+    assert stages == sorted(stages, key=list(vars(pipeline)).index)  # here stage order agrees with the graph
+    with pytest.raises(ValueError, match=r"unknown stage\(s\) \['nonsense'\]"):
+        stage_tables(pipeline, ["nonsense"])
+
+
+def test_release_and_retry_go_through_datajoints_api(toy):
+    """Release restores the message and clears the reservation; retry waits on the server's clock."""
+    toy.Item.insert([dict(item=1), dict(item=2)])
+    jobs = toy.Square().jobs
+    jobs.refresh()
+    assert jobs.reserve({"item": 1})
+    assert release(jobs, {"item": 1}, "[attempt 1 of 3] RuntimeError: x") == 1
+    row = (jobs & {"item": 1}).fetch1()
+    assert row["status"] == "pending" and row["reserved_time"] is None
+    assert row["error_message"] == "[attempt 1 of 3] RuntimeError: x"
+    assert release(jobs, {"item": 2}) == 0  # not reserved by anyone
+    assert jobs.reserve({"item": 2})
+    jobs.error({"item": 2}, error_message="[attempt 1 of 3] RuntimeError: y")
+    assert retry_failed(jobs, max_retries=2, retry_delay=3600) == []  # failed just now: waits an hour
+    assert (jobs & {"item": 2}).fetch1("status") == "error"
+    reset = retry_failed(jobs, max_retries=2, retry_delay=0)
+    assert reset == [({"item": 2}, 1, "[attempt 1 of 3] RuntimeError: y")]
+    assert (jobs & {"item": 2}).fetch1("status", "error_message") == ("pending", "[attempt 1 of 3] RuntimeError: y")
 
 
 def test_attempt_tags():
@@ -336,8 +406,12 @@ def test_device_comes_from_the_environment(monkeypatch):
 
 
 def test_worker_and_accounts_commands_have_help():
+    from neureg.populate import accounts
+
     parser = argparse.ArgumentParser(prog="neureg")
-    register_cli(parser.add_subparsers(dest="command"))
+    subparsers = parser.add_subparsers(dest="command")
+    register_cli(subparsers)
+    accounts.register_cli(subparsers)
     for command in ("worker", "accounts"):
         with pytest.raises(SystemExit) as exit_:
             parser.parse_args([command, "--help"])

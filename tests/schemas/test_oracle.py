@@ -59,7 +59,7 @@ def test_data_similarity_matches_equation_2(pipeline, oracle_populated):
     responses, frame_ids = folder_arrays(folder)
     weights = np.asarray((pipeline.oracle.OracleStats.Unit * pipeline.experiment.Scan.Unit & key).to_arrays(
         "snr_weight", order_by="unit_index"))
-    hashes, matrix = (pipeline.oracle.DataSimilarity & key).matrix()
+    hashes, matrix = (pipeline.oracle.DataSimilarity & key).labeled()
     ids, counts = np.unique(frame_ids, return_counts=True)
     single = np.isin(frame_ids, ids[counts == 1])
     trial_hash = pipeline.experiment.load_trials(key)["image_hash"]

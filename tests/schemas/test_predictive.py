@@ -23,7 +23,7 @@ def test_stored_weights_reproduce_stored_predictions(pipeline, oracle_populated,
     _, scan_key = oracle_populated[0]
     key = dict(scan_key, **predictive_populated, seed=0)
     model = (pred.PredictiveModel & key).load_model()
-    hashes, stored = (pred.ModelResponses & key).matrix()
+    hashes, stored = (pred.ModelResponses & key).labeled()
     assert stored.shape == (len(np.unique(exp.load_trials(scan_key)["image_hash"])), 80)
     again = fit.predict_responses(model, exp.load_images(hashes))
     np.testing.assert_allclose(again, stored, rtol=1e-5, atol=1e-6)

@@ -32,7 +32,7 @@ def test_minimal_perturbation_rows(pipeline, trained, evaluated):
         for seed in (0, 1):
             key = dict(plan, seed=seed, **evaluated["perturbation"])
             row = (rb.MinimalPerturbation & key).fetch1()
-            images = (rb.MinimalPerturbation.Image & key).to_dicts(order_by="image_index")
+            images = (rb.MinimalPerturbation.Distance & key).to_dicts(order_by="image_index")
             assert len(images) == row["n_images"] == 12
             assert row["stochastic"] == (condition == "VOne")
             assert row["clean_accuracy"] == pytest.approx(np.mean([i["clean_correct"] for i in images]))

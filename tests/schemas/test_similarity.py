@@ -9,7 +9,8 @@ from neureg.models.neural.rsa import centered_cosine
 
 
 def _load(pipeline, key):
-    return (pipeline.similarity.SimilarityTarget & key).load()
+    hashes, matrix = (pipeline.similarity.SimilarityTarget & key).labeled()
+    return pipeline.experiment.load_images(hashes), matrix
 
 
 def _members(pipeline, key):
@@ -48,7 +49,7 @@ def test_neural_data_target_is_the_mean_of_the_scans_data_similarity(pipeline, t
     _, target = _load(pipeline, key)
     stack = []
     for member in _members(pipeline, key):
-        rows, matrix = (pipeline.oracle.DataSimilarity & member).matrix()
+        rows, matrix = (pipeline.oracle.DataSimilarity & member).labeled()
         pos = {h: i for i, h in enumerate(rows)}
         idx = [pos[h] for h in hashes]
         stack.append(np.asarray(matrix)[np.ix_(idx, idx)])
@@ -63,7 +64,7 @@ def test_neural_model_target_is_equation_6_averaged_over_scans(pipeline, targets
     stack = []
     for member in _members(pipeline, key):
         model_key = dict(member, predictor_hash=config["predictor_hash"], seed=config["predictor_seed"])
-        rows, predicted = (pipeline.predictive.ModelResponses & model_key).matrix()
+        rows, predicted = (pipeline.predictive.ModelResponses & model_key).labeled()
         pos = {h: i for i, h in enumerate(rows)}
         order = "unit_index"
         w = (pipeline.oracle.OracleStats.Unit * pipeline.experiment.Scan.Unit & member).to_arrays("snr_weight", order_by=order)
@@ -119,9 +120,11 @@ def test_bad_target_configs_are_refused_and_change_nothing(pipeline, targets, tm
         table.add(dict(method="pixel_threshold", threshold=1.5))
     with pytest.raises(ValueError, match="not in predictive.PredictorConfig"):
         table.add(dict(method="neural_model", predictor_hash="0" * 32))
+    # a setting the method does not take is refused, not silently stored in (and splitting) the hash
+    with pytest.raises(ValueError, match="unknown config key"):
+        table.add(dict(method="pixel", threshold=0.5))
     assert len(table()) == before
-    # settings a method does not read do not make a new config
-    assert table.add(dict(method="pixel", threshold=0.5)) == table.add(dict(method="pixel"))
+    assert table.config_of(table.add(dict(method="pixel"))) == {"method": "pixel"}
 
 
 def test_vgg_target_from_a_weights_file(pipeline, targets, tmp_path):

@@ -117,7 +117,7 @@ def test_config_defaults_and_unknown_keys():
     assert cfg["readout"] == "gaussian" and cfg["core_layers"] == 3
     cfg["lr"] = 1.0
     assert default_predictor_config()["lr"] != 1.0  # a fresh copy each time
-    with pytest.raises(ValueError, match="unknown predictor config keys"):
+    with pytest.raises(ValueError, match="predictor config: unknown config key"):
         resolve_config({"learning_rate": 0.1})
     with pytest.raises(ValueError, match="readout"):
         resolve_config({"readout": "linear"})

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from neureg.models.neural import receptive_fields, stimuli
 from neureg.models.neural import simulator as sim
 from neureg.populate import simulate as simulated_cohort
 from neureg.models.neural.oracle import oracle_stats
@@ -52,9 +53,9 @@ def test_trials_are_shuffled(scan):
 
 def test_units_are_mouse_like(scan):
     pop = scan.population
-    sf_cpd = pop.spatial_frequency * sim.PIXELS_PER_DEGREE
+    sf_cpd = pop.spatial_frequency * receptive_fields.PIXELS_PER_DEGREE
     assert 0.025 < np.median(sf_cpd) < 0.06
-    sigma_deg = pop.sigma / sim.PIXELS_PER_DEGREE
+    sigma_deg = pop.sigma / receptive_fields.PIXELS_PER_DEGREE
     assert 4 < np.median(sigma_deg) < 7  # a 10-20 degree receptive field
     assert 0.3 < pop.is_complex.mean() < 0.7
 
@@ -122,10 +123,10 @@ def test_rf_shift_follows_pupil_center(scan):
 
 
 def test_shift_images_matches_scipy():
-    images = sim.to_contrast(sim.natural_image_set(8, seed=1))
+    images = stimuli.to_contrast(stimuli.natural_image_set(8, seed=1))
     shifts = np.random.default_rng(0).normal(0, 2, (8, 2))
     expected = np.stack([ndimage.shift(im, -s[::-1], order=1, mode="nearest") for im, s in zip(images, shifts)])
-    np.testing.assert_allclose(sim.shift_images(images, shifts), expected, atol=1e-5)
+    np.testing.assert_allclose(stimuli.shift_images(images, shifts), expected, atol=1e-5)
 
 
 def naive_gabor(pop, unit, phase_offset=0.0):
@@ -146,7 +147,7 @@ def naive_gabor(pop, unit, phase_offset=0.0):
 
 def test_filters_and_drive_follow_the_definition(scan):
     pop = scan.population
-    contrast = sim.to_contrast(scan.images[:10])
+    contrast = stimuli.to_contrast(scan.images[:10])
     drive = pop.filters().drive(contrast)
     for unit in range(0, N_UNITS, 37):
         phase0 = naive_gabor(pop, unit)
@@ -163,7 +164,7 @@ def test_filters_and_drive_follow_the_definition(scan):
 
 def test_divisive_normalization_saturates_with_contrast(scan):
     pop = scan.population
-    base = sim.to_contrast(scan.images[:20])
+    base = stimuli.to_contrast(scan.images[:20])
     rates = [pop.rates(np.clip(np.rint(127.5 + 127.5 * c * base), 0, 255).astype(np.uint8))
              for c in (0.25, 0.5, 1.0)]
     low, mid, high = (r - pop.baseline.astype(np.float32) for r in rates)
@@ -171,7 +172,7 @@ def test_divisive_normalization_saturates_with_contrast(scan):
 
 
 def test_seeds_reproduce_and_differ():
-    images = sim.natural_image_set(30, seed=2)
+    images = stimuli.natural_image_set(30, seed=2)
     a = sim.simulate_scan(50, n_oracle=10, n_repeats=3, seed=7, images=images)
     b = sim.simulate_scan(50, n_oracle=10, n_repeats=3, seed=7, images=images)
     c = sim.simulate_scan(50, n_oracle=10, n_repeats=3, seed=8, images=images)
@@ -182,9 +183,9 @@ def test_seeds_reproduce_and_differ():
 
 
 def test_image_set_is_seeded_textured_and_prefix_stable():
-    small, large = sim.natural_image_set(20, seed=4), sim.natural_image_set(60, seed=4)
+    small, large = stimuli.natural_image_set(20, seed=4), stimuli.natural_image_set(60, seed=4)
     np.testing.assert_array_equal(small, large[:20])
-    assert not np.array_equal(small, sim.natural_image_set(20, seed=5))
+    assert not np.array_equal(small, stimuli.natural_image_set(20, seed=5))
     assert large.reshape(60, -1).std(1).min() >= 10
 
 

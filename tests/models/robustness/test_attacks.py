@@ -266,9 +266,9 @@ def test_validation_fills_defaults():
 @pytest.mark.parametrize(
     "config, message",
     [
-        ({"steps": 10}, "unknown attack"),
+        ({"steps": 10}, "no 'attack' given"),
         ({"attack": "l3_magic"}, "unknown attack"),
-        ({"attack": "l2_ddn", "stepz": 10}, "unknown parameter"),
+        ({"attack": "l2_ddn", "stepz": 10}, "unknown config key"),
         ({"attack": "l2_ddn", "steps": 0}, "steps"),
         ({"attack": "l2_ddn", "steps": 2.5}, "steps"),
         ({"attack": "l2_ddn", "steps": True}, "steps"),

@@ -10,7 +10,7 @@ import pytest
 from neureg.models.vision.datasets import (
     CIFAR10_FOLDER,
     CIFAR100_FOLDER,
-    Dataset,
+    ClassificationData,
     DatasetError,
     dataset_checksum,
     load_cifar10,
@@ -163,13 +163,13 @@ def test_checksum_tracks_content_not_name():
     rng = np.random.default_rng(2)
     x = rng.random((4, 1, 32, 32), dtype=np.float32)
     y = np.arange(4, dtype=np.int64)
-    base = Dataset("a", x, y, x[:2], y[:2], 10)
-    assert dataset_checksum(base) == dataset_checksum(Dataset("b", x.copy(), y, x[:2], y[:2], 10))
+    base = ClassificationData("a", x, y, x[:2], y[:2], 10)
+    assert dataset_checksum(base) == dataset_checksum(ClassificationData("b", x.copy(), y, x[:2], y[:2], 10))
     changed = x.copy()
     changed[1, 0, 3, 3] += 1e-3
-    assert dataset_checksum(Dataset("a", changed, y, x[:2], y[:2], 10)) != dataset_checksum(base)
-    assert dataset_checksum(Dataset("a", x, y, x[:2], y[:2], 100)) != dataset_checksum(base)
+    assert dataset_checksum(ClassificationData("a", changed, y, x[:2], y[:2], 10)) != dataset_checksum(base)
+    assert dataset_checksum(ClassificationData("a", x, y, x[:2], y[:2], 100)) != dataset_checksum(base)
     # The same bytes split differently between train and test are a different dataset.
-    assert dataset_checksum(Dataset("a", x[:3], y[:3], x[3:], y[3:], 10)) != dataset_checksum(
-        Dataset("a", x[:2], y[:2], x[2:], y[2:], 10)
+    assert dataset_checksum(ClassificationData("a", x[:3], y[:3], x[3:], y[3:], 10)) != dataset_checksum(
+        ClassificationData("a", x[:2], y[:2], x[2:], y[2:], 10)
     )

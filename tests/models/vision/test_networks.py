@@ -14,7 +14,7 @@ from neureg.models.vision.networks import (
     tap_feature_sizes,
 )
 
-TINY_VONE = {"vone_simple_channels": 6, "vone_complex_channels": 4, "vone_noise": False}
+TINY_VONE = {"simple_channels": 6, "complex_channels": 4, "noise": False}
 
 
 def main_path_convs(model) -> list[nn.Conv2d]:
@@ -63,7 +63,8 @@ def test_taps_follow_the_named_conv_layers(arch, n_convs):
 def test_tap_shapes_and_strides(arch):
     width = 0.125
     c = stem_channels(width)
-    model = build_network({"arch": arch, "width": width, "n_classes": 7, **TINY_VONE})
+    vone = TINY_VONE if arch == "vone_resnet18" else {}  # keys another architecture does not take are refused
+    model = build_network({"arch": arch, "width": width, "n_classes": 7, **vone})
     logits, taps = model(torch.rand(2, 1, 32, 32), return_taps=True)
     assert logits.shape == (2, 7)
     first_channels = 10 if arch == "vone_resnet18" else c

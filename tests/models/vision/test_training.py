@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from neureg.models.vision.datasets import Dataset, load_mnist_demo
+from neureg.models.vision.datasets import ClassificationData, load_mnist_demo
 from neureg.models.vision.networks import build_network
 from neureg.models.vision.regularizer import PairSampler, SimilarityRegularizer, evaluate_similarity_loss
 from neureg.models.neural.rsa import centered_cosine
@@ -38,7 +38,7 @@ def tiny_dataset(n_train=96, n_test=32, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.random((n_train + n_test, 1, 32, 32), dtype=np.float32)
     y = rng.integers(0, 4, n_train + n_test)
-    return Dataset("tiny", x[:n_train], y[:n_train], x[n_train:], y[n_train:], 4)
+    return ClassificationData("tiny", x[:n_train], y[:n_train], x[n_train:], y[n_train:], 4)
 
 
 def test_paper_schedule():
@@ -116,7 +116,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, arch):
     """Kill after epoch 2 of 3 (the checkpoint is written), rerun: the result is bitwise the same."""
     data = tiny_dataset()
     stimuli, target = quadrant_stimuli(n=24)
-    net = {"arch": arch, "width": 0.0625, "vone_simple_channels": 4, "vone_complex_channels": 4}
+    net = {"arch": arch, "width": 0.0625, **({"simple_channels": 4, "complex_channels": 4} if arch == "vone_resnet18" else {})}
     train = {"epochs": 3, "batch_size": 32, "lr": 0.05, "lr_step_epochs": 1}
     reg = {"alpha": 2.0, "pairs_per_step": 4}
     args = (net, train, reg, data, stimuli, target)

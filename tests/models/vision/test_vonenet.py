@@ -13,7 +13,6 @@ from neureg.models.vision.vonenet import (
     ENVELOPE_EDGES,
     ORIENTATION_COUNTS,
     VOneBlock,
-    default_vone_config,
     neuronal_noise,
     sample_gabor_parameters,
 )
@@ -22,8 +21,7 @@ SIMPLE, COMPLEX = 5, 4
 
 
 def tiny_block(**overrides) -> VOneBlock:
-    config = {**default_vone_config(), "vone_simple_channels": SIMPLE, "vone_complex_channels": COMPLEX}
-    return VOneBlock.from_config({**config, **overrides})
+    return VOneBlock.build(**{"simple_channels": SIMPLE, "complex_channels": COMPLEX, **overrides})
 
 
 def analytic_gabor(f, sx, sy, theta, phase, ksize) -> np.ndarray:
@@ -42,7 +40,7 @@ def analytic_gabor(f, sx, sy, theta, phase, ksize) -> np.ndarray:
 
 
 def test_kernels_equal_the_analytic_gabor():
-    block = tiny_block(vone_ksize=9)
+    block = tiny_block(ksize=9)
     p = block.pixel_params
     weight = block.weight[:, 0].double().numpy()
     assert weight.shape == (SIMPLE + 2 * COMPLEX, 9, 9)
@@ -67,7 +65,7 @@ def test_pixel_units_follow_pixels_per_degree():
 
 
 def test_cells_compute_simple_and_complex_responses():
-    block = tiny_block(vone_noise=False, vone_ksize=7, vone_k_exc=3.0)
+    block = tiny_block(noise=False, ksize=7, k_exc=3.0)
     x = torch.rand(2, 1, 12, 12, dtype=torch.float64)
     kernels = block.weight.double()
     linear = F.conv2d(2 * x - 1, kernels, padding=3)
@@ -108,9 +106,9 @@ def test_noise_statistics_match_the_formula():
 
 def test_noise_switch_is_independent_of_train_and_eval():
     x = torch.rand(2, 1, 10, 10)
-    noisy = tiny_block(vone_noise=True).eval()
+    noisy = tiny_block(noise=True).eval()
     assert not torch.equal(noisy(x), noisy(x))  # eval() does not silence the noise
-    quiet = tiny_block(vone_noise=False).train()
+    quiet = tiny_block(noise=False).train()
     torch.testing.assert_close(quiet(x), quiet(x), rtol=0, atol=0)  # no noise: deterministic
     noisy.noise = False
     torch.testing.assert_close(noisy(x), quiet(x), rtol=0, atol=0)
@@ -119,7 +117,7 @@ def test_noise_switch_is_independent_of_train_and_eval():
 
 
 def test_input_gradient_is_finite_for_attacks():
-    block = tiny_block(vone_noise=False)
+    block = tiny_block(noise=False)
     x = torch.zeros(1, 1, 10, 10, requires_grad=True)  # flat input: complex quadratures can vanish
     block(x).sum().backward()
     assert torch.isfinite(x.grad).all()
@@ -151,8 +149,8 @@ def test_parameter_distributions():
 
 def test_configuration_checks():
     with pytest.raises(ValueError, match="odd"):
-        tiny_block(vone_ksize=6)
-    block = tiny_block(vone_stride=2)
+        tiny_block(ksize=6)
+    block = tiny_block(stride=2)
     assert block(torch.rand(1, 1, 32, 32)).shape == (1, SIMPLE + COMPLEX, 16, 16)
 
 

@@ -1,0 +1,66 @@
+"""Registering scan sets: the explicit step between ingesting scans and the tables that compare scans.
+
+``experiment.ScanSet`` rows are what ``oracle.ScanStability`` and ``similarity.SimilarityTarget`` are keyed
+on. Which scans belong together is a choice (the same oracle images, one mouse, a whole cohort), so no
+populate step makes it behind the user's back: ``neureg scanset`` (or these functions in a notebook) does,
+and the workers then fill whatever sets exist. ``ScanSet.create`` is idempotent: registering the same
+scans again returns the existing set.
+"""
+
+from __future__ import annotations
+
+import datajoint as dj
+import numpy as np
+
+
+def oracle_groups(pipeline) -> list[tuple[int, list[dict]]]:
+    """Groups of two or more scans shown exactly the same oracle images: their S^oracle compare image for image.
+
+    Returns (number of oracle images, scan keys) per group, scans in key order (docs/science.md §4).
+    """
+    experiment = pipeline.experiment
+    scan_attributes = experiment.Scan().primary_key
+    oracle_trials = experiment.Trial & "tier = 'oracle'"
+    rows = (dj.U(*scan_attributes, "image_hash") & oracle_trials).to_dicts()
+    images_of: dict[tuple, set] = {}
+    for row in rows:
+        images_of.setdefault(tuple(_plain(row[a]) for a in scan_attributes), set()).add(str(row["image_hash"]))
+    by_images: dict[tuple, list[dict]] = {}
+    for scan, images in sorted(images_of.items(), key=lambda item: tuple(str(v) for v in item[0])):
+        by_images.setdefault(tuple(sorted(images)), []).append(dict(zip(scan_attributes, scan)))
+    return [(len(images), keys) for images, keys in by_images.items() if len(keys) >= 2]
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def register_sets(pipeline, groups) -> list[dict]:
+    """Register a scan set for each (scan keys, note) of ``groups``; describe each set and whether it is new."""
+    scan_set = pipeline.experiment.ScanSet
+    existing = {key["scan_set"] for key in scan_set().keys()}
+    described = []
+    for scan_keys, note in groups:
+        try:
+            key = scan_set.create(scan_keys, note=note)
+        except dj.errors.DuplicateError:  # another process registered the same set at the same moment
+            key = scan_set.create(scan_keys, note=note)
+        row = (scan_set & key).fetch1()
+        described.append({
+            "scan_set": key["scan_set"], "n_scans": int(row["n_scans"]), "note": row["scan_set_note"],
+            "new": key["scan_set"] not in existing, "members": (scan_set & key).members(),
+        })
+    return described
+
+
+def register_oracle_groups(pipeline) -> list[dict]:
+    """One scan set per group of two or more scans shown exactly the same oracle images (``oracle_groups``)."""
+    return register_sets(pipeline, [(keys, f"scans sharing {n} oracle images") for n, keys in oracle_groups(pipeline)])
+
+
+def register_all(pipeline) -> list[dict]:
+    """One scan set of every ingested scan: the cohort-wide set a similarity target usually averages over."""
+    keys = pipeline.experiment.Scan().keys()
+    if not keys:
+        raise ValueError("no scans are ingested yet: there is nothing to put in a set")
+    return register_sets(pipeline, [(keys, f"all {len(keys)} ingested scans")])
