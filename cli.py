@@ -51,13 +51,13 @@ def cmd_ingest(args) -> int:
             print(f"error: not ingested: {path}: {exc}", file=sys.stderr)
             failures = failures or EXIT_CONFLICT
         else:
-            print(f"ingested {path} as {key['mouse']} / {key['session_date']} / scan {key['scan_idx']}")
+            print(f"ingested {path} as {key['mouse']} / session {key['session']} / scan {key['scan_idx']}")
     return failures
 
 
 def cmd_status(args) -> int:
     """`neureg status`: row counts and job states of every table, in the order the workers fill them."""
-    from .populate.status import job_states, table_counts
+    from .populate.status import job_states, skipped_scans, table_counts
 
     pipeline = _connect(args)
     counts = table_counts(pipeline)
@@ -71,6 +71,8 @@ def cmd_status(args) -> int:
         state = jobs.get(name)
         job_text = "/".join(str(state[k]) for k in ("pending", "reserved", "success", "error", "ignore")) if state else ""
         print(f"{name.ljust(width)}  {count:>8}  {job_text}")
+    for line in skipped_scans(pipeline):
+        print(line)
     return 0
 
 
@@ -98,6 +100,7 @@ def cmd_simulate(args) -> int:
 def cmd_populate(args) -> int:
     """`neureg populate`: fill the computed tables of some stages in this process, in dependency order."""
     from .populate.stages import populate_stage
+    from .populate.status import skipped_scans
 
     pipeline = _connect(args)
     try:
@@ -112,6 +115,8 @@ def cmd_populate(args) -> int:
         for error in result["errors"]:
             failed += 1
             print(f"  error: {error}", file=sys.stderr)
+    for line in skipped_scans(pipeline):
+        print(line, file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -135,6 +140,23 @@ def cmd_scanset(args) -> int:
             print("  " + " ".join(f"{k}={v}" for k, v in member.items()))
     if not sets:
         print("no group of two or more scans shares its oracle images: no scan set registered", file=sys.stderr)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    """`neureg plan paper`: register Li et al. 2019's whole experiment on the ingested scans, for the workers to run."""
+    from .populate.plan import describe, plan_paper
+    from .populate.status import skipped_scans
+
+    pipeline = _connect(args)
+    try:
+        items = plan_paper(pipeline, args.cifar, seeds=args.seeds, dry_run=args.dry_run)
+    except ValueError as exc:  # PlanError, or a config refused: nothing was written
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(items, indent=1, default=str) if args.json else describe(items, dry_run=args.dry_run))
+    for line in skipped_scans(pipeline):  # left out of the scan set: say why
+        print(line, file=sys.stderr)
     return 0
 
 
@@ -213,6 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--all", action="store_true", help="one set of every ingested scan")
     p.add_argument("--json", action="store_true", help="print the sets as JSON (key, size, note, new, members)")
     p.set_defaults(func=cmd_scanset)
+
+    p = sub.add_parser(
+        "plan", help="register a whole experiment (configs, scan set, targets, training plans, seeds, robustness)",
+        description="paper: Li et al. 2019 on every ingested scan (predictor at image scale 0.25; targets neural_model, "
+        "neural_data, shuffle, pixel, pixel_threshold; conditions None, Shuffle, Neural, Pixel, VOne on grayscale "
+        "CIFAR-10; the standard robustness evaluation), in one transaction. Rerunning is harmless; after ingesting "
+        "more scans, rerun it to plan the experiment again over a new set of every scan.",
+    )
+    p.add_argument("what", choices=["paper"], help="which experiment")
+    p.add_argument("--cifar", required=True, metavar="PATH",
+                   help="folder holding cifar-10-batches-py/ (the python version; neureg never downloads it)")
+    p.add_argument("--seeds", type=int, default=5, metavar="N", help="training seeds 0..N-1 (default 5, as the paper)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be added, each 'new' or 'exists'; write nothing")
+    p.add_argument("--json", action="store_true", help="print the list as JSON (table, key, label, status)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("report", help="write figures (PNG) from the database")
     p.add_argument("what", choices=["oracle", "similarity", "robustness"], help="which figures (robustness: also the results table as CSV and Markdown)")

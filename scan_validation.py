@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-REQUIRED_META = ("mouse", "session", "scan")
-OPTIONAL_META = {"area": str, "depth": (int, float), "frame_rate": (int, float), "notes": str}
-_MOUSE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")  # used with fullmatch: no trailing newline
+IDENTITY_META = ("mouse", "session", "scan")  # optional where the meta files or the folder name give them
+OPTIONAL_META = {"date": str, "area": str, "depth": (int, float), "frame_rate": (int, float), "notes": str}
+MOUSE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")  # used with fullmatch: no trailing newline
 _TRIAL_FILE = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() also takes '²'
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 NOTES_MAX = 4096  # Scan.scan_notes is varchar(4096)
@@ -74,8 +74,6 @@ def _refuse_duplicate_keys(pairs: list[tuple]) -> dict:
 
 def _parse_meta(path: Path) -> dict:
     """scan.json as a dict with only known keys, or the fault that stops it being one."""
-    if not path.is_file():
-        raise ScanFolderError(path, "missing: every scan folder needs a scan.json naming mouse, session and scan")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_refuse_duplicate_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -86,12 +84,9 @@ def _parse_meta(path: Path) -> dict:
         raise ScanFolderError(path, f"key {exc.args[0]!r} appears twice (which one is meant?)") from None
     if not isinstance(meta, dict):
         raise ScanFolderError(path, "must hold a JSON object")
-    missing = [k for k in REQUIRED_META if k not in meta]
-    if missing:
-        raise ScanFolderError(path, f"missing required key(s) {missing}; required: {list(REQUIRED_META)}")
-    unknown = sorted(set(meta) - set(REQUIRED_META) - set(OPTIONAL_META))
+    unknown = sorted(set(meta) - set(IDENTITY_META) - set(OPTIONAL_META))
     if unknown:
-        allowed = list(REQUIRED_META) + list(OPTIONAL_META)
+        allowed = list(IDENTITY_META) + list(OPTIONAL_META)
         raise ScanFolderError(path, f"unknown key(s) {unknown} (a typo?); allowed: {allowed}")
     for key, value in meta.items():
         if isinstance(value, str):
@@ -115,33 +110,43 @@ def _check_numbers(path: Path, meta: dict) -> None:
 
 
 def read_meta(root: Path) -> dict:
-    """scan.json checked key by key: the scan's identity (mouse, session, scan) and its optional facts."""
+    """scan.json, if there is one, checked key by key: identity (mouse, session, scan) where given, and the
+    facts the data files lack (date, area, depth, frame rate, notes). Absent keys are absent or empty."""
     path = root / "scan.json"
+    if not path.exists():
+        return {"area": "", "depth": float("nan"), "frame_rate": float("nan"), "notes": "", "date": None}
     meta = _parse_meta(path)
-    mouse = meta["mouse"]
-    if not isinstance(mouse, str) or not _MOUSE_PATTERN.fullmatch(mouse):
+    mouse = meta.get("mouse")
+    if mouse is not None and (not isinstance(mouse, str) or not MOUSE_PATTERN.fullmatch(mouse)):
         raise ScanFolderError(path, f"'mouse' must be 1-32 letters, digits, '_', '-' or '.', got {mouse!r}")
-    try:
-        session = _dt.date.fromisoformat(meta["session"]) if isinstance(meta["session"], str) else None
-    except ValueError:
-        session = None
-    if session is None:
-        raise ScanFolderError(path, f"'session' must be the recording date as YYYY-MM-DD, got {meta['session']!r}")
-    scan = meta["scan"]
-    if isinstance(scan, bool) or not isinstance(scan, int) or not 0 <= scan < 32768:
+    session = meta.get("session")
+    if session is not None and (isinstance(session, bool) or not isinstance(session, int) or not 0 <= session < 2**31):
+        hint = "; put the recording date in 'date' (YYYY-MM-DD)" if isinstance(session, str) else ""
+        raise ScanFolderError(path, f"'session' must be the session number, an integer 0..2147483647, got {session!r}{hint}")
+    scan = meta.get("scan")
+    if scan is not None and (isinstance(scan, bool) or not isinstance(scan, int) or not 0 <= scan < 32768):
         raise ScanFolderError(path, f"'scan' must be an integer index 0..32767, got {scan!r}")
     for key, kind in OPTIONAL_META.items():
         value = meta.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
             raise ScanFolderError(path, f"'{key}' has the wrong type: {value!r}")
+    date = None
+    if meta.get("date") is not None:
+        try:
+            date = _dt.date.fromisoformat(meta["date"]) if re.fullmatch(r"\d{4}-\d{2}-\d{2}", meta["date"]) else None
+        except ValueError:
+            date = None
+        if date is None:
+            raise ScanFolderError(path, f"'date' must be the recording date as YYYY-MM-DD (ISO 8601), got {meta['date']!r}")
     _check_numbers(path, meta)
     if len(meta.get("area") or "") > AREA_MAX:
         raise ScanFolderError(path, f"'area' must be at most {AREA_MAX} characters")
     if len(meta.get("notes") or "") > NOTES_MAX:
         raise ScanFolderError(path, f"'notes' must be at most {NOTES_MAX} characters, got {len(meta['notes'])}")
     number = lambda key: float(meta[key]) if meta.get(key) is not None else float("nan")  # noqa: E731
-    return {"mouse": mouse, "session": session, "scan": scan, "area": meta.get("area") or "",
-            "depth": number("depth"), "frame_rate": number("frame_rate"), "notes": meta.get("notes") or ""}
+    identity = {k: meta[k] for k in IDENTITY_META if meta.get(k) is not None}
+    return {**identity, "date": date, "area": meta.get("area") or "", "depth": number("depth"),
+            "frame_rate": number("frame_rate"), "notes": meta.get("notes") or ""}
 
 
 # ------------------------------------------------------------------------------------------ meta/neurons

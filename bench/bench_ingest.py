@@ -36,7 +36,7 @@ def write_folder(folder: Path, trials: int, units: int) -> None:
     images = rng.integers(0, 256, (n_images, 36, 64), dtype=np.uint8)
     write_scan_folder(
         folder,
-        {"mouse": "bench", "session": "2026-11-21", "scan": 1, "area": "V1"},
+        {"mouse": "bench", "session": 1, "date": "2026-11-21", "scan": 1, "area": "V1"},
         images=images[frame_ids],
         responses=rng.gamma(2.0, 1.0, (trials, units)).astype(np.float32),
         behavior=rng.normal(size=(trials, 3)),

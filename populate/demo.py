@@ -153,4 +153,4 @@ def _key_of(exp, folder: Path) -> dict:
     import json
 
     meta = json.loads((folder / "scan.json").read_text())
-    return (exp.Scan & {"mouse": meta["mouse"], "session_date": meta["session"], "scan_idx": meta["scan"]}).fetch1("KEY")
+    return (exp.Scan & {"mouse": meta["mouse"], "session": meta["session"], "scan_idx": meta["scan"]}).fetch1("KEY")

@@ -16,19 +16,18 @@ import numpy as np
 def oracle_groups(pipeline) -> list[tuple[int, list[dict]]]:
     """Groups of two or more scans shown exactly the same oracle images: their S^oracle compare image for image.
 
-    Returns (number of oracle images, scan keys) per group, scans in key order (docs/science.md §4).
+    The grouping is ``oracle.OracleStats.oracle_set`` (a hash of the oracle images whose responses were
+    recorded), which populate fills: run the oracle stage first. Returns (number of oracle images, scan
+    keys) per group, scans in key order (docs/science.md §4).
     """
-    experiment = pipeline.experiment
-    scan_attributes = experiment.Scan().primary_key
-    oracle_trials = experiment.Trial & "tier = 'oracle'"
-    rows = (dj.U(*scan_attributes, "image_hash") & oracle_trials).to_dicts()
-    images_of: dict[tuple, set] = {}
-    for row in rows:
-        images_of.setdefault(tuple(_plain(row[a]) for a in scan_attributes), set()).add(str(row["image_hash"]))
-    by_images: dict[tuple, list[dict]] = {}
-    for scan, images in sorted(images_of.items(), key=lambda item: tuple(str(v) for v in item[0])):
-        by_images.setdefault(tuple(sorted(images)), []).append(dict(zip(scan_attributes, scan)))
-    return [(len(images), keys) for images, keys in by_images.items() if len(keys) >= 2]
+    stats = pipeline.oracle.OracleStats
+    scan_attributes = pipeline.experiment.Scan().primary_key
+    by_set: dict[str, list[dict]] = {}
+    sizes: dict[str, int] = {}
+    for row in stats.proj("oracle_set", "n_oracle_images").to_dicts(order_by="KEY"):
+        by_set.setdefault(row["oracle_set"], []).append({a: _plain(row[a]) for a in scan_attributes})
+        sizes[row["oracle_set"]] = int(row["n_oracle_images"])
+    return [(sizes[s], keys) for s, keys in by_set.items() if len(keys) >= 2]
 
 
 def _plain(value):

@@ -58,8 +58,9 @@ def simulate_cohort(out: Path | str, n_mice: int = 2, n_days: int = 1, scans_per
                 scan_seed = _scan_seed(seed, mouse, day, scan_idx)
                 sim = simulate_scan(n_units, n_oracle=n_oracle, n_repeats=n_repeats, seed=scan_seed,
                                     images=images, image_seed=seed)
-                name = f"sim_m{mouse}_{session.isoformat()}_scan{scan_idx}"
-                meta = {"mouse": f"sim_m{mouse}", "session": session.isoformat(), "scan": scan_idx, "area": "V1",
+                name = f"sim_m{mouse}_session{day + 1}_scan{scan_idx}"
+                meta = {"mouse": f"sim_m{mouse}", "session": day + 1, "date": session.isoformat(), "scan": scan_idx,
+                        "area": "V1",
                         "depth": 250.0, "frame_rate": 7.5,
                         "notes": f"neureg simulator, cohort seed {seed}, scan seed {scan_seed}"}
                 trial_hashes = hashes[sim.trial_image].tolist()

@@ -158,16 +158,16 @@ def stage_tables(pipeline, stages=None) -> list:
 
 
 def restriction_for(table, keys) -> list[dict] | None:
-    """The parts of ``keys`` (dicts) that name attributes of the table's key source.
+    """The keys (dicts) that apply to the table: those all of whose attributes its key source has.
 
-    DataJoint treats a dict sharing no attribute with a table as no restriction at all; restricting a
-    whole pipeline by scan keys must instead leave tables keyed otherwise (a scan set, say) untouched by
-    those keys. Returns None when no key applies: the table is then skipped.
+    A scan key applies to every table keyed by scans (and more); a key naming a config the table does not
+    use (a noise config, for the attack table) does not apply, rather than shrinking to its other
+    attributes and so letting every config of that network run. DataJoint would treat a dict sharing no
+    attribute as no restriction at all. Returns None when no key applies: the table is then skipped.
     """
     names = set(table().key_source.primary_key)
-    parts = [{k: v for k, v in key.items() if k in names} for key in keys]
-    parts = [p for p in parts if p]
-    return parts or None
+    applying = [dict(key) for key in keys if key and set(key) <= names]
+    return applying or None
 
 
 def populate_stage(pipeline, stages=None, *, reserve_jobs: bool = False, display_progress: bool = False,
@@ -175,8 +175,8 @@ def populate_stage(pipeline, stages=None, *, reserve_jobs: bool = False, display
     """Run ``populate()`` for every table of the stages in dependency order; return per-table summaries.
 
     The one way to fill tables in a process (CLI, demo, notebooks). ``keys`` (a list of dicts) limits the
-    work: each table gets the parts of those keys that it has (see ``restriction_for``); tables none of
-    them apply to are skipped. Scan sets are not registered here: see ``neureg scanset``.
+    work: each table gets the keys all of whose attributes it has (see ``restriction_for``); tables none
+    of them apply to are skipped. Scan sets are not registered here: see ``neureg scanset``.
     """
     summary = {}
     for table in stage_tables(pipeline, stages):

@@ -24,3 +24,16 @@ def job_states(pipeline) -> dict[str, dict]:
             progress = Job(entry.table()).progress()  # does not create a missing jobs table (lab accounts cannot)
             states[entry.table.full_table_name] = {k: v for k, v in progress.items() if k != "total"}
     return states
+
+
+def skipped_scans(pipeline) -> list[str]:
+    """One line per scan that gets no oracle statistics (and so nothing downstream), saying why."""
+    exp = pipeline.experiment
+    lines = []
+    for key in exp.scans_without_usable_repeats().keys(order_by="KEY"):
+        repeats = exp.Trial & key & "tier = 'oracle'"
+        why = (f"all {len(repeats)} repeated trials have withheld responses (a competition scan's test tiers)"
+               if repeats else "no image was shown more than once")
+        lines.append(f"scan {key['mouse']} / session {key['session']} / scan {key['scan_idx']}: "
+                     f"no oracle statistics: {why}")
+    return lines

@@ -35,7 +35,7 @@ def _similarity_grid(stack: np.ndarray, members: list[dict], out: Path, tag: str
         ax.axis("off")
     for ax, matrix, member in zip(axes.flat, stack, members):
         image = ax.imshow(matrix[np.ix_(order, order)], cmap="RdBu_r", vmin=-limit, vmax=limit)
-        ax.set_title(f"{member['mouse']} {member['session_date']} scan {member['scan_idx']}", fontsize=8)
+        ax.set_title(f"{member['mouse']} session {member['session']} scan {member['scan_idx']}", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.7, label="S^oracle")

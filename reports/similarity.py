@@ -3,6 +3,7 @@ Fig. 1D (single-trial S^data and S^model against S^oracle)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +14,20 @@ from ._plot import cluster_order, plt, save, symmetric_limit
 
 
 def similarity_figures(pipeline, out: Path) -> list[Path]:
+    """Fig. 1B and 1D as PNGs, for the largest group of modelled scans shown the same oracle images."""
     orc, sim, pred = pipeline.oracle, pipeline.similarity, pipeline.predictive
-    models = (sim.ModelAgreement * pred.PredictiveModel.proj()).keys(order_by="KEY")
-    if not models:
+    rows = (sim.ModelAgreement * pred.PredictiveModel.proj() * orc.OracleStats.proj("oracle_set")).to_dicts(order_by="KEY")
+    if not rows:
         raise LookupError("no ModelAgreement rows yet: populate the predictive and similarity stages")
+    groups = Counter(row["oracle_set"] for row in rows)
+    largest = max(groups, key=lambda s: (groups[s], s))  # one image order needs one oracle image set
+    models = [{k: row[k] for k in sim.ModelAgreement.primary_key} for row in rows if row["oracle_set"] == largest]
     oracle_sims, model_sims, titles = [], [], []
     for key in models:
         labeled = (orc.OracleSimilarity & key).labeled()
         oracle_sims.append(labeled)
         model_sims.append(eq.LabeledSimilarity(labeled.labels, sim.scan_model_similarity(key, labeled.labels)))
-        titles.append(f"{key['mouse']} {key['session_date']} scan {key['scan_idx']}")
+        titles.append(f"{key['mouse']} session {key['session']} scan {key['scan_idx']}")
     return [_model_grid(oracle_sims, model_sims, titles, out), _scatter(pipeline, models[0], out)]
 
 
@@ -69,6 +74,6 @@ def _scatter(pipeline, key: dict, out: Path) -> Path:
                label=f"S^model, r = {similarity_agreement(model, labeled.matrix):.2f}")
     ax.set_xlabel("S^oracle")
     ax.set_ylabel("similarity")
-    ax.set_title(f"{key['mouse']} {key['session_date']} scan {key['scan_idx']} (Fig. 1D)")
+    ax.set_title(f"{key['mouse']} session {key['session']} scan {key['scan_idx']} (Fig. 1D)")
     ax.legend(fontsize=7, loc="upper left")
     return save(fig, out, "similarity_scatter.png")

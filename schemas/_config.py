@@ -12,6 +12,7 @@ row index, so every row carries its lineage; ``labeled()`` is the one reader of 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import datajoint as dj
@@ -106,3 +107,18 @@ class ImageMatrix:
         """(image hashes in row order, the matrix) of one row: the one reader of such a matrix."""
         hashes = np.atleast_1d((self.Image & self).to_arrays("image_hash", order_by="row_index")).astype(str)
         return LabeledSimilarity(hashes, np.asarray(self.fetch1(self.matrix_attribute)))
+
+
+@contextlib.contextmanager
+def transaction(connection):
+    """DataJoint's transaction, or the caller's if one is already open on this connection.
+
+    DataJoint refuses to nest transactions; a step that must be atomic on its own (a scan set, a training
+    plan) may also run inside a larger one (``neureg plan paper`` registers a whole experiment at once),
+    and then it simply joins it.
+    """
+    if connection.in_transaction:
+        yield
+        return
+    with connection.transaction:
+        yield

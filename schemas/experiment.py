@@ -20,9 +20,11 @@ import numpy as np
 from ..errors import ScanExistsError
 from ..hashing import stable_hash
 from ..scanfolder import BEHAVIOR_COLUMNS, ScanData
+from ._config import transaction
 
 schema = dj.Schema()
 RESPONSE_BLOCK_TRIALS = 500  # 16 MB per block at 8000 units
+IMAGE_BATCH = 256  # images per INSERT: 9 MB of 144x256 pixels
 
 
 def activate(prefix: str = "neureg_", *, create_tables: bool = True) -> None:
@@ -47,7 +49,9 @@ class Session(dj.Manual):
 
     definition = """
     -> Mouse
-    session_date         : date                     # recording day
+    session              : int32                    # session number, as the recording names it
+    ---
+    session_date = null  : date                     # recording day, when known
     """
 
 
@@ -69,6 +73,8 @@ class Scan(dj.Manual):
     """
 
     class Unit(dj.Part):
+        """One recorded unit: its id, its column in the response matrix, its position, area and layer."""
+
         definition = """
         -> master
         unit_id          : int32                    # the lab's id for the unit
@@ -78,6 +84,7 @@ class Scan(dj.Manual):
         y                : float64
         z                : float64
         unit_area = ''   : varchar(32)
+        unit_layer = ''  : varchar(32)              # cortical layer, e.g. L2/3
         """
 
 
@@ -97,7 +104,8 @@ class Image(dj.Manual):
 
 @schema
 class Trial(dj.Manual):
-    """One presentation of an image in a scan, in the real presentation order, with its tier."""
+    """One presentation of an image: its row in the response matrix, its tier, and its place in the real
+    presentation order (``presentation``; the trial files themselves come in random order)."""
 
     definition = """
     -> Scan
@@ -105,7 +113,10 @@ class Trial(dj.Manual):
     ---
     -> Image
     frame_image_id       : int64                    # the id the lab's files used for this image
-    tier                 : enum('train', 'validation', 'test', 'oracle')
+    tier                 : enum('train', 'validation', 'test', 'final_test', 'oracle')
+    withheld             : bool                     # responses held out (all zero in a test tier): no stage uses it
+    recorded_trial = ''  : varchar(64)              # the recording's own trial_idx (hashed in competition scans)
+    presentation = null  : int64                    # that trial_idx as a number: the real presentation order
     start_time = null    : float64                  # seconds from scan start
     duration = null      : float64                  # seconds
     """
@@ -171,17 +182,17 @@ class ScanSet(dj.Manual):
     def create(cls, scan_keys, note: str = "") -> dict:
         """Insert the set of these scans if it is new; return its key. Every scan must exist."""
         members = sorted(
-            {(k["mouse"], str(k["session_date"]), int(k["scan_idx"])) for k in scan_keys}
+            {(k["mouse"], int(k["session"]), int(k["scan_idx"])) for k in scan_keys}
         )
         if not members:
             raise ValueError("a scan set needs at least one scan")
-        keys = [{"mouse": m, "session_date": d, "scan_idx": s} for m, d, s in members]
+        keys = [{"mouse": m, "session": d, "scan_idx": s} for m, d, s in members]
         missing = [k for k in keys if not (Scan & k)]
         if missing:
             raise ValueError(f"not in experiment.Scan: {missing[:3]}")
         set_key = {"scan_set": stable_hash(members)}
         if not (cls & set_key):
-            with cls.connection.transaction:
+            with transaction(cls.connection):
                 cls.insert1(dict(set_key, n_scans=len(keys), scan_set_note=note[:255]))
                 cls.Member.insert(dict(set_key, **k) for k in keys)
         return set_key
@@ -243,7 +254,7 @@ def _discard_scan_blocks(key: dict) -> None:
         return
     folder = Path(spec["location"]) / spec.get("schema_prefix", "_schema") / Responses.Block.database
     folder = folder / Responses.Block.table_name
-    for name in ("mouse", "session_date", "scan_idx"):
+    for name in ("mouse", "session", "scan_idx"):
         folder = folder / f"{name}={key[name]}"
     shutil.rmtree(folder, ignore_errors=True)
 
@@ -264,9 +275,13 @@ def _insert_scan_once(data: ScanData, source_path: str) -> dict:
     with Scan.connection.transaction:
         if not (Mouse & mouse_key):
             Mouse.insert1(mouse_key)
-        session_key = dict(mouse_key, session_date=data.session)
-        if not (Session & session_key):  # no skip_duplicates: on MySQL it needs UPDATE, which lab accounts lack
-            Session.insert1(session_key)
+        session_key = dict(mouse_key, session=data.session)
+        known_date = (Session & session_key).to_arrays("session_date") if Session & session_key else None
+        if known_date is None:  # no skip_duplicates: on MySQL it needs UPDATE, which lab accounts lack
+            Session.insert1(dict(session_key, session_date=data.session_date))
+        elif data.session_date is not None and known_date[0] not in (None, data.session_date):
+            raise ValueError(f"session {data.mouse} / {data.session} was recorded on {known_date[0]}, "
+                             f"this scan says {data.session_date}")
         Scan.insert1(
             dict(
                 key,
@@ -280,15 +295,16 @@ def _insert_scan_once(data: ScanData, source_path: str) -> dict:
             )
         )
         Scan.Unit.insert(
-            dict(key, unit_id=int(u), unit_index=i, x=float(p[0]), y=float(p[1]), z=float(p[2]), unit_area=a)
-            for i, (u, p, a) in enumerate(zip(data.unit_ids, data.unit_positions, data.unit_areas))
+            dict(key, unit_id=int(u), unit_index=i, x=float(p[0]), y=float(p[1]), z=float(p[2]), unit_area=a,
+                 unit_layer=layer)
+            for i, (u, p, a, layer) in enumerate(zip(data.unit_ids, data.unit_positions, data.unit_areas, data.unit_layers))
         )
         known = set(_column(Image & _hash_in(data.images), "image_hash"))
-        Image.insert(
-            dict(image_hash=h, source_id=data.image_source_ids[h], height=p.shape[0], width=p.shape[1], pixels=p)
-            for h, p in data.images.items()
-            if h not in known
-        )
+        new = [h for h in data.images if h not in known]
+        for first in range(0, len(new), IMAGE_BATCH):  # a batch at a time: one INSERT holds its pixels twice
+            batch = [(h, data.images[h]) for h in new[first : first + IMAGE_BATCH]]
+            Image.insert(dict(image_hash=h, source_id=data.image_source_ids[h], height=p.shape[0], width=p.shape[1],
+                              pixels=p) for h, p in batch)
         Trial.insert(
             dict(
                 key,
@@ -296,6 +312,9 @@ def _insert_scan_once(data: ScanData, source_path: str) -> dict:
                 image_hash=data.trial_images[t],
                 frame_image_id=data.image_source_ids[data.trial_images[t]],
                 tier=str(data.tiers[t]),
+                withheld=bool(data.withheld[t]),
+                recorded_trial=str(data.trial_labels[t]),
+                presentation=None if np.isnan(data.presentation[t]) else int(data.presentation[t]),
                 start_time=_optional(data.start_time[t]),
                 duration=_optional(data.duration[t]),
             )
@@ -320,19 +339,34 @@ def _insert_scan_once(data: ScanData, source_path: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------- loading helpers
-def load_responses(key: dict) -> np.ndarray:
-    """The scan's (n_trials, n_units) float32 response matrix, rows in trial order."""
+def usable_trials(key: dict) -> np.ndarray:
+    """Per trial in trial order: True unless its responses were withheld (every stage uses only these)."""
+    withheld = (Trial & key).to_arrays("withheld", order_by="trial_idx")
+    return ~np.asarray(withheld, dtype=bool)
+
+
+def load_responses(key: dict, include_withheld: bool = False) -> np.ndarray:
+    """The scan's float32 response matrix, rows in trial order, columns in unit order.
+
+    Withheld trials (responses published as zeros) are left out unless asked for, so that no stage can
+    mistake a zero for a measurement; ``load_trials`` leaves out the same rows.
+    """
     n_trials, n_units = (Scan & key).fetch1("n_trials", "n_units")
     matrix = np.empty((n_trials, n_units), dtype=np.float32)
     for block_key in (Responses.Block & key).keys(order_by="block_idx"):
         first, block = (Responses.Block & block_key).fetch1("first_trial", "responses")
         matrix[first : first + len(block)] = np.asarray(block)  # one block in memory besides the matrix
-    return matrix
+    if include_withheld:
+        return matrix
+    usable = usable_trials(key)
+    return matrix if usable.all() else matrix[usable]
 
 
-def load_trials(key: dict) -> dict:
-    """Per-trial arrays in trial order: image hash, tier, behaviour (n, 3) and pupil centre (n, 2)."""
-    trials = (Trial * Behavior & key).to_arrays(
+def load_trials(key: dict, include_withheld: bool = False) -> dict:
+    """Per-trial arrays in trial order: image hash, tier, behaviour (n, 3) and pupil centre (n, 2); withheld
+    trials left out unless asked for (the rows of ``load_responses``)."""
+    query = Trial * Behavior & key
+    trials = (query if include_withheld else query & "NOT withheld").to_arrays(
         "trial_idx", "image_hash", "tier", "pupil_x", "pupil_y", *BEHAVIOR_COLUMNS, order_by="trial_idx"
     )
     trial_idx, image_hash, tier, px, py, *behavior = trials
@@ -351,6 +385,13 @@ def load_images(hashes) -> np.ndarray:
     rows = (Image & _hash_in(hashes)).to_arrays("image_hash", "pixels")
     by_hash = dict(zip(rows[0], rows[1]))
     return np.stack([by_hash[h] for h in hashes]).astype(np.uint8)
+
+
+def scans_without_usable_repeats():
+    """Scans that get no oracle statistics because none of their repeated trials has responses (all withheld,
+    as in the competition scans, or no repeats at all): what ``neureg status`` explains."""
+    usable_repeats = Trial & "tier = 'oracle'" & "NOT withheld"
+    return Scan - usable_repeats.proj()
 
 
 def unit_ids(key: dict) -> np.ndarray:

@@ -12,6 +12,7 @@ import datajoint as dj
 import numpy as np
 
 from ..models.neural import oracle as eq
+from ..hashing import stable_hash
 from . import experiment
 from ._config import ImageMatrix, ImageRows
 
@@ -40,11 +41,19 @@ class OracleStats(dj.Computed):
     ---
     n_oracle_images      : int32
     n_oracle_trials      : int32
+    oracle_set           : char(32)                 # hash of its sorted oracle image hashes: equal -> comparable
     median_snr_weight    : float64
     mean_oracle_corr     : float64
     """
 
+    @property
+    def key_source(self):
+        """Scans with repeated trials whose responses were recorded (withheld ones never count)."""
+        return experiment.Scan - experiment.scans_without_usable_repeats().proj()
+
     class Unit(dj.Part):
+        """One unit's signal and noise variance and its SNR weight w_a."""
+
         definition = """
         -> master
         -> experiment.Scan.Unit
@@ -71,6 +80,7 @@ class OracleStats(dj.Computed):
             dict(
                 key,
                 n_oracle_images=len(stats.image_labels),
+                oracle_set=stable_hash(sorted(str(h) for h in stats.image_labels)),
                 n_oracle_trials=int(stats.n_repeats.sum()),
                 median_snr_weight=float(np.median(stats.snr_weight)),
                 mean_oracle_corr=float(np.mean(stats.oracle_corr)),
@@ -153,8 +163,11 @@ class ScanStability(dj.Computed):
 
     @property
     def key_source(self):
+        """Sets of two or more scans, each with its S^oracle, all shown the same oracle images."""
         incomplete = (experiment.ScanSet.Member - OracleSimilarity.proj()).proj()
-        return (experiment.ScanSet & "n_scans >= 2") - incomplete
+        mixed = dj.U("scan_set").aggr(experiment.ScanSet.Member * OracleStats.proj("oracle_set"),
+                                      n_sets="count(distinct oracle_set)") & "n_sets > 1"
+        return (experiment.ScanSet & "n_scans >= 2") - incomplete - mixed.proj()
 
     def make(self, key):
         members = (experiment.ScanSet.Member & key).keys(order_by="KEY")

@@ -15,10 +15,10 @@ import datajoint as dj
 import numpy as np
 
 from ..models.neural import predictive as fit
+from ..models.neural.images import downsample, downsampled_shape
 from ..models.runtime import default_device
 from ..models.serialization import array_to_state, state_to_array
 from . import experiment, oracle
-from ..hashing import stable_hash
 from ._config import ConfigTable, ImageMatrix, ImageRows
 
 logger = logging.getLogger("neureg")
@@ -47,38 +47,26 @@ class Seed(dj.Lookup):
 class PredictorConfig(ConfigTable, dj.Lookup):
     """How a predictive model is built and fitted (``models.neural.predictive.predictor_settings``).
 
-    The default config is always present, so a target can name "the default predictor" without writing.
+    Every row is fitted on every scan, so no row is added behind a lab's back: ``add`` it to fit it.
     """
 
     config_name = "predictor"
     settings = staticmethod(fit.predictor_settings)
-    contents = [{"predictor_hash": stable_hash(fit.default_predictor_config()),
-                 "predictor_config": fit.default_predictor_config(), "predictor_label": "default"}]
 
     @classmethod
     def default_key(cls) -> dict:
-        """The key of the default config (a row of ``contents``)."""
+        """The key the default config has (whether or not it was added)."""
         return cls.key_of(cls.complete())
 
 
-def _split(tiers: np.ndarray, key: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    train, val = np.flatnonzero(tiers == "train"), np.flatnonzero(tiers == "validation")
-    test = np.flatnonzero(np.isin(tiers, ("oracle", "test")))
-    if len(train) < 2 or len(val) < 2 or len(test) < 2:
-        raise ValueError(
-            f"scan {key} has {len(train)} train, {len(val)} validation and {len(test)} oracle/test trials; "
-            "a predictive model needs at least 2 of each"
-        )
-    return train, val, test
-
-
-def load_scan_for_fit(key: dict) -> dict:
-    """Everything a fit needs, as arrays in trial order; images once per distinct image."""
+def load_scan_for_fit(key: dict, image_scale: float = 1.0) -> dict:
+    """Everything a fit needs, as arrays in trial order (withheld trials left out); images once per distinct
+    image, downsampled by ``image_scale``."""
     trials = experiment.load_trials(key)
     hashes, trial_image = np.unique(trials["image_hash"], return_inverse=True)
     return {
         "responses": experiment.load_responses(key),
-        "images": experiment.load_images(hashes),
+        "images": downsample(experiment.load_images(hashes), image_scale),
         "image_hash": hashes,
         "trial_image": trial_image,
         "behavior": trials["behavior"],
@@ -124,38 +112,34 @@ class PredictiveModel(dj.Computed):
         return PredictorConfig.config_of(key), int(n_trials), int(n_units)
 
     def make_compute(self, key, config, n_trials, n_units):
-        data = load_scan_for_fit(key)
-        train, val, test = _split(data["tiers"], key)
+        data = load_scan_for_fit(key, config["image_scale"])
         device = default_device()
         logger.info("fitting predictive model %s on %s (%d units, %d trials)", key, device, n_units, n_trials)
 
         def progress(row):
             logger.info("  epoch %(epoch)d: loss %(train_loss).4f, val corr %(val_corr).3f", row)
 
-        result = fit.fit_predictor(
-            data["images"], data["responses"], data["behavior"], data["pupil_center"], train, val, config,
-            seed=key["seed"], device=device, progress=progress, trial_image=data["trial_image"],
-        )
-        model = result.to_model(device)
-        trial_images = data["images"][data["trial_image"][test]]
-        predicted = fit.predict_responses(model, trial_images, data["behavior"][test], data["pupil_center"][test])
-        model_corr = fit.unit_correlations(predicted, data["responses"][test])
-        return (
-            state_to_array(result.state_dict), result, np.nan_to_num(model_corr), (len(train), len(val), len(test))
-        )
+        try:
+            evaluated = fit.fit_and_evaluate(data["images"], data["responses"], data["behavior"], data["pupil_center"],
+                                             data["tiers"], config, trial_image=data["trial_image"], seed=key["seed"],
+                                             device=device, progress=progress)
+        except ValueError as error:
+            raise ValueError(f"scan {key}: {error}") from None
+        return state_to_array(evaluated.fit.state_dict), evaluated
 
-    def make_insert(self, key, weights, result, model_corr, sizes):
+    def make_insert(self, key, weights, evaluated):
+        result = evaluated.fit
         self.insert1(
             dict(
                 key,
                 weights=weights,
                 val_corr=float(result.best_val_corr),
-                test_corr=float(np.mean(model_corr)),
+                test_corr=float(np.mean(evaluated.model_corr)),
                 best_epoch=result.best_epoch,
                 epochs_run=result.epochs_run,
-                n_train=sizes[0],
-                n_validation=sizes[1],
-                n_test=sizes[2],
+                n_train=evaluated.n_train,
+                n_validation=evaluated.n_validation,
+                n_test=evaluated.n_test,
                 fit_seconds=float(result.fit_seconds),
                 images_per_second=float(result.train_images_per_second),
                 device=str(result.device)[:64],
@@ -164,15 +148,16 @@ class PredictiveModel(dj.Computed):
             )
         )
         unit_ids = experiment.unit_ids(key)
-        self.Unit.insert(dict(key, unit_id=int(u), model_corr=float(c)) for u, c in zip(unit_ids, model_corr))
+        self.Unit.insert(dict(key, unit_id=int(u), model_corr=float(c)) for u, c in zip(unit_ids, evaluated.model_corr))
 
     def load_model(self, device: str = "cpu"):
         """The fitted network of one row, in eval mode."""
         key = self.fetch1("KEY")
         n_units = (experiment.Scan & key).fetch1("n_units")
         height, width = (experiment.Image & (experiment.Trial & key)).to_arrays("height", "width", limit=1)
-        state = array_to_state(self.fetch1("weights"))
-        return fit.load_predictor(state, PredictorConfig.config_of(key), int(n_units), (int(height[0]), int(width[0])), device)
+        config = PredictorConfig.config_of(key)
+        shape = downsampled_shape((int(height[0]), int(width[0])), config["image_scale"])
+        return fit.load_predictor(array_to_state(self.fetch1("weights")), config, int(n_units), shape, device)
 
 
 @schema
@@ -195,7 +180,8 @@ class ModelResponses(ImageMatrix, dj.Computed):
         start = time.perf_counter()
         hashes = np.unique((experiment.Trial & key).to_arrays("image_hash"))
         model = (PredictiveModel & key).load_model()
-        predicted = fit.predict_responses(model, experiment.load_images(hashes))
+        scale = PredictorConfig.config_of(key)["image_scale"]
+        predicted = fit.predict_responses(model, downsample(experiment.load_images(hashes), scale))
         self.insert1(dict(key, n_images=len(hashes), responses=predicted.astype(np.float32)))
         self.Image.insert(ImageRows.rows(key, hashes))
         logger.info("predicted %d images for %s in %.1f s", len(hashes), key, time.perf_counter() - start)

@@ -42,7 +42,8 @@ class TargetConfig(ConfigTable, dj.Lookup):
         if not full["predictor_hash"]:
             full = {**full, "predictor_hash": predictive.PredictorConfig.default_key()["predictor_hash"]}
         if not (predictive.PredictorConfig & {"predictor_hash": full["predictor_hash"]}):
-            raise ValueError(f"predictor_hash {full['predictor_hash']!r} is not in predictive.PredictorConfig")
+            raise ValueError(f"predictor_hash {full['predictor_hash']!r} is not in predictive.PredictorConfig "
+                             "(add the predictor first: predictive.PredictorConfig.add(...))")
         if not (predictive.Seed & {"seed": full["predictor_seed"]}):
             raise ValueError(f"predictor_seed {full['predictor_seed']!r} is not in predictive.Seed")
         return full
@@ -111,6 +112,7 @@ class SimilarityTarget(ImageMatrix, dj.Computed):
     method               : varchar(32)              # copied from the config for easy queries
     n_images             : int32
     similarity           : <npy@neureg>             # float32 (n_images, n_images), rows as in the Image part
+    image_scale          : float32                  # networks regularized toward it see the images at this scale
     permutation = null   : <blob>                   # shuffle: row i holds image perm[i]'s similarities
     weights_sha256 = ''  : char(64)                 # vgg: checksum of the weights file used
     """
@@ -138,7 +140,7 @@ class SimilarityTarget(ImageMatrix, dj.Computed):
         members = (experiment.ScanSet.Member & key).keys(order_by="KEY")
         images = shared_non_oracle_images(members)
         target = targets.build_target(config, _target_inputs(config, members, images))
-        self.insert1(dict(key, method=config["method"], n_images=len(images),
+        self.insert1(dict(key, method=config["method"], n_images=len(images), image_scale=target.image_scale,
                           similarity=target.matrix.astype(np.float32), **target.extra))
         self.Image.insert(ImageRows.rows(key, images))
         self.Agreement.insert(dict(key, **m, scan_target_r=r) for m, r in zip(members, target.agreement()))
@@ -153,6 +155,7 @@ def _target_inputs(config: dict, members: list[dict], images: np.ndarray) -> tar
         if missing:
             raise ValueError(f"no ModelResponses yet for {missing[:2]} with predictor {config['predictor_hash']}")
         inputs.per_scan = [scan_model_similarity(_predictor_key(m, config), images) for m in members]
+        inputs.image_scale = predictive.PredictorConfig.config_of({"predictor_hash": config["predictor_hash"]})["image_scale"]
     elif source == "data":
         inputs.per_scan = []
         for m in members:

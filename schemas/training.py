@@ -21,8 +21,9 @@ from ..models.vision import networks, training
 from ..models.runtime import Runtime
 from ..models.serialization import array_to_state, state_to_array
 from . import experiment, similarity
+from ..models.neural.images import downsample
 from ..models.registry import complete_kwargs
-from ._config import ConfigTable
+from ._config import ConfigTable, transaction
 
 logger = logging.getLogger("neureg")
 schema = dj.Schema()
@@ -109,13 +110,16 @@ class TrainConfig(ConfigTable, dj.Lookup):
 
 @schema
 class RegularizerConfig(dj.Lookup):
-    """alpha and pair sampling, and the SimilarityTarget they pull toward (none when alpha = 0)."""
+    """alpha and pair sampling, and the target they pull toward: a scan set and a target config (none when
+    alpha = 0). The target need not be computed yet: its networks wait for it (``TrainedNetwork.key_source``),
+    so a whole experiment can be planned before any of it runs."""
 
     definition = """
     regularizer_hash     : char(32)                 # hash of the config and the target's key
     ---
     regularizer_config   : json
-    -> [nullable] similarity.SimilarityTarget
+    -> [nullable] experiment.ScanSet
+    -> [nullable] similarity.TargetConfig
     regularizer_label = '' : varchar(64)
     """
 
@@ -125,12 +129,14 @@ class RegularizerConfig(dj.Lookup):
         full = complete_kwargs(training.regularizer_settings, dict(config or {}), "RegularizerConfig")
         if full["alpha"] == 0:
             return full, {}  # the 'None' condition pulls toward nothing
-        if target is None:
-            raise ValueError("alpha > 0 needs a similarity target (a SimilarityTarget key)")
-        found = similarity.SimilarityTarget & {k: target[k] for k in ("scan_set", "target_hash") if k in target}
-        if len(found) != 1:
-            raise ValueError(f"{target} names no single row of similarity.SimilarityTarget (populate it first)")
-        return full, found.fetch1("KEY")
+        if target is None or not {"scan_set", "target_hash"} <= set(target):
+            raise ValueError("alpha > 0 needs a similarity target: a key with scan_set and target_hash")
+        target_key = {"scan_set": target["scan_set"], "target_hash": target["target_hash"]}
+        if not (experiment.ScanSet & target_key):
+            raise ValueError(f"scan_set {target_key['scan_set']!r} is not in experiment.ScanSet")
+        if not (similarity.TargetConfig & target_key):
+            raise ValueError(f"target_hash {target_key['target_hash']!r} is not in similarity.TargetConfig")
+        return full, target_key
 
     @classmethod
     def add(cls, config: dict | None = None, target: dict | None = None, label: str = "") -> dict:
@@ -210,6 +216,8 @@ class TrainedNetwork(dj.Computed):
     """
 
     class Epoch(dj.Part):
+        """One epoch's losses, accuracy and learning rate: the training curve."""
+
         definition = """
         -> master
         epoch            : int16                    # 1-based
@@ -221,6 +229,12 @@ class TrainedNetwork(dj.Computed):
         lr               : float64
         seconds          : float64
         """
+
+    @property
+    def key_source(self):
+        """Plans x seeds whose similarity target (if any) is computed: a planned target is waited for."""
+        waiting = (RegularizerConfig & "target_hash IS NOT NULL") - similarity.SimilarityTarget.proj()
+        return (TrainingPlan * Seed) - waiting.proj()
 
     def make_fetch(self, key):
         net = NetworkConfig.config_of(key)
@@ -234,7 +248,8 @@ class TrainedNetwork(dj.Computed):
         images = matrix = None
         if target is not None:
             hashes, matrix = (similarity.SimilarityTarget & target).labeled()
-            images = experiment.load_images(hashes)
+            scale = (similarity.SimilarityTarget & target).fetch1("image_scale")
+            images = downsample(experiment.load_images(hashes), scale)  # the resolution the target was made at
         runtime = Runtime.from_env()
         checkpoint = checkpoint_dir() / f"{stable_hash({k: str(v) for k, v in key.items()})}.pt"
         logger.info("training %s on %s (checkpoint %s)", key, runtime, checkpoint)
@@ -290,8 +305,8 @@ def plan(dataset: str, network: dict | None = None, train: dict | None = None, r
     train_config = TrainConfig.complete(train)
     reg_config, target_key = RegularizerConfig.complete(regularizer, target)
     loaded = None if Dataset & {"dataset": dataset} else data.load_dataset(dataset, data_root)
-    method = (similarity.SimilarityTarget & target_key).fetch1("method") if target_key else None
-    with TrainingPlan.connection.transaction:
+    method = similarity.TargetConfig.config_of(target_key)["method"] if target_key else None
+    with transaction(TrainingPlan.connection):
         if loaded is not None:
             Dataset.record(loaded, data_root)
         key = {"dataset": dataset}

@@ -109,17 +109,17 @@ def _oracle_images(pipeline, key) -> set:
     return {str(h) for h in trials.to_arrays("image_hash")}
 
 
-def test_scanset_registers_one_set_per_group_sharing_oracle_images(pipeline, cohort, subprocess_env):
+def test_scanset_registers_one_set_per_group_sharing_oracle_images(pipeline, oracle_populated, subprocess_env):
     """`neureg scanset --oracle-groups`: the cohort's four scans (same oracle images) become one set, once."""
     from neureg.populate.scansets import oracle_groups
 
-    scan_keys = [key for _, key in cohort]
+    scan_keys = [key for _, key in oracle_populated]  # the grouping is OracleStats.oracle_set: oracle stage first
     run = subprocess.run([sys.executable, "-m", "neureg.cli", "scanset", "--oracle-groups", "--json"],
                          env=subprocess_env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     sets = json.loads(run.stdout)
-    expected = sorted((k["mouse"], str(k["session_date"]), k["scan_idx"]) for k in scan_keys)
-    members = {s["scan_set"]: sorted((m["mouse"], m["session_date"], m["scan_idx"]) for m in s["members"]) for s in sets}
+    expected = sorted((k["mouse"], k["session"], k["scan_idx"]) for k in scan_keys)
+    members = {s["scan_set"]: sorted((m["mouse"], m["session"], m["scan_idx"]) for m in s["members"]) for s in sets}
     cohort_set = pipeline.experiment.ScanSet.create(scan_keys)  # the same scans hash to the same set
     assert members.get(cohort_set["scan_set"]) == expected, sets
     for scan_set in sets:  # every group: two or more scans, all shown the same oracle images

@@ -211,7 +211,7 @@ def test_lab_member_adds_scans_and_reads_but_cannot_delete_results(pipeline, sub
         folder = scan_folder_factory(tmp_path / "scan", mouse=unique_mouse, seed=11)
         ingest = cli(lab, "ingest", str(folder))
         assert ingest.returncode == 0, ingest.stderr
-        key = {"mouse": unique_mouse, "session_date": "2026-11-01", "scan_idx": 1}
+        key = {"mouse": unique_mouse, "session": 1, "scan_idx": 1}
         assert len(pipeline.experiment.Scan & key) == 1
         work = cli(worker, "worker", "--once", "--table", "OracleStats")
         assert work.returncode == 0, work.stderr

@@ -41,7 +41,7 @@ def predictor_settings(
     init_sigma: PositiveFloat = 0.3, shifter: bool = True, shifter_hidden: PositiveInt = 5, modulator: bool = True,
     modulator_hidden: PositiveInt = 10, batch_size: Annotated[int, at_least(2)] = 64, lr: PositiveFloat = 0.01,
     max_epochs: PositiveInt = 60, patience: PositiveInt = 4, lr_decay_steps: NonNegativeInt = 2,
-    lr_decay_factor: UnitInterval = 0.3, tolerance: NonNegativeFloat = 1e-4,
+    lr_decay_factor: UnitInterval = 0.3, tolerance: NonNegativeFloat = 1e-4, image_scale: UnitInterval = 1.0,
 ) -> None:
     """A predictive model's config (its keyword arguments; docs/science.md §5).
 
@@ -53,7 +53,8 @@ def predictor_settings(
     L1 penalty ``readout_l1``. Shifter and modulator take eye position and behaviour. Optimisation:
     Adam at ``lr``, batch norm needs ``batch_size`` >= 2; after ``patience`` epochs without a validation
     gain above ``tolerance`` the lr decays by ``lr_decay_factor`` from the best weights, ``lr_decay_steps``
-    times, then the fit stops.
+    times, then the fit stops. ``image_scale`` downsamples the images before the fit (``images.downsample``;
+    the community fits Sensorium scans at 0.25: 144x256 -> 36x64), and the model predicts at that size.
     """
 
 
@@ -384,3 +385,45 @@ def predict_gain(model: PredictiveNetwork, behavior: np.ndarray, batch_size: int
     beh = torch.as_tensor(np.asarray(behavior), device=device)
     gain = _batched(model, len(beh), batch_size, lambda s: model.gain(beh[s], len(beh[s])))
     return gain.reshape(len(beh), model.n_units)
+
+
+TEST_TIERS = ("oracle", "test", "final_test")  # held-out trials: v_a is measured on them
+
+
+def split_by_tier(tiers: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Trial indices of the train, validation and held-out test tiers; each needs at least two trials."""
+    tiers = np.asarray(tiers)
+    train, val = np.flatnonzero(tiers == "train"), np.flatnonzero(tiers == "validation")
+    test = np.flatnonzero(np.isin(tiers, TEST_TIERS))
+    if len(train) < 2 or len(val) < 2 or len(test) < 2:
+        raise ValueError(f"{len(train)} train, {len(val)} validation and {len(test)} oracle/test trials; "
+                         "a predictive model needs at least 2 of each")
+    return train, val, test
+
+
+@dataclass
+class EvaluatedFit:
+    """A fit and each unit's held-out correlation v_a (equation 6), with the trial counts behind them."""
+
+    fit: FitResult
+    model_corr: np.ndarray  # (n_units,), 0 where undefined
+    n_train: int
+    n_validation: int
+    n_test: int
+
+
+def fit_and_evaluate(images: np.ndarray, responses: np.ndarray, behavior: np.ndarray, pupil_center: np.ndarray,
+                     tiers: np.ndarray, config: dict, *, trial_image: np.ndarray, seed: int, device: str = "cpu",
+                     progress: Callable[[dict], None] | None = None) -> EvaluatedFit:
+    """Fit on the train tier (early stopping on validation), then v_a on the held-out test trials.
+
+    The one call ``PredictiveModel`` makes: the arrays are one scan's, in trial order, images once per
+    distinct image (``trial_image`` indexes them).
+    """
+    train, val, test = split_by_tier(tiers)
+    result = fit_predictor(images, responses, behavior, pupil_center, train, val, config, seed=seed, device=device,
+                           progress=progress, trial_image=trial_image)
+    predicted = predict_responses(result.to_model(device), images[trial_image[test]], behavior[test],
+                                  pupil_center[test])
+    model_corr = np.nan_to_num(unit_correlations(predicted, responses[test]))
+    return EvaluatedFit(result, model_corr, len(train), len(val), len(test))

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..registry import NonNegativeInt, OpenUnit, PositiveInt, Registry
+from ..registry import NonNegativeInt, OpenUnit, PositiveInt, Registry, UnitInterval
 from . import similarity as sim
+from .images import downsample
 
 TARGETS = Registry("similarity method", key="method")
 
@@ -34,8 +35,9 @@ class TargetInputs:
     """What the table fetched for one target: the fields the method ``reads``, the rest None."""
 
     n_images: int
-    images: np.ndarray | None = None  # uint8 (n, H, W), rows in target order
+    images: np.ndarray | None = None  # uint8 (n, H, W) as stored, rows in target order
     per_scan: list[np.ndarray] | None = None  # S^model or S^data of each member scan, rows in target order
+    image_scale: float = 1.0  # "model": the predictor's image_scale, the resolution S^model was computed at
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Target:
     """A computed target: its matrix, the per-scan matrices behind it, and extra columns to store."""
 
     matrix: np.ndarray
+    image_scale: float = 1.0  # the resolution networks regularized toward it see the images at
     per_scan: list[np.ndarray] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
@@ -55,9 +58,9 @@ class Target:
 def neural_model(inputs: TargetInputs, predictor_hash: str = "", predictor_seed: NonNegativeInt = 0) -> Target:
     """The paper's target: S^model (w_a * v_a weighted) averaged over the member scans.
 
-    ``predictor_hash`` '' means the default predictor config.
+    ``predictor_hash`` '' means the default predictor config; its ``image_scale`` is the target's.
     """
-    return Target(np.mean(inputs.per_scan, axis=0), list(inputs.per_scan))
+    return Target(np.mean(inputs.per_scan, axis=0), inputs.image_scale, list(inputs.per_scan))
 
 
 @TARGETS.register(reads="model")
@@ -69,25 +72,30 @@ def shuffle(inputs: TargetInputs, predictor_hash: str = "", predictor_seed: NonN
     scan-to-target consistency, as for neural_model.
     """
     matrix, perm = sim.shuffled(np.mean(inputs.per_scan, axis=0), shuffle_seed)
-    return Target(matrix, [s[np.ix_(perm, perm)] for s in inputs.per_scan], {"permutation": perm})
+    return Target(matrix, inputs.image_scale, [s[np.ix_(perm, perm)] for s in inputs.per_scan], {"permutation": perm})
 
 
 @TARGETS.register(reads="data")
-def neural_data(inputs: TargetInputs) -> Target:
-    """Single-trial S^data averaged over the scans: the target without the predictive model."""
-    return Target(np.mean(inputs.per_scan, axis=0), list(inputs.per_scan))
+def neural_data(inputs: TargetInputs, image_scale: UnitInterval = 1.0) -> Target:
+    """Single-trial S^data averaged over the scans: the target without the predictive model.
+
+    ``image_scale`` (here and in the image methods) is the resolution the regularized networks see the
+    images at; give every condition of an experiment the same one (``images.downsample``).
+    """
+    return Target(np.mean(inputs.per_scan, axis=0), image_scale, list(inputs.per_scan))
 
 
 @TARGETS.register(reads="images")
-def pixel(inputs: TargetInputs) -> Target:
-    """The pixel-similarity control: centered cosine of the raw pixels."""
-    return Target(sim.pixel_similarity(inputs.images))
+def pixel(inputs: TargetInputs, image_scale: UnitInterval = 1.0) -> Target:
+    """The pixel-similarity control: centered cosine of the pixels, at the resolution the networks see."""
+    return Target(sim.pixel_similarity(downsample(inputs.images, image_scale)), image_scale)
 
 
 @TARGETS.register(reads="images")
-def pixel_threshold(inputs: TargetInputs, threshold: OpenUnit = 0.8) -> Target:
+def pixel_threshold(inputs: TargetInputs, threshold: OpenUnit = 0.8, image_scale: UnitInterval = 1.0) -> Target:
     """S^Th: pixel similarity thresholded to -1 / 0 / 1 (the paper's sparser pixel control)."""
-    return Target(sim.threshold_similarity(sim.pixel_similarity(inputs.images), threshold))
+    pixels = sim.pixel_similarity(downsample(inputs.images, image_scale))
+    return Target(sim.threshold_similarity(pixels, threshold), image_scale)
 
 
 def _check_vgg(config: dict) -> None:
@@ -100,16 +108,18 @@ def _check_vgg(config: dict) -> None:
 
 
 @TARGETS.register(reads="images", check=_check_vgg)
-def vgg(inputs: TargetInputs, vgg_weights: str = "") -> Target:
+def vgg(inputs: TargetInputs, vgg_weights: str = "", image_scale: UnitInterval = 1.0) -> Target:
     """VGG19 conv3_1 feature similarity: an ImageNet network's view of the same images."""
-    matrix = sim.vgg_similarity(inputs.images, vgg_weights)
-    return Target(matrix, extra={"weights_sha256": hashlib.sha256(Path(vgg_weights).read_bytes()).hexdigest()})
+    matrix = sim.vgg_similarity(downsample(inputs.images, image_scale), vgg_weights)
+    return Target(matrix, image_scale,
+                  extra={"weights_sha256": hashlib.sha256(Path(vgg_weights).read_bytes()).hexdigest()})
 
 
 @TARGETS.register(reads=None)
-def random(inputs: TargetInputs, random_seed: NonNegativeInt = 0, random_dim: PositiveInt = 1000) -> Target:
+def random(inputs: TargetInputs, random_seed: NonNegativeInt = 0, random_dim: PositiveInt = 1000,
+           image_scale: UnitInterval = 1.0) -> Target:
     """A valid similarity matrix with no image structure: the control for 'any target at all'."""
-    return Target(sim.random_similarity(inputs.n_images, random_seed, dim=random_dim))
+    return Target(sim.random_similarity(inputs.n_images, random_seed, dim=random_dim), image_scale)
 
 
 def reads(config: dict) -> str | None:

@@ -58,8 +58,10 @@ def _text_edit(name, expected, edit):
 
 
 _text_edit("scan-json-not-json", "scan.json: not valid JSON", lambda text: "{mouse: m1")
-_meta_edit("metadata-missing-session", "missing required key(s) ['session']", session=None)
-_meta_edit("metadata-bad-date", "'session' must be the recording date as YYYY-MM-DD", session="01/11/2026")
+_meta_edit("metadata-missing-session", "no session for this scan", session=None)
+_meta_edit("metadata-session-is-a-date", "'session' must be the session number", session="2026-11-01")
+_meta_edit("metadata-bad-date", "'date' must be the recording date as YYYY-MM-DD", date="01/11/2026")
+_meta_edit("metadata-impossible-date", "'date' must be the recording date as YYYY-MM-DD", date="2026-02-30")
 _meta_edit("metadata-scan-not-int", "'scan' must be an integer", scan="one")
 _meta_edit("metadata-depth-wrong-type", "'depth' has the wrong type", depth="deep")
 _meta_edit("metadata-unknown-key", "unknown key(s) ['depht']", depht=200)
@@ -77,10 +79,10 @@ _text_edit("json-nested-deep", "scan.json: not valid JSON: nested too deeply",
 _text_edit("json-duplicate-key", "key 'scan' appears twice", lambda text: text.rstrip()[:-1] + ', "scan": 9}')
 
 
-@_edit("no-scan-json")
+@_edit("no-scan-json-and-no-identity")
 def _(f):
-    (f / "scan.json").unlink()
-    return "scan.json: missing"
+    (f / "scan.json").unlink()  # nothing else names the scan: no identity files, no static<...> folder name
+    return "no mouse, session, scan for this scan"
 
 
 @_edit("missing-response-file")
@@ -194,11 +196,37 @@ def _(f):
     return "6.npy: image shape (10, 10) differs"
 
 
-@_edit("image-not-uint8")
+@_edit("image-beyond-0-255")
 def _(f):
-    img = np.load(f / "data/images/7.npy").astype(np.float32)
+    img = np.load(f / "data/images/7.npy").astype(np.float32) * 2.0 + 1.0  # float images hold 0..255
     np.save(f / "data/images/7.npy", img)
-    return "images must all be uint8"
+    return "7.npy: image values must be finite and within 0..255"
+
+
+@_edit("image-complex")
+def _(f):
+    np.save(f / "data/images/7.npy", np.load(f / "data/images/7.npy").astype(np.complex64))
+    return "7.npy: images must be uint8 or real numbers in 0..255"
+
+
+@_edit("identity-files-disagree-with-scan-json")
+def _(f):
+    np.save(f / "meta/trials/animal_id.npy", np.full(len(np.load(f / "meta/trials/frame_image_id.npy")), 777))
+    return "mouse disagrees: scan.json says"
+
+
+@_edit("identity-file-names-two-scans")
+def _(f):
+    n = len(np.load(f / "meta/trials/frame_image_id.npy"))
+    np.save(f / "meta/trials/scan_idx.npy", np.arange(n) % 2)
+    return "scan_idx.npy: meta/trials/scan_idx.npy names several values"
+
+
+@_edit("trial-ids-not-unique")
+def _(f):
+    np.save(f / "meta/trials/trial_idx.npy", np.zeros(len(np.load(f / "meta/trials/frame_image_id.npy")), int))
+    return "trial_idx.npy: trial ids must be unique"
+
 
 
 @_edit("same-id-different-pixels")

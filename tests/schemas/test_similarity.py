@@ -86,7 +86,7 @@ def test_shuffle_permutes_the_neural_model_target(pipeline, targets):
     # the scans with the target, as for neural_model (not ~0, which comparing unpermuted scans gave).
     agreement = pipeline.similarity.SimilarityTarget.Agreement
     for row in (agreement & targets["neural_model"]).to_dicts():
-        scan = {k: row[k] for k in ("mouse", "session_date", "scan_idx")}
+        scan = {k: row[k] for k in ("mouse", "session", "scan_idx")}
         shuffled_r = (agreement & targets["shuffle"] & scan).fetch1("scan_target_r")
         assert shuffled_r == pytest.approx(row["scan_target_r"], abs=1e-5), scan
 
@@ -124,7 +124,7 @@ def test_bad_target_configs_are_refused_and_change_nothing(pipeline, targets, tm
     with pytest.raises(ValueError, match="unknown config key"):
         table.add(dict(method="pixel", threshold=0.5))
     assert len(table()) == before
-    assert table.config_of(table.add(dict(method="pixel"))) == {"method": "pixel"}
+    assert table.config_of(table.add(dict(method="pixel"))) == {"method": "pixel", "image_scale": 1.0}
 
 
 def test_vgg_target_from_a_weights_file(pipeline, targets, tmp_path):

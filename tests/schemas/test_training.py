@@ -61,7 +61,7 @@ def test_bad_configs_are_refused_and_change_nothing(pipeline, trained, tmp_path)
     with pytest.raises(ValueError, match="needs a similarity target"):
         tr.plan("mnist_demo", None, None, dict(alpha=1.0))
     with pytest.raises(datasets.DatasetError, match="CIFAR folder missing"):
-        tr.plan("cifar10", data_root=str(tmp_path))
+        tr.plan("cifar100", data_root=str(tmp_path))  # never recorded here: read, and refused
     assert [len(t()) for t in tables] == before
 
 
