@@ -1,5 +1,6 @@
 """How a run executes, as opposed to what it computes: device, precision, memory layout, kernels; and
-the small torch plumbing every model path shares (device choice, the evaluation-mode context).
+the small torch plumbing every model path shares: device choice, the evaluation-mode context, and the
+one accuracy (``accuracy``, with the image and label checks it rests on) that training and robustness use.
 
 None of these settings enters a config hash. Two runs that differ only here are the same science
 (the same row), so they live outside the config tables and come from the worker's environment:
@@ -23,6 +24,7 @@ import platform
 from dataclasses import dataclass, replace
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -159,3 +161,65 @@ def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         model.train(was_training)
+
+
+# ------------------------------------------------------------------- images in, labels out: one accuracy
+#: How many images go through the model at once when nothing else is said.
+DEFAULT_BATCH_SIZE = 256
+
+
+def as_image_tensor(images) -> torch.Tensor:
+    """Images as a float32 CPU tensor, refusing values outside [0, 1] (every attack assumes that box)."""
+    x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
+    x = x.detach().to("cpu", torch.float32)
+    if x.ndim < 2:
+        raise ValueError(f"expected a batch of images, got shape {tuple(x.shape)}")
+    if x.numel() and (x.min() < 0 or x.max() > 1):
+        raise ValueError(
+            f"images must lie in [0, 1], got values in [{x.min().item():.3g}, {x.max().item():.3g}]"
+        )
+    return x
+
+
+def as_label_tensor(labels, n_images: int) -> torch.Tensor:
+    """Labels as an int64 CPU tensor of length ``n_images``."""
+    y = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels)
+    y = y.detach().to("cpu", torch.int64).reshape(-1)
+    if len(y) != n_images:
+        raise ValueError(f"got {len(y)} labels for {n_images} images")
+    return y
+
+
+@torch.no_grad()
+def predict_labels(
+    model: nn.Module,
+    images,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str | torch.device | None = None,
+) -> np.ndarray:
+    """Arg-max class of every image, in batches, in evaluation mode (one stochastic draw per image)."""
+    x = as_image_tensor(images)
+    device = resolve_device(model, device)
+    predictions = []
+    with evaluation_mode(model):
+        for start in range(0, len(x), batch_size):
+            logits = model(x[start : start + batch_size].to(device))
+            predictions.append(logits.argmax(dim=1).cpu())
+    if not predictions:
+        return np.zeros(0, dtype=np.int64)
+    return torch.cat(predictions).numpy()
+
+
+def accuracy(
+    model: nn.Module,
+    images,
+    labels,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str | torch.device | None = None,
+) -> float:
+    """Fraction of images whose arg-max class equals the label."""
+    x = as_image_tensor(images)
+    y = as_label_tensor(labels, len(x)).numpy()
+    if len(x) == 0:
+        raise ValueError("accuracy of zero images is undefined")
+    return float(np.mean(predict_labels(model, x, batch_size, device) == y))

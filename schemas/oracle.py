@@ -79,11 +79,8 @@ class OracleStats(dj.Computed):
         self.insert1(
             dict(
                 key,
-                n_oracle_images=len(stats.image_labels),
                 oracle_set=stable_hash(sorted(str(h) for h in stats.image_labels)),
-                n_oracle_trials=int(stats.n_repeats.sum()),
-                median_snr_weight=float(np.median(stats.snr_weight)),
-                mean_oracle_corr=float(np.mean(stats.oracle_corr)),
+                **stats.summary(),
             )
         )
         self.Unit.insert(

@@ -39,6 +39,12 @@ class OracleStats:
     snr_weight: np.ndarray
     oracle_corr: np.ndarray
 
+    def summary(self) -> dict:
+        """The scan-level numbers a table keeps: oracle images and trials, median w_a, mean oracle r."""
+        return {"n_oracle_images": len(self.image_labels), "n_oracle_trials": int(self.n_repeats.sum()),
+                "median_snr_weight": float(np.median(self.snr_weight)),
+                "mean_oracle_corr": float(np.mean(self.oracle_corr))}
+
 
 class LabeledSimilarity(NamedTuple):
     """A similarity matrix and the image label of each of its rows (and columns)."""

@@ -17,76 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..runtime import evaluation_mode, resolve_device
+from ..runtime import (DEFAULT_BATCH_SIZE, accuracy, as_image_tensor, as_label_tensor, evaluation_mode,
+                       predict_labels, resolve_device)
 
 #: The perturbation budgets the field's leaderboards (RobustBench) report for CIFAR-10.
 LEADERBOARD_EPSILONS = {"linf": 8 / 255, "l2": 0.5}
-
-#: How many images go through the model at once when nothing else is said.
-DEFAULT_BATCH_SIZE = 256
-
-
-# ---------------------------------------------------------------------------------------------------
-# plumbing shared with attacks.py and corruptions.py
-# ---------------------------------------------------------------------------------------------------
-
-
-def as_image_tensor(images) -> torch.Tensor:
-    """Images as a float32 CPU tensor, refusing values outside [0, 1] (every attack assumes that box)."""
-    x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
-    x = x.detach().to("cpu", torch.float32)
-    if x.ndim < 2:
-        raise ValueError(f"expected a batch of images, got shape {tuple(x.shape)}")
-    if x.numel() and (x.min() < 0 or x.max() > 1):
-        raise ValueError(
-            f"images must lie in [0, 1], got values in [{x.min().item():.3g}, {x.max().item():.3g}]"
-        )
-    return x
-
-
-def as_label_tensor(labels, n_images: int) -> torch.Tensor:
-    """Labels as an int64 CPU tensor of length ``n_images``."""
-    y = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels)
-    y = y.detach().to("cpu", torch.int64).reshape(-1)
-    if len(y) != n_images:
-        raise ValueError(f"got {len(y)} labels for {n_images} images")
-    return y
-
-
-@torch.no_grad()
-def predict_labels(
-    model: nn.Module,
-    images,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    device: str | torch.device | None = None,
-) -> np.ndarray:
-    """Arg-max class of every image, in batches, in evaluation mode (one stochastic draw per image)."""
-    x = as_image_tensor(images)
-    device = resolve_device(model, device)
-    predictions = []
-    with evaluation_mode(model):
-        for start in range(0, len(x), batch_size):
-            logits = model(x[start : start + batch_size].to(device))
-            predictions.append(logits.argmax(dim=1).cpu())
-    if not predictions:
-        return np.zeros(0, dtype=np.int64)
-    return torch.cat(predictions).numpy()
-
-
-def accuracy(
-    model: nn.Module,
-    images,
-    labels,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    device: str | torch.device | None = None,
-) -> float:
-    """Fraction of images whose arg-max class equals the label."""
-    x = as_image_tensor(images)
-    y = as_label_tensor(labels, len(x)).numpy()
-    if len(x) == 0:
-        raise ValueError("accuracy of zero images is undefined")
-    return float(np.mean(predict_labels(model, x, batch_size, device) == y))
-
 
 # ---------------------------------------------------------------------------------------------------
 # Gaussian-noise accuracy (paper Fig. 4A)

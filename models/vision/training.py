@@ -46,7 +46,7 @@ from .networks import build_network, tap_feature_sizes
 from .regularizer import PairSampler, SimilarityRegularizer
 from ..registry import (Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, UnitInterval, complete_kwargs,
                         one_of, open_interval)
-from ..runtime import Runtime, as_runtime, synchronize
+from ..runtime import Runtime, accuracy, as_runtime, synchronize
 
 AUGMENTATIONS = ("crop_flip", "crop", "none")
 
@@ -211,13 +211,6 @@ def training_step(
     correct = (logits.detach().argmax(dim=1) == y).sum()
     sim_loss = sim_loss.detach() if sim_loss is not None else None
     return {"loss": loss.detach(), "task_loss": task_loss.detach(), "sim_loss": sim_loss, "correct": correct}
-
-
-def evaluate_accuracy(model: nn.Module, x, y, batch_size: int = 500) -> float:
-    """Top-1 accuracy in eval mode (the one accuracy function: ``robustness.accuracy``)."""
-    from ..robustness.evaluation import accuracy
-
-    return accuracy(model, x, y, batch_size=batch_size)
 
 
 def stimuli_tensor(images) -> torch.Tensor:
@@ -408,7 +401,7 @@ def train_network(
                 progress(record)
         eval_started = time.perf_counter()
         torch.manual_seed(derived_seed(seed, run.configs["train"]["epochs"], "evaluation"))
-        test_accuracy = evaluate_accuracy(run.model, dataset.test_x, dataset.test_y, runtime.eval_batch_size)
+        test_accuracy = accuracy(run.model, dataset.test_x, dataset.test_y, runtime.eval_batch_size)
         eval_seconds = time.perf_counter() - eval_started
 
     return TrainResult(

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from neureg.hashing import stable_hash
+from neureg.models.runtime import accuracy
 from neureg.models.vision import datasets, training
 def test_each_plan_and_seed_is_one_trained_network(pipeline, trained):
     tr = pipeline.training
@@ -31,8 +32,8 @@ def test_stored_weights_give_the_stored_accuracy(pipeline, trained):
     key = (tr.TrainedNetwork & trained["Pixel"] & "seed = 0").fetch1("KEY")
     model = (tr.TrainedNetwork & key).load_model()
     data = datasets.load_mnist_demo()
-    accuracy = training.evaluate_accuracy(model, data.test_x, data.test_y)
-    assert accuracy == pytest.approx((tr.TrainedNetwork & key).fetch1("test_accuracy"), abs=1e-9)
+    recomputed = accuracy(model, data.test_x, data.test_y)
+    assert recomputed == pytest.approx((tr.TrainedNetwork & key).fetch1("test_accuracy"), abs=1e-9)
 
 
 def test_regularizer_points_at_its_target(pipeline, trained, targets):

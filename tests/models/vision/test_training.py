@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from neureg.models.runtime import accuracy
 from neureg.models.vision.datasets import ClassificationData, load_mnist_demo
 from neureg.models.vision.networks import build_network
 from neureg.models.vision.regularizer import PairSampler, SimilarityRegularizer, evaluate_similarity_loss
@@ -17,7 +18,6 @@ from neureg.models.vision.training import (
     PairBatch,
     augment_batch,
     default_train_config,
-    evaluate_accuracy,
     frozen_bn_statistics,
     learning_rate,
     plan_epoch,
@@ -169,8 +169,8 @@ def test_evaluate_accuracy_batches_agree():
     x, y = torch.rand(10, 1, 32, 32), torch.randint(0, 3, (10,))
     with torch.no_grad():
         expected = float((model(x).argmax(1) == y).float().mean())
-    assert evaluate_accuracy(model, x, y, batch_size=3) == pytest.approx(expected)
-    assert evaluate_accuracy(model, x.numpy(), y.numpy(), batch_size=10) == pytest.approx(expected)
+    assert accuracy(model, x, y, batch_size=3) == pytest.approx(expected)
+    assert accuracy(model, x.numpy(), y.numpy(), batch_size=10) == pytest.approx(expected)
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +202,7 @@ def test_tiny_mnist_run_learns_above_chance(mnist_runs):
     assert result.wall_seconds > 0
     model = build_network({"width": 0.125})
     model.load_state_dict(result.state_dict)
-    assert evaluate_accuracy(model, data.test_x, data.test_y) == pytest.approx(result.test_accuracy)
+    assert accuracy(model, data.test_x, data.test_y) == pytest.approx(result.test_accuracy)
 
 
 def test_alpha_lowers_the_similarity_loss(mnist_runs):
