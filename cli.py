@@ -120,6 +120,29 @@ def cmd_populate(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_gc(args) -> int:
+    """`neureg gc`: report (and with --delete remove) store files no row references, older than --min-age-hours."""
+    from .populate.storegc import collect_orphans
+
+    pipeline = _connect(args)
+    try:
+        found = collect_orphans(pipeline, delete=args.delete, min_age_hours=args.min_age_hours)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.json:
+        print(json.dumps(found, indent=1))
+        return 0
+    for path in found["old"]:
+        print(f"{'deleted' if args.delete else 'orphan'}  {path}")
+    for path in found["recent"]:
+        print(f"kept    {path}  (younger than {args.min_age_hours:g} h: an ingest may still be writing it)")
+    verb = f"deleted {found['deleted']}" if args.delete else f"{len(found['old'])} could be deleted (--delete)"
+    print(f"{len(found['old']) + len(found['recent'])} orphaned file(s); {verb}, {found['bytes'] / 2**20:.1f} MB",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_scanset(args) -> int:
     """`neureg scanset`: register the scan sets that ScanStability and SimilarityTarget are computed for."""
     from .populate.scansets import register_all, register_oracle_groups
@@ -223,6 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reserve-jobs", action="store_true", help="coordinate with other processes through job tables")
     p.add_argument("--keep-going", action="store_true", help="record failing keys and go on (exit status 1)")
     p.set_defaults(func=cmd_populate)
+
+    p = sub.add_parser("gc", help="find (and --delete) object-store files that no row references",
+                       description="Orphans come from killed ingests, full disks and deleted rows. Files younger "
+                       "than --min-age-hours are only reported: an ingest still running may own them.")
+    p.add_argument("--delete", action="store_true", help="remove the orphans older than --min-age-hours")
+    p.add_argument("--min-age-hours", type=float, default=24.0, metavar="H", help="default 24")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser(
         "scanset", help="register scan sets (what scan-stability and similarity targets are computed over)",
