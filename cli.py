@@ -40,18 +40,24 @@ def cmd_ingest(args) -> int:
     from .errors import ScanExistsError
 
     pipeline = _connect(args)
-    failures = 0
+    failures, outcomes = 0, []
     for path in args.paths:
         try:
             key = ingest_folder(path, pipeline)
         except ScanFolderError as exc:
             print(f"error: not ingested: {exc}", file=sys.stderr)
             failures = failures or EXIT_BAD_INPUT
+            outcomes.append({"path": str(path), "ingested": False, "error": str(exc)})
         except ScanExistsError as exc:
             print(f"error: not ingested: {path}: {exc}", file=sys.stderr)
             failures = failures or EXIT_CONFLICT
+            outcomes.append({"path": str(path), "ingested": False, "error": str(exc), "exists": True})
         else:
-            print(f"ingested {path} as {key['mouse']} / session {key['session']} / scan {key['scan_idx']}")
+            outcomes.append({"path": str(path), "ingested": True, "key": key})
+            if not args.json:
+                print(f"ingested {path} as {key['mouse']} / session {key['session']} / scan {key['scan_idx']}")
+    if args.json:
+        print(json.dumps(outcomes, indent=1))
     return failures
 
 
@@ -222,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("ingest", help="validate scan folder(s) and insert each in one transaction")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="scan folder (scan.json, data/, meta/)")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="scan folder (data/, meta/, optional scan.json) or its .zip")
+    p.add_argument("--json", action="store_true", help="print one JSON list: path, ingested, key or error")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("status", help="tables, row counts and job states")

@@ -138,3 +138,16 @@ def test_scanset_registers_one_set_per_group_sharing_oracle_images(pipeline, ora
 def test_scanset_needs_a_choice(tmp_path):
     run = run_cli("scanset", env={"NEUREG_HOME": str(tmp_path)})
     assert run.returncode == 2 and "one of the arguments --oracle-groups --all is required" in run.stderr
+
+
+def test_ingest_json_reports_each_path_for_scripts(pipeline, tmp_path, scan_folder_factory, unique_mouse, subprocess_env):
+    """`neureg ingest --json`: one entry per path (key, or the error), the exit status as without --json."""
+    good = scan_folder_factory(tmp_path / "good", mouse=unique_mouse, seed=31)
+    bad = tmp_path / "missing"
+    run = run_cli("ingest", "--json", str(good), str(bad), env=subprocess_env)
+    assert run.returncode == 2, run.stderr
+    first, second = json.loads(run.stdout)
+    assert first == {"path": str(good), "ingested": True, "key": {"mouse": unique_mouse, "session": 1, "scan_idx": 1}}
+    assert second["ingested"] is False and str(bad) in second["error"]
+    again = run_cli("ingest", "--json", str(good), env=subprocess_env)
+    assert again.returncode == 3 and json.loads(again.stdout)[0]["exists"] is True
