@@ -22,6 +22,7 @@ def _connect(args):
 def cmd_init(args) -> int:
     """`neureg init`: start or reach the database, declare every schema, and say where everything is."""
     from .connection import active_settings
+    from .populate.stages import stage_modules
     import datajoint as dj
 
     pipeline = _connect(args)
@@ -29,7 +30,7 @@ def cmd_init(args) -> int:
     print(f"backend : {settings.backend} ({dj.config['database.backend']} at {dj.config['database.host']})")
     print(f"home    : {settings.home}")
     print(f"store   : {settings.store or dj.config.stores.get('neureg')}")
-    print(f"schemas : {', '.join(m.schema.database for m in vars(pipeline).values() if hasattr(m, 'schema'))}")
+    print(f"schemas : {', '.join(m.schema.database for m in stage_modules(pipeline).values())}")
     return 0
 
 

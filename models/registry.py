@@ -186,10 +186,6 @@ class Registry:
             variant.check(full)
         return full
 
-    def kwargs(self, config: dict) -> dict:
-        """The builder's keyword arguments of a completed config."""
-        return {k: v for k, v in self.complete(config).items() if k != self.key}
-
     def build(self, config: dict, *inputs):
         """Call the config's builder on ``inputs`` with the config's keyword arguments."""
         full = self.complete(config)

@@ -19,6 +19,7 @@ import contextlib
 import datajoint as dj
 
 from ..models.vision import datasets as data
+from .stages import stage_modules
 
 # Li et al., "Learning from brains how to regularize machines", NeurIPS 2019 (arXiv:1911.05072): the
 # similarity loss weight of the main-text results, L = L_task + alpha * L_sim. Every regularized condition
@@ -109,8 +110,7 @@ def single_transaction(connection, commit: bool = True):
 
 
 def _connection(pipeline):
-    connections = {id(m.schema.connection): m.schema.connection for m in vars(pipeline).values()
-                   if isinstance(getattr(m, "schema", None), dj.Schema)}
+    connections = {id(m.schema.connection): m.schema.connection for m in stage_modules(pipeline).values()}
     if len(connections) != 1:
         raise RuntimeError("the pipeline's schemas are not on one connection; one transaction cannot span them")
     return next(iter(connections.values()))

@@ -45,7 +45,8 @@ def _qualified(table: type) -> str:
     return f"{master.__name__}.{table.__name__}" if master is not None else table.__name__
 
 
-def _stage_modules(pipeline) -> dict:
+def stage_modules(pipeline) -> dict:
+    """Stage name -> schema module of a connected pipeline: the one walk over its namespace."""
     return {name: module for name, module in vars(pipeline).items()
             if isinstance(getattr(module, "schema", None), dj.Schema)}
 
@@ -74,7 +75,7 @@ def pipeline_tables(pipeline) -> list[PipelineTable]:
     The single source of which tables are computed and in what order they are filled; see the module notes.
     Tables in the database without a class in the namespace (left over from an older version) are skipped.
     """
-    modules = _stage_modules(pipeline)
+    modules = stage_modules(pipeline)
     if not modules:
         return []
     connection = next(iter(modules.values())).schema.connection

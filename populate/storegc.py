@@ -15,10 +15,7 @@ from pathlib import Path
 import datajoint as dj
 
 from ..connection import STORE
-
-
-def _schemas(pipeline) -> list:
-    return [m.schema for m in vars(pipeline).values() if isinstance(getattr(m, "schema", None), dj.Schema)]
+from .stages import stage_modules
 
 
 def collect_orphans(pipeline, delete: bool = False, min_age_hours: float = 24.0) -> dict:
@@ -28,15 +25,17 @@ def collect_orphans(pipeline, delete: bool = False, min_age_hours: float = 24.0)
     if spec.get("protocol") != "file":
         raise ValueError(f"neureg gc judges a file's age on a local or shared file store; the '{STORE}' store "
                          f"uses {spec.get('protocol')!r} (run DataJoint's GarbageCollector there by hand)")
-    collector = dj.gc.GarbageCollector(*_schemas(pipeline), store=STORE)
+    collector = dj.gc.GarbageCollector(*(m.schema for m in stage_modules(pipeline).values()), store=STORE)
     report = collector.collect(dry_run=True)
     root, cutoff = Path(spec["location"]), time.time() - min_age_hours * 3600
     old, recent, size = [], [], 0
     for path in report["orphaned_schema_paths"]:  # neureg stores <npy@> (schema-addressed) objects only
-        file = root / path
-        if not file.exists():
+        try:
+            stat = (root / path).stat()
+        except FileNotFoundError:  # gone since the listing
             continue
-        (old if file.stat().st_mtime < cutoff else recent).append(str(path))
-        size += file.stat().st_size if file.stat().st_mtime < cutoff else 0
+        is_old = stat.st_mtime < cutoff
+        (old if is_old else recent).append(str(path))
+        size += stat.st_size if is_old else 0
     deleted = sum(bool(collector.delete_schema_path(path)) for path in old) if delete else 0
     return {"old": old, "recent": recent, "deleted": deleted, "bytes": size, "min_age_hours": min_age_hours}

@@ -394,6 +394,11 @@ def scans_without_usable_repeats():
     return Scan - usable_repeats.proj()
 
 
+def per_unit(part, key: dict, attribute: str) -> np.ndarray:
+    """A per-unit float attribute of one scan (of any part keyed by ``Scan.Unit``), in response-matrix column order."""
+    return np.asarray(_column(part * Scan.Unit & key, attribute, order_by="unit_index"), dtype=np.float64)
+
+
 def unit_ids(key: dict) -> np.ndarray:
     """Unit ids in column order of the response matrix."""
     return np.asarray(_column(Scan.Unit & key, "unit_id", order_by="unit_index"), dtype=np.int64)

@@ -28,8 +28,7 @@ def activate(prefix: str = "neureg_", *, create_tables: bool = True) -> None:
 
 def snr_weights(key: dict) -> np.ndarray:
     """SNR weights of one scan's units, in the response matrix's column order."""
-    weights = (OracleStats.Unit * experiment.Scan.Unit & key).to_arrays("snr_weight", order_by="unit_index")
-    return np.asarray(weights, dtype=np.float64)
+    return experiment.per_unit(OracleStats.Unit, key, "snr_weight")
 
 
 @schema

@@ -49,12 +49,6 @@ class TargetConfig(ConfigTable, dj.Lookup):
         return full
 
 
-def _unit_columns(table, key: dict, attribute: str) -> np.ndarray:
-    """A per-unit attribute of one scan, in the response matrix's column order."""
-    return np.asarray((table * experiment.Scan.Unit & key).to_arrays(attribute, order_by="unit_index"),
-                      dtype=np.float64)
-
-
 def _rows(hashes: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     position = {h: i for i, h in enumerate(hashes)}
     return np.array([position[h] for h in wanted], dtype=np.int64)
@@ -68,7 +62,7 @@ def _model_inputs(model_key: dict, images: np.ndarray) -> tuple[np.ndarray, np.n
     """Predicted responses to ``images`` (rows in that order), SNR weights and model correlations of one model."""
     hashes, predicted = (predictive.ModelResponses & model_key).labeled()
     return (predicted[_rows(hashes, images)], oracle.snr_weights(model_key),
-            _unit_columns(predictive.PredictiveModel.Unit, model_key, "model_corr"))
+            experiment.per_unit(predictive.PredictiveModel.Unit, model_key, "model_corr"))
 
 
 def scan_model_similarity(model_key: dict, images: np.ndarray) -> np.ndarray:
