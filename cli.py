@@ -295,10 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="neureg_figures", help="folder for the PNGs (default ./neureg_figures)")
     p.set_defaults(func=cmd_report)
 
-    from .populate import accounts, worker
+    from .populate import accounts, verify, worker
+    from .reports import diagram
 
     worker.register_cli(sub)
     accounts.register_cli(sub)
+    verify.register_cli(sub)
+    diagram.register_cli(sub)
 
     p = sub.add_parser("demo", help="the main job: simulate a small cohort and run the pipeline on it")
     p.add_argument("--out", type=Path, help="where to write the demo's scan folders and figures")

@@ -75,6 +75,7 @@ def accounts_sql(prefix: str = "neureg_", lab=(DEFAULT_LAB,), workers=(DEFAULT_W
         "-- Lab members: read everything, add scans (INSERT into experiment); no UPDATE, DELETE or DROP.",
         "-- Workers: read everything, insert into experiment, fill and clean the computed schemas and their",
         "-- jobs tables, declare missing tables; no DROP.",
+        "-- Everyone: an ingested scan is sealed; triggers (at the end) refuse any row added to it.",
     ]
     for role, users, on_experiment, on_computed in (
         ("lab member", lab, LAB_EXPERIMENT, LAB_COMPUTED),
@@ -89,8 +90,60 @@ def accounts_sql(prefix: str = "neureg_", lab=(DEFAULT_LAB,), workers=(DEFAULT_W
             for stage in STAGES:
                 privileges = on_experiment if stage == EXPERIMENT else on_computed
                 lines.append(f"GRANT {', '.join(privileges)} ON {_schema(prefix, stage)}.* TO {account};")
-    lines += ["", "FLUSH PRIVILEGES;", ""]
+    lines += ["", "FLUSH PRIVILEGES;", "", *seal_sql(prefix), ""]
     return "\n".join(lines)
+
+
+#: The experiment tables that hold a scan's own rows (DataJoint's names), and the table whose row seals it.
+SCAN_ROWS = ("scan__unit", "trial", "behavior", "responses", "responses__block")
+SEAL_TABLE = "ingestion"
+SCAN_KEY = ("mouse", "session", "scan_idx")
+
+
+def seal_sql(prefix: str = "neureg_") -> list[str]:
+    """Triggers that make an ingested scan immutable in the database itself, whoever connects.
+
+    Grants already keep lab accounts from updating or deleting. What grants cannot express is "insert new
+    scans but add nothing to an old one": an INSERT grant on ``trial`` covers every scan. So ingestion writes
+    an ``ingestion`` row last, in the scan's own transaction, and these triggers refuse any row for a scan
+    that has one; the same trigger on ``ingestion`` checks the scan is complete and records the server's own
+    account and clock, so ``ingested_by`` cannot be forged. The triggers run as their definer (the
+    administrator), so they need no grant on ``ingestion`` for lab accounts beyond INSERT.
+    """
+    schema = f"`{prefix}experiment`"
+    match = " AND ".join(f"s.{c} = NEW.{c}" for c in SCAN_KEY)
+    lines = [
+        "-- Sealed scans: no row can be added to a scan once its ingestion row exists (needs the tables: run",
+        "-- `neureg init` once before this). The mysql client's DELIMITER lets the trigger bodies hold ';'.",
+        "DELIMITER //",
+    ]
+    for table in SCAN_ROWS:
+        lines += [
+            f"CREATE TRIGGER IF NOT EXISTS {schema}.`neureg_seal_{table}` BEFORE INSERT ON {schema}.`{table}` "
+            "FOR EACH ROW",
+            "BEGIN",
+            f"  IF EXISTS (SELECT 1 FROM {schema}.`{SEAL_TABLE}` s WHERE {match}) THEN",
+            "    SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'neureg: this scan is already ingested (sealed): "
+            "no row can be added to it';",
+            "  END IF;",
+            "END//",
+        ]
+    own = " AND ".join(f"{c} = NEW.{c}" for c in SCAN_KEY)
+    lines += [
+        f"CREATE TRIGGER IF NOT EXISTS {schema}.`neureg_seal_{SEAL_TABLE}` BEFORE INSERT ON {schema}.`{SEAL_TABLE}` "
+        "FOR EACH ROW",
+        "BEGIN",
+        f"  IF (SELECT COUNT(*) FROM {schema}.`trial` WHERE {own}) <> (SELECT n_trials FROM {schema}.`scan` WHERE {own})",
+        f"     OR (SELECT COUNT(*) FROM {schema}.`scan__unit` WHERE {own}) <> "
+        f"(SELECT n_units FROM {schema}.`scan` WHERE {own}) THEN",
+        "    SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'neureg: a scan is sealed only when all its trials and units "
+        "are in';",
+        "  END IF;",
+        "  SET NEW.ingested_by = USER(), NEW.ingested_at = UTC_TIMESTAMP();  -- the login (CURRENT_USER() is the definer)",
+        "END//",
+        "DELIMITER ;",
+    ]
+    return lines
 
 
 def parse_passwords(items) -> dict:
@@ -110,9 +163,23 @@ def parse_passwords(items) -> dict:
 
 
 def statements(sql: str) -> list[str]:
-    """The script's statements without comments, for running it through a database connection."""
-    body = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
-    return [s.strip() for s in body.split(";\n") if s.strip().rstrip(";")]
+    """The script's statements without comments, for running it through a database connection (which,
+    unlike the mysql client, has no DELIMITER command: statements are split here as the client would)."""
+    found, current, delimiter = [], [], ";"
+    for line in sql.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("--") or not stripped:
+            continue
+        if stripped.upper().startswith("DELIMITER "):
+            delimiter = stripped.split(None, 1)[1]
+            continue
+        if stripped.endswith(delimiter):
+            current.append(line.rstrip()[: -len(delimiter)])
+            found.append("\n".join(current).strip())
+            current = []
+        else:
+            current.append(line)
+    return [s for s in found if s]
 
 
 # ---------------------------------------------------------------------------------------- command line

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import datajoint as dj
 from datajoint.errors import DuplicateError, LostConnectionError
 
+from ..connection import ensure_embedded_server
 from .heartbeat import Heartbeat
 from .stages import pipeline_tables, stage_tables
 from .worker_jobs import HOST, attempts_recorded, job_key, release, retry_failed, tag_message
@@ -293,6 +294,7 @@ class Worker:
         while not self._stopping():
             self._sleep(delay)
             try:
+                ensure_embedded_server()  # a killed embedded server is started again; a lab server is waited for
                 self.connection.connect()
                 self.connection.cancel_transaction()
                 self._release_own("that were running when the connection was lost")

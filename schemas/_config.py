@@ -19,6 +19,7 @@ import datajoint as dj
 import numpy as np
 
 from ..hashing import stable_hash
+from ._store import load_array
 from ..models.neural.oracle import LabeledSimilarity
 from ..models.registry import Registry, complete_kwargs
 
@@ -106,7 +107,7 @@ class ImageMatrix:
     def labeled(self) -> LabeledSimilarity:
         """(image hashes in row order, the matrix) of one row: the one reader of such a matrix."""
         hashes = np.atleast_1d((self.Image & self).to_arrays("image_hash", order_by="row_index")).astype(str)
-        return LabeledSimilarity(hashes, np.asarray(self.fetch1(self.matrix_attribute)))
+        return LabeledSimilarity(hashes, load_array(type(self), self.fetch1("KEY"), self.matrix_attribute))
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ minutes to load and a single ``.npy`` takes a fraction of a second.
 
 from __future__ import annotations
 
+import datetime
 import random
 import re
 import shutil
@@ -17,10 +18,12 @@ from pathlib import Path
 import datajoint as dj
 import numpy as np
 
-from ..errors import ScanExistsError
+from .. import __version__
+from ..errors import ScanExistsError, StoreIntegrityError
 from ..hashing import stable_hash
 from ..scanfolder import BEHAVIOR_COLUMNS, ScanData
 from ._config import transaction
+from ._store import load_array, stored
 
 schema = dj.Schema()
 RESPONSE_BLOCK_TRIALS = 500  # 16 MB per block at 8000 units
@@ -158,7 +161,27 @@ class Responses(dj.Manual):
         ---
         first_trial      : int32
         responses        : <npy@neureg>             # float32 (n_trials_in_block, n_units)
+        responses_sha256 : char(64)                 # its SHA-256 (dtype, shape, bytes), checked on every read
         """
+
+
+@schema
+class Ingestion(dj.Manual):
+    """Who ingested a scan and when: written last, in the scan's own transaction, so it also seals the scan.
+
+    A scan with this row is complete (its trials, units and blocks all landed) and closed: on a lab's
+    MySQL server the triggers ``neureg accounts --sql`` installs refuse any further Unit, Trial, Behavior
+    or response row for it, and fill ``ingested_by``/``ingested_at`` from the server itself (the client's
+    values are overwritten), so neither can be forged by a lab account. Only sealed scans are computed on.
+    """
+
+    definition = """
+    -> Scan
+    ---
+    ingested_by          : varchar(255)             # database login, user@client-host (set by the server where sealed)
+    ingested_at          : datetime                 # UTC
+    neureg_version       : varchar(32)              # the neureg that validated the files
+    """
 
 
 @schema
@@ -334,7 +357,10 @@ def _insert_scan_once(data: ScanData, source_path: str) -> dict:
         Responses.insert1(dict(key, n_blocks=len(starts)))
         for block, first in enumerate(starts):
             rows = np.ascontiguousarray(data.responses[first : first + RESPONSE_BLOCK_TRIALS], dtype=np.float32)
-            Responses.Block.insert1(dict(key, block_idx=block, first_trial=first, responses=rows))
+            Responses.Block.insert1(dict(key, block_idx=block, first_trial=first, **stored("responses", rows)))
+        Ingestion.insert1(dict(key, ingested_by=str(Scan.connection.conn_info.get("user", ""))[:255],
+                               ingested_at=datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None),
+                               neureg_version=__version__))
     return key
 
 
@@ -354,8 +380,12 @@ def load_responses(key: dict, include_withheld: bool = False) -> np.ndarray:
     n_trials, n_units = (Scan & key).fetch1("n_trials", "n_units")
     matrix = np.empty((n_trials, n_units), dtype=np.float32)
     for block_key in (Responses.Block & key).keys(order_by="block_idx"):
-        first, block = (Responses.Block & block_key).fetch1("first_trial", "responses")
-        matrix[first : first + len(block)] = np.asarray(block)  # one block in memory besides the matrix
+        first = (Responses.Block & block_key).fetch1("first_trial")
+        block = load_array(Responses.Block, block_key, "responses")  # one block in memory besides the matrix
+        if block.shape[1] != n_units or first + len(block) > n_trials:
+            raise StoreIntegrityError(f"{Responses.Block.full_table_name} {block_key}: a block of shape "
+                                      f"{block.shape} does not fit the scan's {n_trials} x {n_units} matrix")
+        matrix[first : first + len(block)] = block
     if include_withheld:
         return matrix
     usable = usable_trials(key)

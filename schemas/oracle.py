@@ -15,6 +15,7 @@ from ..models.neural import oracle as eq
 from ..hashing import stable_hash
 from . import experiment
 from ._config import ImageMatrix, ImageRows
+from ._store import stored
 
 logger = logging.getLogger("neureg")
 schema = dj.Schema()
@@ -47,8 +48,9 @@ class OracleStats(dj.Computed):
 
     @property
     def key_source(self):
-        """Scans with repeated trials whose responses were recorded (withheld ones never count)."""
-        return experiment.Scan - experiment.scans_without_usable_repeats().proj()
+        """Sealed scans (ingestion finished) with repeated trials whose responses were recorded (withheld ones
+        never count)."""
+        return (experiment.Scan & experiment.Ingestion.proj()) - experiment.scans_without_usable_repeats().proj()
 
     class Unit(dj.Part):
         """One unit's signal and noise variance and its SNR weight w_a."""
@@ -102,6 +104,7 @@ class DataSimilarity(ImageMatrix, dj.Computed):
     ---
     n_images             : int32
     similarity           : <npy@neureg>             # float32 (n_images, n_images), rows as in the Image part
+    similarity_sha256    : char(64)                 # its SHA-256 (dtype, shape, bytes), checked on every read
     """
 
     class Image(ImageRows):
@@ -110,7 +113,7 @@ class DataSimilarity(ImageMatrix, dj.Computed):
     def make(self, key):
         responses, trials = experiment.load_responses(key), experiment.load_trials(key)
         labels, matrix = eq.single_presentation_similarity(responses, trials["image_hash"], snr_weights(key))
-        self.insert1(dict(key, n_images=len(labels), similarity=matrix))
+        self.insert1(dict(key, n_images=len(labels), **stored("similarity", matrix)))
         self.Image.insert(ImageRows.rows(key, labels))
 
 

@@ -20,6 +20,7 @@ from ..models.runtime import default_device
 from ..models.serialization import array_to_state, state_to_array
 from . import experiment, oracle
 from ._config import ConfigTable, ImageMatrix, ImageRows
+from ._store import load_array, stored
 
 logger = logging.getLogger("neureg")
 schema = dj.Schema()
@@ -85,6 +86,7 @@ class PredictiveModel(dj.Computed):
     -> Seed
     ---
     weights              : <npy@neureg>             # torch.save(state_dict) bytes as uint8
+    weights_sha256       : char(64)                 # its SHA-256 (dtype, shape, bytes), checked on every read
     val_corr             : float64                  # mean per-unit correlation on validation trials
     test_corr            : float64                  # mean v_a: correlation on held-out oracle/test trials
     best_epoch           : int16
@@ -132,7 +134,7 @@ class PredictiveModel(dj.Computed):
         self.insert1(
             dict(
                 key,
-                weights=weights,
+                **stored("weights", weights),
                 val_corr=float(result.best_val_corr),
                 test_corr=float(np.mean(evaluated.model_corr)),
                 best_epoch=result.best_epoch,
@@ -157,7 +159,7 @@ class PredictiveModel(dj.Computed):
         height, width = (experiment.Image & (experiment.Trial & key)).to_arrays("height", "width", limit=1)
         config = PredictorConfig.config_of(key)
         shape = downsampled_shape((int(height[0]), int(width[0])), config["image_scale"])
-        return fit.load_predictor(array_to_state(self.fetch1("weights")), config, int(n_units), shape, device)
+        return fit.load_predictor(array_to_state(load_array(self, key, "weights")), config, int(n_units), shape, device)
 
 
 @schema
@@ -171,6 +173,7 @@ class ModelResponses(ImageMatrix, dj.Computed):
     ---
     n_images             : int32
     responses            : <npy@neureg>             # float32 (n_images, n_units), rows as in the Image part
+    responses_sha256     : char(64)                 # its SHA-256 (dtype, shape, bytes), checked on every read
     """
 
     class Image(ImageRows):
@@ -182,6 +185,6 @@ class ModelResponses(ImageMatrix, dj.Computed):
         model = (PredictiveModel & key).load_model()
         scale = PredictorConfig.config_of(key)["image_scale"]
         predicted = fit.predict_responses(model, downsample(experiment.load_images(hashes), scale))
-        self.insert1(dict(key, n_images=len(hashes), responses=predicted.astype(np.float32)))
+        self.insert1(dict(key, n_images=len(hashes), **stored("responses", predicted.astype(np.float32))))
         self.Image.insert(ImageRows.rows(key, hashes))
         logger.info("predicted %d images for %s in %.1f s", len(hashes), key, time.perf_counter() - start)

@@ -17,6 +17,7 @@ from ..models.neural import similarity as sim
 from ..models.neural import targets
 from . import experiment, oracle, predictive
 from ._config import ConfigTable, ImageMatrix, ImageRows
+from ._store import stored
 
 logger = logging.getLogger("neureg")
 schema = dj.Schema()
@@ -106,6 +107,7 @@ class SimilarityTarget(ImageMatrix, dj.Computed):
     method               : varchar(32)              # copied from the config for easy queries
     n_images             : int32
     similarity           : <npy@neureg>             # float32 (n_images, n_images), rows as in the Image part
+    similarity_sha256    : char(64)                 # its SHA-256 (dtype, shape, bytes), checked on every read
     image_scale          : float32                  # networks regularized toward it see the images at this scale
     permutation = null   : <blob>                   # shuffle: row i holds image perm[i]'s similarities
     weights_sha256 = ''  : char(64)                 # vgg: checksum of the weights file used
@@ -135,7 +137,7 @@ class SimilarityTarget(ImageMatrix, dj.Computed):
         images = shared_non_oracle_images(members)
         target = targets.build_target(config, _target_inputs(config, members, images))
         self.insert1(dict(key, method=config["method"], n_images=len(images), image_scale=target.image_scale,
-                          similarity=target.matrix.astype(np.float32), **target.extra))
+                          **stored("similarity", target.matrix.astype(np.float32)), **target.extra))
         self.Image.insert(ImageRows.rows(key, images))
         self.Agreement.insert(dict(key, **m, scan_target_r=r) for m, r in zip(members, target.agreement()))
 

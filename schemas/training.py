@@ -24,6 +24,7 @@ from . import experiment, similarity
 from ..models.neural.images import downsample
 from ..models.registry import complete_kwargs
 from ._config import ConfigTable, transaction
+from ._store import load_array, stored
 
 logger = logging.getLogger("neureg")
 schema = dj.Schema()
@@ -207,6 +208,7 @@ class TrainedNetwork(dj.Computed):
     -> Seed
     ---
     weights              : <npy@neureg>             # torch.save(state_dict) bytes as uint8
+    weights_sha256       : char(64)                 # its SHA-256 (dtype, shape, bytes), checked on every read
     test_accuracy        : float64                  # clean test accuracy
     gamma = null         : <blob>                   # final softmax layer weights (None when alpha = 0)
     wall_seconds         : float64
@@ -268,7 +270,7 @@ class TrainedNetwork(dj.Computed):
         self.insert1(
             dict(
                 key,
-                weights=weights,
+                **stored("weights", weights),
                 test_accuracy=float(result.test_accuracy),
                 gamma=None if result.gamma is None else np.asarray(result.gamma, dtype=np.float64),
                 wall_seconds=float(result.wall_seconds),
@@ -289,7 +291,7 @@ class TrainedNetwork(dj.Computed):
         key = self.fetch1("KEY")
         n_classes = (Dataset & key).fetch1("n_classes")
         model = networks.build_network({**NetworkConfig.config_of(key), "n_classes": int(n_classes)})
-        model.load_state_dict(array_to_state(self.fetch1("weights")))
+        model.load_state_dict(array_to_state(load_array(self, key, "weights")))
         return model.to(device).eval()
 
 

@@ -48,7 +48,7 @@ def _tree(path: Path) -> ast.Module:
 CITATION_PATTERNS = {
     "DESIGN.md": re.compile(r"DESIGN\.md"),
     "shared/": re.compile(r"(?<![\w.-])shared/"),
-    "issue number": re.compile(r"\bissues?\s*(?:no\.?\s*)?#?\s*\d+|(?<![\w&#/])#\d+\b(?![\w-])", re.IGNORECASE),
+    "issue number": re.compile(r"\bissues?\s*(?:no\.?\s*)?#?\s*\d+|(?<![\w&#/:])#\d+\b(?![\w-])", re.IGNORECASE),
 }
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import re
 import shutil
 import subprocess
@@ -186,6 +187,20 @@ def _refused(connection, sql: str) -> bool:
     return False
 
 
+def _sealed(connection, sql: str) -> bool:
+    """Whether the server refused ``sql`` with the seal trigger's message."""
+    import pymysql
+
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(sql)
+        connection.commit()
+    except pymysql.err.MySQLError as exc:
+        connection.rollback()
+        return "sealed" in str(exc)
+    return False
+
+
 def test_lab_member_adds_scans_and_reads_but_cannot_delete_results(pipeline, subprocess_env, scan_folder_factory,
                                                                     unique_mouse, tmp_path):
     if pipeline.backend != "mysql":
@@ -229,12 +244,48 @@ def test_lab_member_adds_scans_and_reads_but_cannot_delete_results(pipeline, sub
         assert _refused(as_lab, f"UPDATE {pipeline.experiment.Scan.full_table_name} SET scan_idx=99 "
                                 f"WHERE mouse='{unique_mouse}'")  # would cascade into the results
         assert _refused(as_lab, f"DELETE FROM {pipeline.experiment.Scan.full_table_name} WHERE mouse='{unique_mouse}'")
+        # Sealed: nobody (lab, worker, administrator) can add a trial, unit or block to an ingested scan.
+        exp, where = pipeline.experiment, f"mouse='{unique_mouse}' AND session=1 AND scan_idx=1"
+        n_trials = len(exp.Trial & key)
+        append_trial = (f"INSERT INTO {exp.Trial.full_table_name} (mouse, session, scan_idx, trial_idx, image_hash, "
+                        "frame_image_id, tier, withheld) SELECT mouse, session, scan_idx, 99999, image_hash, "
+                        f"frame_image_id, tier, withheld FROM {exp.Trial.full_table_name} WHERE {where} LIMIT 1")
+        append_unit = (f"INSERT INTO {exp.Scan.Unit.full_table_name} (mouse, session, scan_idx, unit_id, unit_index, "
+                       f"x, y, z) VALUES ('{unique_mouse}', 1, 1, 99999, 99999, 0, 0, 0)")
+        append_block = (f"INSERT INTO {exp.Responses.Block.full_table_name} SELECT mouse, session, scan_idx, 999, "
+                        f"first_trial, responses, responses_sha256 FROM {exp.Responses.Block.full_table_name} "
+                        f"WHERE {where} LIMIT 1")
+        as_worker = pymysql.connect(host=info["host"], port=info["port"], user=worker, password=passwords[worker])
+        for connection in (as_lab, as_worker):
+            for sql in (append_trial, append_unit, append_block):
+                assert _sealed(connection, sql), sql
+        for sql in (append_trial, append_unit):
+            with pytest.raises(Exception, match="sealed"):
+                admin.query(sql)
+        assert len(exp.Trial & key) == n_trials and len(exp.Scan.Unit & key) == 12
+        who, at = (exp.Ingestion & key).fetch1("ingested_by", "ingested_at")
+        assert who.startswith(f"{lab}@")  # the server's USER() (login and client host), not what the client sent
+        assert abs((datetime.datetime.utcnow() - at).total_seconds()) < 600
+        # A seal names the server's account and clock whatever the client sends, and only seals a whole scan.
+        with as_lab.cursor() as cursor:
+            for scan_idx, n_trials in ((2, 0), (3, 5)):
+                cursor.execute(f"INSERT INTO {exp.Scan.full_table_name} (mouse, session, scan_idx, n_trials, n_units) "
+                               f"VALUES ('{unique_mouse}', 1, {scan_idx}, {n_trials}, 0)")
+            cursor.execute(f"INSERT INTO {exp.Ingestion.full_table_name} VALUES ('{unique_mouse}', 1, 2, "
+                           "'someone@else', '2001-01-01 00:00:00', 'x')")
+        as_lab.commit()
+        assert (exp.Ingestion & dict(key, scan_idx=2)).fetch1("ingested_by").startswith(f"{lab}@")
+        incomplete = (f"INSERT INTO {exp.Ingestion.full_table_name} VALUES ('{unique_mouse}', 1, 3, 'x', "
+                      "'2001-01-01 00:00:00', 'x')")
+        assert _sealed(as_lab, incomplete) and not (exp.Ingestion & dict(key, scan_idx=3))
         as_lab.close()
+        as_worker.close()
         as_worker = pymysql.connect(host=info["host"], port=info["port"], user=worker, password=passwords[worker])
         assert _refused(as_worker, f"DROP TABLE {stats}")
         as_worker.close()
         assert len(pipeline.oracle.OracleStats & key) == 1
     finally:
+        (pipeline.experiment.Scan & {"mouse": unique_mouse} & "scan_idx > 1").delete(prompt=False)
         for user in (lab, worker):
             admin.query(f"DROP USER IF EXISTS '{user}'@'%%'")
 

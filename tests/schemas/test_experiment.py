@@ -56,6 +56,22 @@ def test_round_trip_is_bitwise_equal(pipeline, tmp_path, unique_mouse, scan_fold
     np.testing.assert_array_equal(start, np.arange(frame_ids.size) * 1.5)
 
 
+def test_ingestion_seals_the_scan_and_records_who_and_when(pipeline, tmp_path, unique_mouse, scan_folder_factory):
+    import datetime
+
+    import neureg
+
+    exp = pipeline.experiment
+    key = ingest_folder(scan_folder_factory(tmp_path / "scan", mouse=unique_mouse), pipeline)
+    who, when, version = (exp.Ingestion & key).fetch1("ingested_by", "ingested_at", "neureg_version")
+    assert who == exp.Scan.connection.conn_info["user"] and version == neureg.__version__
+    assert abs((datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None) - when).total_seconds()) < 600
+    # The same scan without its ingestion row (rows written by hand, bypassing ingest) is not computed on.
+    assert pipeline.oracle.OracleStats.key_source & key
+    (exp.Ingestion & key).delete_quick()
+    assert not (pipeline.oracle.OracleStats.key_source & key)
+
+
 def test_shared_images_are_one_row(pipeline, tmp_path, unique_mouse, scan_folder_factory):
     exp = pipeline.experiment
     first = ingest_folder(scan_folder_factory(tmp_path / "a", mouse=unique_mouse, scan=1, seed=7), pipeline)

@@ -1,0 +1,73 @@
+"""Arrays in the object store, each with its SHA-256 kept in the database and checked on every read.
+
+DataJoint's ``<npy@store>`` trusts the store: a flipped byte loads without error, a valid but
+wrong-shaped file is broadcast into the caller's array, and a truncated one fails with a message that
+names neither the table nor the row. So every ``<npy@neureg>`` attribute ``x`` has a sibling column
+``x_sha256``, the digest of the array's dtype, shape and bytes, written in the same INSERT as the
+array; :func:`load_array` recomputes it after every read. A mismatch, a missing or unreadable file, or a
+shape other than the one recorded is a :class:`StoreIntegrityError` naming the table, the key and the
+file, so no stage computes from damaged data. ``neureg verify`` runs the same check over a whole store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from datajoint.errors import MissingExternalFile
+
+from ..errors import StoreIntegrityError
+
+DIGEST_SUFFIX = "_sha256"
+
+
+def array_digest(array: np.ndarray) -> str:
+    """SHA-256 over dtype, shape and C-order bytes: equal for equal arrays, whatever the file layout."""
+    array = np.ascontiguousarray(array)
+    digest = hashlib.sha256(f"{array.dtype.str}|{array.shape}|".encode())
+    digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
+def stored(attribute: str, array: np.ndarray) -> dict:
+    """The two columns of one stored array, for an insert: ``dict(key, **stored("responses", matrix))``."""
+    array = np.ascontiguousarray(array)
+    return {attribute: array, attribute + DIGEST_SUFFIX: array_digest(array)}
+
+
+def stored_attributes(table) -> list[str]:
+    """The store-backed array attributes of a table (those with a digest column)."""
+    names = table.heading.names
+    return [name for name in names if name + DIGEST_SUFFIX in names]
+
+
+def load_array(table, key: dict, attribute: str) -> np.ndarray:
+    """One array attribute of one row; from the store, verified: its file exists, reads, has the recorded shape
+    and hash. (An in-database ``<blob>`` has no digest column: the database keeps it whole.)"""
+    if attribute + DIGEST_SUFFIX not in table.heading.names:
+        return np.asarray((table & key).fetch1(attribute))
+    ref, digest = (table & key).fetch1(attribute, attribute + DIGEST_SUFFIX)
+    return verified(ref, digest, table, key, attribute)
+
+
+def verified(ref, digest: str, table, key: dict, attribute: str) -> np.ndarray:
+    """The array behind ``ref`` if it matches ``digest``; else a StoreIntegrityError that says where."""
+    path = getattr(ref, "path", "?")
+
+    def damaged(fault: str) -> StoreIntegrityError:
+        where = {k: key[k] for k in table.primary_key if k in key}
+        return StoreIntegrityError(f"{table.full_table_name}.{attribute} {where}: {fault} (store file {path})",
+                                   table=table.full_table_name, key=where, path=path, fault=fault)
+
+    try:
+        array = ref.load()
+    except (FileNotFoundError, MissingExternalFile):
+        raise damaged("the file is missing") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise damaged(f"the file is unreadable ({exc})") from None
+    if tuple(array.shape) != tuple(ref.shape) or array.dtype != ref.dtype:
+        raise damaged(f"the file holds {array.dtype} {tuple(array.shape)}, the database recorded "
+                      f"{ref.dtype} {tuple(ref.shape)}")
+    if array_digest(array) != digest:
+        raise damaged("the content does not match its SHA-256 recorded at insert")
+    return array
