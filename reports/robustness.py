@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..models.robustness import attacks as atk
+from ..models.robustness.comparison import BASELINE, compare_with_baseline
 from ._plot import plt, save
 
 CONDITION_ORDER = ("None", "Shuffle", "Random", "Pixel", "Pixel threshold", "VGG", "Neural (data)",
@@ -58,8 +59,7 @@ def per_network_metrics(pipeline, restriction=None) -> list[dict]:
 def results_table(pipeline, restriction=None) -> list[dict]:
     """Condition x metric: for each condition, ``{metric: (mean, sem, n_seeds)}`` plus 'condition'."""
     rows = per_network_metrics(pipeline, restriction)
-    metrics = sorted({m for r in rows for m in r if m not in ("condition", "seed", "key", "noise curve")},
-                     key=_metric_order)
+    metrics = comparison_metrics(rows)
     table = []
     for condition in _ordered({r["condition"] for r in rows}):
         entry = {"condition": condition}
@@ -67,6 +67,7 @@ def results_table(pipeline, restriction=None) -> list[dict]:
             values = np.array([r[metric] for r in rows if r["condition"] == condition and metric in r], dtype=float)
             if values.size:
                 sem = values.std(ddof=1) / np.sqrt(values.size) if values.size > 1 else float("nan")
+                sem = 0.0 if sem < 1e-12 * max(1.0, abs(values.mean())) else sem  # equal seeds: not 3.9e-17
                 entry[metric] = (float(values.mean()), float(sem), int(values.size))
         table.append(entry)
     return table
@@ -99,6 +100,37 @@ def write_table(table: list[dict], out: Path) -> tuple[Path, Path]:
         lines.append(f"| {row['condition']} | " + " | ".join(cells) + " |")
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
+
+
+def comparison_metrics(rows: list[dict]) -> list[str]:
+    """The scalar metrics of the per-network rows, in table order."""
+    return sorted({m for r in rows for m in r if m not in ("condition", "seed", "key", "noise curve")},
+                  key=_metric_order)
+
+
+def write_comparison(rows: list[dict], out: Path) -> Path:
+    """Markdown: per condition and metric, the paired difference from None over seeds with its 95% CI; '*'
+    marks a difference significant after Holm's correction (see models/robustness/comparison.py)."""
+    metrics = comparison_metrics(rows)
+    found = compare_with_baseline(rows, metrics)
+    conditions = [c for c in _ordered({d.condition for d in found})]
+    lines = ["| condition - None | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for condition in conditions:
+        cells = []
+        for metric in metrics:
+            d = next((x for x in found if x.condition == condition and x.metric == metric), None)
+            if d is None or not np.isfinite(d.p):
+                cells.append("n/a")
+            else:
+                cells.append(f"{d.mean:+.3g} [{d.low:+.3g}, {d.high:+.3g}] p={d.p:.2g}{' *' if d.significant else ''}")
+        lines.append(f"| {condition} | " + " | ".join(cells) + " |")
+    lines += ["", "Mean paired difference over seeds (condition minus None, same seed), [95% CI] from Student's t, "
+              "two-sided paired t-test p; * significant at 0.05 after Holm's correction over the conditions of "
+              "each metric. n/a: fewer than two paired seeds, or a value beyond every attack."]
+    path = out / "robustness_vs_none.md"
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def noise_figure(rows: list[dict], out: Path) -> Path:
@@ -143,6 +175,8 @@ def robustness_figures(pipeline, out: Path) -> list[Path]:
     if not rows:
         raise LookupError("no trained networks yet: plan training runs and populate the training stage")
     paths = list(write_table(results_table(pipeline), out))
+    if any(r["condition"] == BASELINE for r in rows):
+        paths.append(write_comparison(rows, out))
     if any("noise curve" in r for r in rows):
         paths.append(noise_figure(rows, out))
     if any(k.startswith("median") for r in rows for k in r):
