@@ -1,9 +1,32 @@
-# One image for workers and Jupyter. Credentials come from the environment at run time, never from here.
-FROM python:3.11-slim
-RUN apt-get update && apt-get install -y --no-install-recommends default-mysql-client && rm -rf /var/lib/apt/lists/*
+# neureg's images, one file, two targets (docker compose builds both):
+#   worker   lean: the official PyTorch CUDA runtime image + neureg with the S3 client, at the locked versions
+#            (constraints.txt); no test extras, no Jupyter. deploy/apptainer/neureg-worker.def builds the same
+#            thing for clusters.
+#   jupyter  the worker image + JupyterLab, for the lab's notebooks.
+# Credentials come from the environment at run time, never from here; .dockerignore keeps secrets, virtual
+# environments, data and .git out of the build context.
+#
+# The base image's torch must be the locked one (tests/test_deployment.py checks the tag against constraints.txt),
+# so pip keeps it instead of downloading another 5 GB.
+ARG PYTORCH_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
+
+FROM ${PYTORCH_IMAGE} AS worker
 WORKDIR /opt/neureg
-COPY . .
-RUN pip install --no-cache-dir -e ".[test]" jupyterlab && useradd --create-home neureg
+COPY pyproject.toml constraints.txt README.md ./
+COPY __init__.py __main__.py cli.py completion.py connection.py errors.py hashing.py scan_identity.py scan_validation.py scanfolder.py ./
+COPY schemas ./schemas
+COPY models ./models
+COPY populate ./populate
+COPY reports ./reports
+COPY notebooks ./notebooks
+RUN pip install --no-cache-dir ".[s3]" -c constraints.txt \
+ && useradd --create-home --uid 1000 neureg
 USER neureg
-ENV NEUREG_BACKEND=server NEUREG_STORE=/store
+ENV NEUREG_BACKEND=server
 CMD ["neureg", "worker"]
+
+FROM worker AS jupyter
+USER root
+RUN pip install --no-cache-dir "jupyterlab==4.6.6" -c constraints.txt
+USER neureg
+CMD ["jupyter", "lab", "--ip=0.0.0.0", "--port=8888", "--no-browser", "--notebook-dir=/opt/neureg/notebooks"]

@@ -21,16 +21,27 @@ def _connect(args):
 
 def cmd_init(args) -> int:
     """`neureg init`: start or reach the database, declare every schema, and say where everything is."""
-    from .connection import active_settings
+    from .connection import active_settings, describe_store
     from .populate.stages import stage_modules
     import datajoint as dj
 
+    from .schemas._store import ensure_bucket
+
     pipeline = _connect(args)
     settings = active_settings()
-    print(f"backend : {settings.backend} ({dj.config['database.backend']} at {dj.config['database.host']})")
-    print(f"home    : {settings.home}")
-    print(f"store   : {settings.store or dj.config.stores.get('neureg')}")
-    print(f"schemas : {', '.join(m.schema.database for m in stage_modules(pipeline).values())}")
+    bucket = ensure_bucket()
+    facts = {
+        "backend": settings.backend, "server": f"{dj.config['database.backend']} at {dj.config['database.host']}",
+        "home": str(settings.home), "store": describe_store(settings) + (f" ({bucket})" if bucket else ""),
+        "schemas": [m.schema.database for m in stage_modules(pipeline).values()],
+    }
+    if args.json:
+        print(json.dumps(facts, indent=1))
+        return 0
+    print(f"backend : {facts['backend']} ({facts['server']})")
+    print(f"home    : {facts['home']}")
+    print(f"store   : {facts['store']}")
+    print(f"schemas : {', '.join(facts['schemas'])}")
     return 0
 
 
@@ -98,6 +109,10 @@ def cmd_simulate(args) -> int:
         args.out, n_mice=args.mice, n_days=args.days, scans_per_day=args.scans_per_day, n_units=args.units,
         n_images=args.images, n_oracle=args.oracle_images, n_repeats=args.repeats, seed=args.seed,
     )
+    if args.json:
+        print(json.dumps({"folders": [str(f) for f in folders], "ground_truth": str(Path(args.out) / "ground_truth")},
+                         indent=1))
+        return 0
     for folder in folders:
         print(folder)
     print(f"simulated {len(folders)} scan folder(s); ground truth in {Path(args.out) / 'ground_truth'}", file=sys.stderr)
@@ -116,11 +131,14 @@ def cmd_populate(args) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    failed = 0
+    failed = sum(len(result["errors"]) for result in summary.values())
+    if args.json:
+        print(json.dumps({table: {"new_rows": r["new_rows"], "seconds": r["seconds"], "errors": [str(e) for e in r["errors"]]}
+                          for table, r in summary.items()}, indent=1))
     for table, result in summary.items():
-        print(f"{table}: +{result['new_rows']} rows in {result['seconds']} s")
+        if not args.json:
+            print(f"{table}: +{result['new_rows']} rows in {result['seconds']} s")
         for error in result["errors"]:
-            failed += 1
             print(f"  error: {error}", file=sys.stderr)
     for line in skipped_scans(pipeline):
         print(line, file=sys.stderr)
@@ -201,6 +219,9 @@ def cmd_report(args) -> int:
     except LookupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if args.json:
+        print(json.dumps([str(p) for p in paths], indent=1))
+        return 0
     for path in paths:
         print(path)
     return 0
@@ -225,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"neureg {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("init", help="start or reach the database and declare every schema")
+    p = sub.add_parser("init", help="start or reach the database and declare every schema (and an S3 store's bucket)")
+    p.add_argument("--json", action="store_true", help="print one JSON object: backend, server, home, store, schemas")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("ingest", help="validate scan folder(s) and insert each in one transaction")
@@ -247,12 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oracle-images", type=int, default=100, help="images shown repeatedly (default 100)")
     p.add_argument("--repeats", type=int, default=10, help="repeats of each oracle image (default 10)")
     p.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object: folders, ground_truth")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("populate", help="fill the computed tables of one stage, or of all, in this process")
     p.add_argument("--stage", action="append", metavar="NAME", help="stage to populate (repeatable; default: all)")
     p.add_argument("--reserve-jobs", action="store_true", help="coordinate with other processes through job tables")
     p.add_argument("--keep-going", action="store_true", help="record failing keys and go on (exit status 1)")
+    p.add_argument("--json", action="store_true", help="print one JSON object: table -> new_rows, seconds, errors")
     p.set_defaults(func=cmd_populate)
 
     p = sub.add_parser("gc", help="find (and --delete) object-store files that no row references",
@@ -293,8 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write figures (PNG) from the database")
     p.add_argument("what", choices=["oracle", "similarity", "robustness"], help="which figures (robustness: also the results table as CSV and Markdown)")
     p.add_argument("--out", default="neureg_figures", help="folder for the PNGs (default ./neureg_figures)")
+    p.add_argument("--json", action="store_true", help="print the written files as one JSON list")
     p.set_defaults(func=cmd_report)
 
+    from . import completion
     from .populate import accounts, verify, worker
     from .reports import diagram
 
@@ -302,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     accounts.register_cli(sub)
     verify.register_cli(sub)
     diagram.register_cli(sub)
+    completion.register_cli(sub)
 
     p = sub.add_parser("demo", help="the main job: simulate a small cohort and run the pipeline on it")
     p.add_argument("--out", type=Path, help="where to write the demo's scan folders and figures")

@@ -4,7 +4,9 @@ Zero configuration means an embedded PostgreSQL server and a local object store 
 (default: the per-user data directory), so a notebook or a laptop needs nothing installed. A lab points
 neureg at its server the DataJoint way: a ``datajoint.json`` (or ``.secrets/``) or the ``DJ_HOST``,
 ``DJ_USER``, ``DJ_PASS``, ``DJ_BACKEND`` variables. ``NEUREG_PREFIX`` names the schemas so several projects
-share one server; ``NEUREG_STORE`` moves the object store (workers on several machines share one).
+share one server. The object store is a folder (``NEUREG_STORE``, default ``$NEUREG_HOME/store``; a shared
+POSIX path when workers sit on several hosts) or any store named ``neureg`` in DataJoint's own store
+configuration (``DJ_STORES`` or ``datajoint.json``), such as an S3-compatible bucket (MinIO, Ceph, AWS).
 """
 
 from __future__ import annotations
@@ -59,9 +61,15 @@ class Settings:
         if backend not in ("embedded", "server"):
             raise ConfigurationError(f"NEUREG_BACKEND must be 'embedded' or 'server', got {backend!r}")
         store = os.environ.get("NEUREG_STORE")
+        if store and "://" in store:
+            raise ConfigurationError(
+                f"NEUREG_STORE={store!r}: NEUREG_STORE is a folder; an S3 bucket is configured as DataJoint's store "
+                '\'neureg\', e.g. DJ_STORES=\'{"neureg": {"protocol": "s3", "endpoint": "HOST:9000", "bucket": "B", '
+                '"location": "neureg", "access_key": "...", "secret_key": "...", "secure": false}}\''
+            )
         if store:
             store_path = Path(store).expanduser()
-        elif backend == "server" and _lab_store_configured():
+        elif _lab_store_configured():
             store_path = None
         else:
             store_path = home / "store"
@@ -76,6 +84,32 @@ def _lab_store_configured() -> bool:
     if not _original_stores:
         _original_stores.append(dict(_dj().config.stores or {}))
     return bool(_original_stores[0].get(STORE))
+
+
+def describe_store(settings: "Settings") -> str:
+    """Where the arrays go, for people: a folder, or ``s3://bucket/location at endpoint`` (never a key)."""
+    if settings.store is not None:
+        return str(settings.store)
+    spec = dict(_dj().config.stores.get(STORE) or {})
+    if spec.get("protocol") == "s3":
+        return f"s3://{spec.get('bucket')}/{spec.get('location', '')} at {spec.get('endpoint')}"
+    return f"{spec.get('protocol', 'file')}: {spec.get('location')}"
+
+
+def _check_lab_store(dj) -> None:
+    """A store from DataJoint's config is complete and its protocol's library is installed; else one clear
+    error (DataJoint would only fail at the first array, deep inside a job)."""
+    try:
+        spec = dj.config.get_store_spec(STORE)
+    except Exception as exc:  # noqa: BLE001 - DataJoint's message names the missing or invalid setting
+        raise ConfigurationError(f"DataJoint's store '{STORE}' is misconfigured: {exc}") from None
+    if spec.get("protocol") == "s3":
+        try:
+            importlib.import_module("s3fs")
+        except ImportError:
+            raise ConfigurationError(
+                f"DataJoint's store '{STORE}' is an S3 bucket, and S3 needs s3fs: pip install 'neureg[s3]' "
+                "-c constraints.txt") from None
 
 
 def _dj():
@@ -350,6 +384,8 @@ def _connect(dj, settings: "Settings", create_tables: bool) -> SimpleNamespace:
             stores = dict(dj.config.stores or {})
             stores[STORE] = {"protocol": "file", "location": str(settings.store)}
             dj.config.stores = stores
+        else:
+            _check_lab_store(dj)
         # safemode (DataJoint's delete/drop confirmation) stays as the user configured it: on by default, so
         # a notebook's stray delete asks first. Only workers, which never delete interactively, turn it off.
         try:

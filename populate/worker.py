@@ -18,6 +18,9 @@ count), and DataJoint's own SIGTERM handler, which turns a stop into a failed jo
 Stopping: SIGTERM or SIGINT interrupts the current job at once (its transaction rolls back), puts it back
 to pending without counting an attempt, and exits 0. Releasing rather than finishing keeps a stop within
 a container's grace period whatever the job; a worker killed outright is covered by the heartbeat.
+``--time-limit`` does the same when its time is up (a SIGALRM at the deadline): a SLURM array task takes
+jobs until then, puts back the one it is in, and exits 0 before the scheduler kills it; a training job
+resumes from its last epoch's checkpoint wherever it runs next (``NEUREG_CHECKPOINTS``).
 
 Lost connections (a database restart): the worker backs off (0.5 s doubling to 30 s), reconnects, releases
 whatever it held, and goes on. ``--once`` makes one sweep (exit 1 if a job failed), for cron and tests.
@@ -114,12 +117,17 @@ class Worker:
         handlers = {}
         if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
             handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+            if self.options.time_limit:  # the deadline interrupts a running job too, as the scheduler would
+                handlers[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._on_signal)
+                signal.setitimer(signal.ITIMER_REAL, self.options.time_limit)
         self._heartbeat = Heartbeat(self.connection, interval=max(0.2, self.options.orphan_timeout / 4))
         self._heartbeat.start()
         try:
             with dj.config.override(jobs__keep_completed=True):  # success rows: who computed what, how long
                 return self._loop()
         finally:
+            if signal.SIGALRM in handlers:
+                signal.setitimer(signal.ITIMER_REAL, 0)
             self._heartbeat.stop()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
@@ -316,6 +324,8 @@ class Worker:
 
     def _on_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name
+        if signum == signal.SIGALRM:
+            name = f"time limit of {self.options.time_limit:.0f} s reached"
         self._stop.set()
         if self._in_job:
             self._in_job = False
@@ -362,6 +372,31 @@ def _frozen(jobs, row: dict) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------- command line
+def duration(text: str) -> float:
+    """Seconds from ``3600``, ``90s``, ``90m``, ``4h``, ``2d``, ``MM:SS``, ``HH:MM:SS`` or ``D-HH:MM:SS``."""
+    import argparse
+    import re
+
+    text = text.strip()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text)
+    if match:
+        seconds = float(match[1]) * units[match[2] or "s"]
+    else:
+        match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
+        if not match or (match[1] is None and match[3] is None):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a duration (3600, 90m, 4h, 04:00:00, 1-12:00:00)")
+        parts = [int(p) for p in match.groups()[1:] if p is not None]
+        if match[1] is not None:  # D-HH[:MM[:SS]]
+            hours, minutes, secs = (parts + [0, 0])[:3]
+        else:  # MM:SS or HH:MM:SS
+            hours, minutes, secs = ([0] + parts) if len(parts) == 2 else parts
+        seconds = int(match[1] or 0) * 86400 + hours * 3600 + minutes * 60 + secs
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the time limit must be positive")
+    return seconds
+
+
 def add_worker_arguments(parser) -> None:
     """The options of `neureg worker`, shared with the test and benchmark entry points that run the real Worker."""
     parser.add_argument("--stage", action="append", metavar="NAME",
@@ -372,7 +407,10 @@ def add_worker_arguments(parser) -> None:
                         help="one sweep over the tables, then exit (status 1 if a job failed): for cron and tests")
     parser.add_argument("--idle-sleep", type=float, default=30.0, metavar="S",
                         help="seconds to wait before the next sweep when there was nothing to do (default 30)")
-    parser.add_argument("--time-limit", type=float, metavar="S", help="stop after S seconds (checked between jobs)")
+    parser.add_argument("--time-limit", type=duration, metavar="T",
+                        help="stop after T (seconds, or 90m, 4h, 04:00:00, 1-12:00:00 as SLURM writes it): the job "
+                        "running then goes back to pending and the worker exits 0. For a SLURM task, T a few minutes "
+                        "short of its --time")
     parser.add_argument("--orphan-timeout", type=int, default=300, metavar="S",
                         help="give a reserved job to another worker when its worker has not been seen for S seconds "
                         "(workers beat every S/4 s; default 300). Jobs reserved by plain populate(reserve_jobs=True) "

@@ -9,6 +9,7 @@ graphviz``). Without it an SVG or PNG request is a clear error that suggests ``.
 from __future__ import annotations
 
 import shutil
+import json
 import sys
 from pathlib import Path
 
@@ -49,7 +50,8 @@ def cmd_diagram(args) -> int:
 
     pipeline = connect(home=args.home, prefix=args.prefix)
     try:
-        print(save_diagram(pipeline, args.out))
+        path = save_diagram(pipeline, args.out)
+        print(json.dumps({"diagram": str(path), "format": path.suffix.lstrip(".")}) if args.json else path)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -64,4 +66,5 @@ def register_cli(subparsers) -> None:
         "needs nothing; .svg and .png need Graphviz's dot program.")
     p.add_argument("out", nargs="?", type=Path, default=Path("neureg-pipeline.mmd"),
                    help="output file; its suffix picks the format (default neureg-pipeline.mmd)")
+    p.add_argument("--json", action="store_true", help="print one JSON object: diagram, format")
     p.set_defaults(func=cmd_diagram)

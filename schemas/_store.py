@@ -7,18 +7,60 @@ names neither the table nor the row. So every ``<npy@neureg>`` attribute ``x`` h
 array; :func:`load_array` recomputes it after every read. A mismatch, a missing or unreadable file, or a
 shape other than the one recorded is a :class:`StoreIntegrityError` naming the table, the key and the
 file, so no stage computes from damaged data. ``neureg verify`` runs the same check over a whole store.
+
+The store itself is DataJoint's: a local or shared folder (``protocol: file``) or an S3-compatible bucket
+(``protocol: s3``), named ``neureg`` in DataJoint's store configuration. What neureg does to files by
+itself (removing a failed ingest's blocks, judging an orphan's age) goes through :func:`store_files`,
+the same fsspec filesystem DataJoint reads and writes, so it works the same on both.
 """
 
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime
 
+import datajoint as dj
 import numpy as np
 from datajoint.errors import MissingExternalFile
+from datajoint.storage import StorageBackend
 
 from ..errors import StoreIntegrityError
 
 DIGEST_SUFFIX = "_sha256"
+STORE_NAME = "neureg"  # the store every <npy@neureg> attribute names
+
+
+def store_files():
+    """``(filesystem, root, spec)`` of neureg's store: DataJoint's fsspec filesystem for it, the root that
+    DataJoint's relative paths hang from (a folder, or ``bucket/location``), and the store's spec."""
+    spec = dj.config.get_store_spec(STORE_NAME)
+    if spec.get("protocol", "file") == "file":
+        root = str(spec["location"]).rstrip("/")
+    else:
+        root = "/".join(part.strip("/") for part in (spec.get("bucket", ""), spec.get("location", "")) if part)
+    return StorageBackend(spec).fs, root, spec
+
+
+def ensure_bucket() -> str | None:
+    """Create the S3 store's bucket if it does not exist yet (``neureg init``); returns what was done."""
+    fs, _, spec = store_files()
+    if spec.get("protocol") != "s3":
+        return None
+    if fs.exists(spec["bucket"]):
+        return f"bucket {spec['bucket']} exists"
+    fs.mkdir(spec["bucket"])
+    return f"bucket {spec['bucket']} created"
+
+
+def modified_at(fs, path: str) -> float:
+    """A store file's modification time (seconds since the epoch) on a local filesystem or S3."""
+    info = fs.info(path)
+    stamp = info.get("mtime", info.get("LastModified", info.get("created")))
+    if isinstance(stamp, datetime):
+        return stamp.timestamp()
+    if stamp is None:
+        raise OSError(f"the store reports no modification time for {path}")
+    return float(stamp)
 
 
 def array_digest(array: np.ndarray) -> str:

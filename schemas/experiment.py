@@ -9,9 +9,9 @@ minutes to load and a single ``.npy`` takes a fraction of a second.
 from __future__ import annotations
 
 import datetime
+import logging
 import random
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -23,7 +23,9 @@ from ..errors import ScanExistsError, StoreIntegrityError
 from ..hashing import stable_hash
 from ..scanfolder import BEHAVIOR_COLUMNS, ScanData
 from ._config import transaction
-from ._store import load_array, stored
+from ._store import load_array, store_files, stored
+
+logger = logging.getLogger("neureg")
 
 schema = dj.Schema()
 RESPONSE_BLOCK_TRIALS = 500  # 16 MB per block at 8000 units
@@ -255,31 +257,28 @@ def insert_scan(data: ScanData, source_path: str = "", tries: int = 5) -> dict:
     raise AssertionError("unreachable")
 
 
-STORE_NAME = "neureg"  # the store every <npy@neureg> attribute names
-
-
 def _discard_scan_blocks(key: dict) -> None:
     """Delete the store files of a scan whose insert failed, if the scan is not in the database.
 
-    DataJoint lays a file store out as ``<location>/<schema_prefix>/<schema>/<table>/<attr>=<value>/...``
-    (its store spec); only the failed scan's own folder of Responses.Block is touched, and only while no
-    Scan row claims it (a concurrent ingest of the same scan that won keeps its files).
+    DataJoint lays a store out as ``<root>/<schema_prefix>/<schema>/<table>/<attr>=<value>/...`` (its store
+    spec; the root is a folder or ``bucket/location``); only the failed scan's own folder of
+    Responses.Block is touched, and only while no Scan row claims it (a concurrent ingest of the same scan
+    that won keeps its files). Best effort: a store that cannot be reached keeps them for ``neureg gc``.
     """
-    try:
-        spec = dj.config.get_store_spec(STORE_NAME)
-    except Exception:  # noqa: BLE001 - no local store configured: nothing to clean
-        return
     try:
         claimed = bool(Scan & key)
     except Exception:  # noqa: BLE001 - the server is gone: without knowing, delete nothing
         return
-    if spec.get("protocol") != "file" or claimed:
+    if claimed:
         return
-    folder = Path(spec["location"]) / spec.get("schema_prefix", "_schema") / Responses.Block.database
-    folder = folder / Responses.Block.table_name
-    for name in ("mouse", "session", "scan_idx"):
-        folder = folder / f"{name}={key[name]}"
-    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        fs, root, spec = store_files()
+        folder = "/".join([root, spec.get("schema_prefix", "_schema"), Responses.Block.database,
+                           Responses.Block.table_name] + [f"{name}={key[name]}" for name in ("mouse", "session", "scan_idx")])
+        if fs.exists(folder):
+            fs.rm(folder, recursive=True)
+    except Exception as exc:  # noqa: BLE001 - no store configured, or it is unreachable: gc's business
+        logger.warning("could not remove the failed ingest's blocks (%s); `neureg gc` lists them", exc)
 
 
 def _exists(data: ScanData) -> ScanExistsError:

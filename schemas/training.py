@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import datajoint as dj
+import platformdirs
 import numpy as np
 
 from ..hashing import stable_hash
@@ -190,10 +191,16 @@ def condition_name(network_config: dict, regularizer_config: dict, method: str |
 
 
 def checkpoint_dir() -> Path:
-    """Checkpoints sit beside the object store so any worker sharing it can resume a run."""
+    """Per-epoch checkpoints, where a resumed run finds them: ``NEUREG_CHECKPOINTS`` if set (a cluster's shared
+    scratch, so a requeued task resumes on another node); else beside a folder store, which every worker
+    sharing it sees; else (an S3 store) under this host's ``NEUREG_HOME``, which only this host resumes from."""
+    if os.environ.get("NEUREG_CHECKPOINTS"):
+        path = Path(os.environ["NEUREG_CHECKPOINTS"]).expanduser()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
     store = (dj.config.stores or {}).get("neureg", {})
     base = Path(store["location"]) if store.get("protocol", "file") == "file" and store.get("location") else None
-    base = base or Path(os.environ.get("NEUREG_HOME", ".")) / "store"
+    base = base or Path(os.environ.get("NEUREG_HOME") or platformdirs.user_data_path("neureg"))
     path = base / "checkpoints"
     path.mkdir(parents=True, exist_ok=True)
     return path

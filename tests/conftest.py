@@ -18,6 +18,9 @@ account). Outside CI an unreachable MySQL server skips its tests with the reason
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -343,3 +346,55 @@ def evaluated(pipeline, trained):
     populate_stage(pipeline, ["robustness"], keys=[dict(n, **c) for n in nets for c in configs.values()])
     configs["attacks"] = attacks
     return configs
+
+
+# ------------------------------------------------------------------------------------------------ worker processes
+TOY_HELPER = Path(__file__).parent / "populate" / "test_worker.py"  # the toy stage's entry point (see that file)
+
+
+class Workers:
+    """Worker subprocesses whose combined stderr lands in files under ``folder``."""
+
+    def __init__(self, folder: Path, env: dict):
+        self.folder, self.env, self.procs = folder, env, []
+
+    def start(self, command: list[str]) -> subprocess.Popen:
+        log = open(self.folder / f"worker{len(self.procs)}.log", "w")
+        proc = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        proc.log_path = log.name
+        self.procs.append(proc)
+        return proc
+
+    def toy(self, database: str, *options: str) -> subprocess.Popen:
+        return self.start([sys.executable, str(TOY_HELPER), database, "worker", *options])
+
+    def wait(self, timeout: float) -> list[int]:
+        return [proc.wait(timeout=timeout) for proc in self.procs]
+
+    def stop(self, timeout: float = 30) -> list[int]:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def output(self) -> str:
+        return "".join(Path(p.log_path).read_text() for p in self.procs)
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def workers(tmp_path):
+    made = []
+
+    def make(env: dict) -> Workers:
+        made.append(Workers(tmp_path, env))
+        return made[-1]
+
+    yield make
+    for group in made:
+        group.kill_all()

@@ -151,3 +151,58 @@ def test_ingest_json_reports_each_path_for_scripts(pipeline, tmp_path, scan_fold
     assert second["ingested"] is False and str(bad) in second["error"]
     again = run_cli("ingest", "--json", str(good), env=subprocess_env)
     assert again.returncode == 3 and json.loads(again.stdout)[0]["exists"] is True
+
+
+# ------------------------------------------------------------------------------------------------ habits
+def test_every_command_a_script_reads_answers_in_json():
+    commands = build_parser()._subparsers._group_actions[0].choices
+    parsed = {"init", "ingest", "status", "simulate", "populate", "gc", "scanset", "plan", "report", "verify", "diagram"}
+    for name in parsed:
+        options = {s for action in commands[name]._actions for s in action.option_strings}
+        assert "--json" in options, name
+
+
+def test_json_outputs_of_init_simulate_populate_and_diagram(tmp_path):
+    env = {"NEUREG_HOME": str(tmp_path / "home")}
+    init = json.loads(run_cli("init", "--json", env=env).stdout)
+    assert init["backend"] == "embedded" and init["store"] == str(tmp_path / "home" / "store")
+    assert len(init["schemas"]) == 6 and all(s.startswith("neureg_") for s in init["schemas"])
+    sim = run_cli("simulate", str(tmp_path / "sim"), "--json", "--mice", "1", "--scans-per-day", "1", "--units", "12",
+                  "--images", "30", "--oracle-images", "5", "--repeats", "3", env=env)
+    folders = json.loads(sim.stdout)["folders"]
+    assert len(folders) == 1 and (tmp_path / "sim").exists() and all(os.path.isdir(f) for f in folders)
+    assert run_cli("ingest", *folders, env=env).returncode == 0
+    populate = run_cli("populate", "--stage", "oracle", "--json", env=env)
+    assert populate.returncode == 0, populate.stderr
+    rows = json.loads(populate.stdout)
+    assert any(t.endswith("__oracle_stats\"") and r["new_rows"] == 1 and r["errors"] == [] for t, r in rows.items()), rows
+    diagram = run_cli("diagram", str(tmp_path / "pipeline.mmd"), "--json", env=env)
+    assert json.loads(diagram.stdout) == {"diagram": str(tmp_path / "pipeline.mmd"), "format": "mmd"}
+
+
+def test_bash_completion_completes_commands_and_their_options(tmp_path):
+    script = tmp_path / "neureg.bash"
+    script.write_text(run_cli("completion", "bash").stdout)
+
+    def complete(*words):
+        line = " ".join(words)
+        probe = (f'source {script}; COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; _neureg_complete; '
+                 'printf "%s\\n" "${COMPREPLY[@]}"')
+        return subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30).stdout.split()
+
+    assert complete("neureg", "ver") == ["verify"]
+    assert complete("neureg", "--home", "/tmp/x", "ver") == ["verify"]
+    assert complete("neureg", "worker", "--time") == ["--time-limit"]
+    assert complete("neureg", "verify", "--j") == ["--json"]
+    assert set(complete("neureg", "")) >= {"init", "ingest", "worker", "verify", "completion", "--version"}
+
+
+def test_store_settings_faults_are_one_clear_line(tmp_path):
+    env = {"NEUREG_HOME": str(tmp_path), "NEUREG_STORE": "s3://bucket/neureg"}
+    run = run_cli("status", env=env)
+    assert run.returncode == 4 and "NEUREG_STORE is a folder" in run.stderr and "DJ_STORES" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    broken = json.dumps({"neureg": {"protocol": "s3", "endpoint": "127.0.0.1:9", "location": "x"}})
+    run = run_cli("status", env={"NEUREG_HOME": str(tmp_path), "DJ_STORES": broken})
+    assert run.returncode == 4 and "store 'neureg' is misconfigured" in run.stderr and "bucket" in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1

@@ -23,6 +23,7 @@ from neureg.populate import accounts
 from neureg.populate.worker import register_cli
 
 ROOT = Path(neureg.__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 SECRET_NAME = re.compile(r"PASS|PASSWORD|SECRET|TOKEN|_USER$|^DJ_USER$")
@@ -75,13 +76,58 @@ def test_worker_service_scales_and_gets_a_gpu(compose):
     assert parser.parse_args(command[1:]).command == "worker"  # the compose command is one neureg accepts
 
 
-def test_jupyter_and_workers_share_the_object_store(compose):
-    worker, jupyter = compose["services"]["worker"], compose["services"]["jupyter"]
-    assert "jupyter" in " ".join(jupyter["command"] if isinstance(jupyter["command"], list) else [jupyter["command"]])
+def _interpolate(text: str, values: dict) -> str:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error} against ``values`` (as `docker compose config` would)."""
+    def one(match):
+        name, op, rest = match.group(1), match.group(2), match.group(3)
+        if values.get(name):
+            return values[name]
+        if op == ":-":
+            return rest
+        raise AssertionError(f"${{{name}}} is required ({rest})")
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:[-?])([^}]*))?\}", one, text)
+
+
+def _example_values() -> dict:
+    return dict(line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
+                if "=" in line and not line.lstrip().startswith("#"))
+
+
+def test_workers_and_jupyter_share_one_s3_store_from_dotenv(compose):
+    """Both use DataJoint's store 'neureg' in the s3 service's bucket, with the credentials MinIO was given."""
+    import json
+
+    worker, jupyter, s3 = (compose["services"][name] for name in ("worker", "jupyter", "s3"))
+    assert _environment(worker)["DJ_STORES"] == _environment(jupyter)["DJ_STORES"]
+    values = _example_values()
+    stores = json.loads(_interpolate(_environment(worker)["DJ_STORES"], values))
+    spec = stores["neureg"]
+    assert spec["protocol"] == "s3" and spec["endpoint"] == "s3:9000" and spec["secure"] is False
+    assert spec["access_key"] == _interpolate(_environment(s3)["MINIO_ROOT_USER"], values)
+    assert spec["secret_key"] == _interpolate(_environment(s3)["MINIO_ROOT_PASSWORD"], values)
+    raw = _environment(worker)["DJ_STORES"]
+    for secret in ("access_key", "secret_key"):  # written as ${VAR} references, never as values
+        assert re.search(rf'"{secret}": "\$\{{[A-Z0-9_]+:\?[^}}]*\}}"', raw), raw
+    # DataJoint accepts the spec as it is (the same validation a worker's first array goes through)
+    with dj.config.override(stores=stores):
+        assert dj.config.get_store_spec("neureg")["bucket"] == values["S3_BUCKET"]
     for service in (worker, jupyter):
-        store = _environment(service)["NEUREG_STORE"]
-        assert _mounts(service).get(store) in compose["volumes"], f"NEUREG_STORE={store} is not a shared volume"
-    assert _environment(worker)["NEUREG_STORE"] == _environment(jupyter)["NEUREG_STORE"]
+        assert "NEUREG_STORE" not in _environment(service)
+        assert service["depends_on"]["s3"]["condition"] == "service_healthy"
+    assert s3["healthcheck"]["test"] and _mounts(s3).get("/data") in compose["volumes"]
+    assert re.match(r"^minio/minio:RELEASE\.", s3["image"]), "pin MinIO's release"
+
+
+def test_compose_file_is_valid_under_the_compose_specification(tmp_path):
+    """check-jsonschema with the compose-spec schema it ships (the docker CLI here has no compose plugin)."""
+    tool = Path(sys.executable).with_name("check-jsonschema")
+    command = [str(tool), "--builtin-schema", "vendor.compose-spec"]
+    good = subprocess.run([*command, str(COMPOSE)], capture_output=True, text=True, timeout=120)
+    assert good.returncode == 0, good.stdout + good.stderr
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE.read_text().replace("condition: service_healthy", "condition: whenever"))
+    bad = subprocess.run([*command, str(broken)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "depends_on" in bad.stdout, "the validator accepted a broken file"
 
 
 def test_no_credentials_in_the_files(compose):
@@ -91,7 +137,7 @@ def test_no_credentials_in_the_files(compose):
                 assert isinstance(value, str) and re.fullmatch(r"\$\{[A-Za-z_][A-Za-z0-9_]*(:?[-?][^}]*)?\}", value), (
                     f"{name}: {key} must come from the environment (${{VAR}}), not be written in the file"
                 )
-    dockerfile = (ROOT / "Dockerfile").read_text()
+    dockerfile = (REPO / "Dockerfile").read_text()
     assert not re.search(r"^\s*(ENV|ARG)\b.*(PASS|SECRET|TOKEN)", dockerfile, re.MULTILINE | re.IGNORECASE)
 
 
@@ -112,10 +158,11 @@ def _compose_cli() -> list[str] | None:
 
 
 def test_docker_compose_config_accepts_the_file(tmp_path):
-    """Needs only the docker CLI with its compose plugin (no engine); skipped where that is missing."""
+    """Where the docker CLI has its compose plugin (not on these machines: the schema test above runs instead)."""
     cli = _compose_cli()
     if cli is None:
-        pytest.skip("docker compose is not installed here (the docker CLI lacks the compose plugin)")
+        pytest.skip("docker compose is not installed here; test_compose_file_is_valid_under_the_compose_specification "
+                    "validates the file")
     shutil.copy(COMPOSE, tmp_path / "docker-compose.yml")
     shutil.copy(ENV_EXAMPLE, tmp_path / ".env")
     run = subprocess.run([*cli, "--project-directory", str(tmp_path), "-f", str(tmp_path / "docker-compose.yml"),
@@ -336,3 +383,102 @@ def test_dockerignore_keeps_secrets_environments_and_vcs_out_of_images():
         text = dockerfile.read_text()
         for word in (".env ", ".secrets", "datajoint.json", "PASSWORD=", "DJ_PASS="):
             assert word not in text.replace(".env.example", ""), (dockerfile, word)
+
+
+# ------------------------------------------------------------------------------------------------ images
+def _locked(name: str) -> str:
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.lower().startswith(name.lower() + "=="):
+            return line.split("==", 1)[1]
+    raise AssertionError(f"{name} is not in constraints.txt")
+
+
+def _stages(dockerfile: str) -> dict[str, str]:
+    """Stage name -> its instructions (continuation lines joined)."""
+    text = re.sub(r"\\\n\s*", " ", dockerfile)
+    stages, name = {}, None
+    for line in text.splitlines():
+        match = re.match(r"FROM\s+\S+\s+AS\s+(\S+)", line, re.IGNORECASE)
+        if match:
+            name = match[1]
+        if name:
+            stages[name] = stages.get(name, "") + line + "\n"
+    return stages
+
+
+def _pytorch_base(text: str) -> str:
+    match = re.search(r"pytorch/pytorch:(\S+)", text)
+    assert match, "the worker image must start from the official PyTorch image"
+    return match[1]
+
+
+def test_worker_image_is_lean_locked_and_on_the_official_pytorch_cuda_runtime():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    stages = _stages(dockerfile)
+    assert set(stages) == {"worker", "jupyter"}
+    worker, jupyter = stages["worker"], stages["jupyter"]
+    tag = _pytorch_base(dockerfile)
+    torch_version, cuda, cudnn, kind = re.fullmatch(r"([\d.]+)-cuda([\d.]+)-cudnn(\d+)-(\w+)", tag).groups()
+    assert kind == "runtime", "the runtime image: no compilers in a worker"
+    assert torch_version == _locked("torch").split("+")[0], "the base image's torch must be the locked one"
+    assert cuda == ".".join(_locked("nvidia-cuda-runtime").split(".")[:2]), "the CUDA of the locked torch wheel"
+    assert cudnn == _locked("nvidia-cudnn-cu13").split(".")[0]
+    install = re.search(r"pip install[^\n]*", worker)[0]
+    assert '".[s3]"' in install and "-c constraints.txt" in install and "-e " not in install
+    for heavy in ("test", "jupyter", "pytest", "notebook"):
+        assert heavy not in install.lower(), f"the worker image installs {heavy}"
+    assert re.search(r"^USER neureg", worker, re.M), "workers do not run as root"
+    assert re.match(r"FROM worker AS jupyter", jupyter) and "jupyterlab==" in jupyter
+
+
+def _packaged_sources() -> set[str]:
+    """What an image needs: the package's top-level modules and sub-packages (pyproject), and the notebooks."""
+    import tomllib
+
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    subdirs = {p.split(".")[1] for p in packages if p.count(".") == 1}
+    modules = {p.name for p in REPO.glob("*.py")}
+    return subdirs | modules | {"notebooks", "pyproject.toml", "constraints.txt", "README.md"}
+
+
+def test_images_copy_the_whole_package_and_nothing_else():
+    dockerfile = re.sub(r"\\\n\s*", " ", (REPO / "Dockerfile").read_text())
+    copied = set()
+    for line in re.findall(r"^COPY\s+(.+)$", dockerfile, re.M):
+        copied.update(line.split()[:-1])
+    assert copied == _packaged_sources(), copied ^ _packaged_sources()
+    definition = (REPO / "deploy/apptainer/neureg-worker.def").read_text()
+    files = definition.split("%files", 1)[1].split("%", 1)[0]
+    sources = {line.split()[0] for line in files.strip().splitlines()}
+    assert sources == _packaged_sources(), sources ^ _packaged_sources()
+    for source in sources:
+        assert (REPO / source).exists(), source
+
+
+def test_apptainer_definition_matches_the_worker_image():
+    definition = (REPO / "deploy/apptainer/neureg-worker.def").read_text()
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^Bootstrap:\s*docker$", definition, re.M)
+    assert re.search(r"^From:\s*pytorch/pytorch:(\S+)$", definition, re.M)[1] == _pytorch_base(dockerfile)
+    docker_install = re.search(r'pip install --no-cache-dir "\.\[s3\]" -c constraints\.txt', dockerfile)
+    apptainer_install = re.search(r'pip install --no-cache-dir "\.\[s3\]" -c constraints\.txt', definition)
+    assert docker_install and apptainer_install
+    assert "NEUREG_BACKEND=server" in definition and "ENV NEUREG_BACKEND=server" in dockerfile
+
+
+# ------------------------------------------------------------------------------------------------ SLURM
+def test_slurm_array_script_asks_one_gpu_per_task_and_stops_inside_its_time():
+    from neureg.populate.worker import duration
+
+    script = (REPO / "deploy/slurm/worker.sbatch").read_text()
+    check = subprocess.run(["bash", "-n", str(REPO / "deploy/slurm/worker.sbatch")], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    directives = dict(re.findall(r"^#SBATCH\s+--([\w-]+)=(\S+)", script, re.M))
+    assert directives["gres"] == "gpu:1" and re.fullmatch(r"\d+-\d+(%\d+)?", directives["array"])
+    signal_name, lead = re.fullmatch(r"B:(\w+)@(\d+)", directives["signal"]).groups()
+    assert signal_name == "TERM", "SIGTERM is what makes a worker put its job back"
+    default_limit = re.search(r'NEUREG_TIME_LIMIT:-([\d:-]+)', script)[1]
+    assert duration(default_limit) < duration(directives["time"]) - int(lead), \
+        "the worker must stop taking jobs before SLURM's warning signal"
+    assert 'exec neureg worker --time-limit "$LIMIT"' in script
+    assert re.search(r'exec apptainer exec --nv .*neureg worker --time-limit "\$LIMIT"', script, re.S)

@@ -49,54 +49,6 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-class Workers:
-    """Worker subprocesses whose combined stderr lands in files under ``folder``."""
-
-    def __init__(self, folder: Path, env: dict):
-        self.folder, self.env, self.procs = folder, env, []
-
-    def start(self, command: list[str]) -> subprocess.Popen:
-        log = open(self.folder / f"worker{len(self.procs)}.log", "w")
-        proc = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        proc.log_path = log.name
-        self.procs.append(proc)
-        return proc
-
-    def toy(self, database: str, *options: str) -> subprocess.Popen:
-        return self.start([sys.executable, str(HELPER), database, "worker", *options])
-
-    def wait(self, timeout: float) -> list[int]:
-        return [proc.wait(timeout=timeout) for proc in self.procs]
-
-    def stop(self, timeout: float = 30) -> list[int]:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        return self.wait(timeout)
-
-    def output(self) -> str:
-        return "".join(Path(p.log_path).read_text() for p in self.procs)
-
-    def kill_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-
-
-@pytest.fixture
-def workers(tmp_path):
-    made = []
-
-    def make(env: dict) -> Workers:
-        made.append(Workers(tmp_path, env))
-        return made[-1]
-
-    yield make
-    for group in made:
-        group.kill_all()
-
-
 @pytest.fixture
 def toy_here(pipeline, tmp_path, monkeypatch):
     """A toy stage on this backend's server, plus the environment for toy worker subprocesses."""
@@ -209,6 +161,25 @@ def test_sigterm_puts_the_running_job_back(toy_here, workers):
     report = toy.toy_report(toy_here)
     assert report["squares"] == [] and report["jobs"] == {0: "pending"}  # not failed: no attempt spent
     assert "released Square item=0 back to pending" in group.output()
+
+
+def test_time_limit_puts_the_running_job_back_and_the_next_task_finishes_it(toy_here, workers):
+    """A SLURM array task's end: at --time-limit the job in flight goes back to pending (no attempt spent,
+    no rows), the worker exits 0, and the next task, started later, takes what is left."""
+    toy_here.Item.insert([dict(item=0, first_delay=120), dict(item=1)])
+    group = workers(toy_here.env)
+    task = group.toy(toy_here.database, "--time-limit", "00:04", "--idle-sleep", "0.2", "--max-retries", "0")
+    started = time.monotonic()
+    assert task.wait(timeout=60) == 0, group.output()
+    assert time.monotonic() - started < 60
+    report = toy.toy_report(toy_here)
+    assert 0 not in report["squares"] and report["orphan_digits"] == [] and report["jobs"][0] == "pending"
+    assert "time limit of 4 s reached: interrupting the current job" in group.output()
+    assert "released Square item=0 back to pending" in group.output()
+    following = group.toy(toy_here.database, "--once", "--time-limit", "1m", "--max-retries", "0")
+    assert following.wait(timeout=60) == 0, group.output()
+    report = toy.toy_report(toy_here)
+    assert report["squares"] == [0, 1] and report["complete"] and set(report["jobs"].values()) == {"success"}
 
 
 # ------------------------------------------------------------------------------------------------ restart

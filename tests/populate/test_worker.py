@@ -18,12 +18,14 @@ import uuid
 from types import SimpleNamespace
 
 import datajoint as dj
+import numpy as np
 import pytest
 
 from neureg.populate.worker import (
     Worker,
     WorkerOptions,
     add_worker_arguments,
+    duration,
     options_from_args,
     register_cli,
     select_tables,
@@ -31,8 +33,11 @@ from neureg.populate.worker import (
 from neureg.populate.devices import select_device
 from neureg.populate.stages import pipeline_tables, stage_tables
 from neureg.populate.worker_jobs import HOST, attempts_recorded, release, retry_failed, tag_message
+from neureg.schemas._store import load_array
+from neureg.schemas._store import stored as toy_stored
 
 TOY_LOG = "NEUREG_TOY_LOG"  # file each toy make() appends "start ITEM PID" / "end ITEM PID" to
+TOY_STORED = "NEUREG_TOY_STORED"  # "1": the toy stage keeps an array per item in the object store
 
 
 def _toy_log(event: str, item: int) -> None:
@@ -54,9 +59,18 @@ def toy_events(path, event: str = "start") -> dict[int, int]:
     return counts
 
 
-def toy_stage(database: str) -> SimpleNamespace:
-    """Item (manual) -> Square (computed, with a part): a stage as the worker sees one, in its own schema."""
+def toy_picture(item: int) -> np.ndarray:
+    """The array a stored toy make() keeps for ``item`` (64 KB, content unique to the item)."""
+    return (np.arange(128 * 128, dtype=np.float32).reshape(128, 128) + item * 1e4)
+
+
+def toy_stage(database: str, stored: bool = False) -> SimpleNamespace:
+    """Item (manual) -> Square (computed, with a part): a stage as the worker sees one, in its own schema.
+
+    ``stored``: Square also keeps ``toy_picture(item)`` in the object store (``<npy@neureg>`` with its
+    SHA-256, as the pipeline's arrays), inserted with the master row, before make()'s delay."""
     schema = dj.Schema(database)
+    picture = "picture              : <npy@neureg>\n        picture_sha256       : char(64)" if stored else ""
 
     class Item(dj.Manual):
         definition = """
@@ -73,7 +87,8 @@ def toy_stage(database: str) -> SimpleNamespace:
         -> Item
         ---
         square               : int64
-        """
+        %s
+        """ % picture
 
         class Digit(dj.Part):
             definition = """
@@ -88,7 +103,8 @@ def toy_stage(database: str) -> SimpleNamespace:
             earlier = toy_events(os.environ.get(TOY_LOG, "")).get(key["item"], 0)
             _toy_log("start", key["item"])
             square = key["item"] ** 2
-            self.insert1(dict(key, square=square))  # inside make's transaction: gone if the job dies
+            array = toy_stored("picture", toy_picture(key["item"])) if stored else {}
+            self.insert1(dict(key, square=square, **array))  # inside make's transaction: gone if the job dies
             if earlier == 0 and first_delay:
                 time.sleep(first_delay)
             if earlier < fail_first:
@@ -97,7 +113,7 @@ def toy_stage(database: str) -> SimpleNamespace:
             _toy_log("end", key["item"])
 
     Square = schema(Square, context={"Item": Item})
-    return SimpleNamespace(schema=schema, Item=Item, Square=Square)
+    return SimpleNamespace(schema=schema, Item=Item, Square=Square, stored=stored)
 
 
 def toy_report(stage) -> dict:
@@ -107,7 +123,7 @@ def toy_report(stage) -> dict:
     for row in stage.Square.Digit().to_dicts():
         digits[row["item"]] = digits.get(row["item"], 0) + 1
     jobs = stage.Square().jobs
-    return {
+    report = {
         "items": sorted(k["item"] for k in stage.Item().keys()),
         "squares": sorted(squares),
         "complete": all(digits.get(i, 0) == len(str(s)) for i, s in squares.items()),
@@ -115,6 +131,11 @@ def toy_report(stage) -> dict:
         "jobs": {r["item"]: r["status"] for r in jobs.proj("status").to_dicts()},
         "messages": {r["item"]: r["error_message"] for r in jobs.proj("error_message").to_dicts()},
     }
+    if stage.stored:  # every array read back through neureg's verified path, compared with what was written
+        report["pictures"] = {k["item"]: bool(np.array_equal(load_array(stage.Square, k, "picture"),
+                                                               toy_picture(k["item"])))
+                              for k in stage.Square().keys()}
+    return report
 
 
 def dj_env() -> dict:
@@ -137,7 +158,7 @@ def main(argv=None) -> int:
     quiet_datajoint()
     dj.config["safemode"] = False
     database, command, *rest = argv if argv is not None else sys.argv[1:]
-    stage = toy_stage(database)
+    stage = toy_stage(database, stored=os.environ.get(TOY_STORED) == "1")
     if command == "setup":
         parser = argparse.ArgumentParser()
         parser.add_argument("n", type=int)
@@ -380,6 +401,19 @@ def test_attempt_tags():
     assert tagged == "[attempt 2 of 3] ValueError: x" and attempts_recorded(tagged, "pending") == 2
     assert tag_message(tagged, 3, 3) == "[attempt 3 of 3] ValueError: x"  # re-tagging replaces the tag
     assert len(tag_message("x" * 5000, 1, 3)) == 2047
+
+
+@pytest.mark.parametrize("text, seconds", [("3600", 3600), ("0.5", 0.5), ("90s", 90), ("90m", 5400), ("4h", 14400),
+                                           ("2d", 172800), ("05:30", 330), ("04:00:00", 14400),
+                                           ("1-12:00:00", 129600), ("1-04", 100800), ("1-04:30", 102600)])
+def test_time_limit_reads_seconds_units_and_slurm_durations(text, seconds):
+    assert duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "x", "-5", "0", "00:00", "1:2:3:4", "4 h", "1-"])
+def test_bad_time_limits_are_refused(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        duration(text)
 
 
 def test_options_are_checked():
