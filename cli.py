@@ -321,10 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     from . import completion
-    from .populate import accounts, verify, worker
+    from .populate import accounts, verify, worker_cli
     from .reports import diagram
 
-    worker.register_cli(sub)
+    worker_cli.register_cli(sub)
     accounts.register_cli(sub)
     verify.register_cli(sub)
     diagram.register_cli(sub)

@@ -64,6 +64,7 @@ def register_cli(subparsers) -> None:
 
 
 def cmd_completion(args) -> int:
+    """Print the script for neureg's current parser (built here, so a new command is completed at once)."""
     from .cli import build_parser
 
     print(bash_script(build_parser()), end="")

@@ -13,7 +13,6 @@ import logging
 import random
 import re
 import time
-from pathlib import Path
 
 import datajoint as dj
 import numpy as np

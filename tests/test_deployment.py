@@ -20,7 +20,7 @@ import pytest
 import neureg
 from neureg.populate.accounts import accounts_sql, statements
 from neureg.populate import accounts
-from neureg.populate.worker import register_cli
+from neureg.populate.worker_cli import register_cli
 
 ROOT = Path(neureg.__file__).resolve().parent
 REPO = Path(__file__).resolve().parents[1]
@@ -383,102 +383,3 @@ def test_dockerignore_keeps_secrets_environments_and_vcs_out_of_images():
         text = dockerfile.read_text()
         for word in (".env ", ".secrets", "datajoint.json", "PASSWORD=", "DJ_PASS="):
             assert word not in text.replace(".env.example", ""), (dockerfile, word)
-
-
-# ------------------------------------------------------------------------------------------------ images
-def _locked(name: str) -> str:
-    for line in (REPO / "constraints.txt").read_text().splitlines():
-        if line.lower().startswith(name.lower() + "=="):
-            return line.split("==", 1)[1]
-    raise AssertionError(f"{name} is not in constraints.txt")
-
-
-def _stages(dockerfile: str) -> dict[str, str]:
-    """Stage name -> its instructions (continuation lines joined)."""
-    text = re.sub(r"\\\n\s*", " ", dockerfile)
-    stages, name = {}, None
-    for line in text.splitlines():
-        match = re.match(r"FROM\s+\S+\s+AS\s+(\S+)", line, re.IGNORECASE)
-        if match:
-            name = match[1]
-        if name:
-            stages[name] = stages.get(name, "") + line + "\n"
-    return stages
-
-
-def _pytorch_base(text: str) -> str:
-    match = re.search(r"pytorch/pytorch:(\S+)", text)
-    assert match, "the worker image must start from the official PyTorch image"
-    return match[1]
-
-
-def test_worker_image_is_lean_locked_and_on_the_official_pytorch_cuda_runtime():
-    dockerfile = (REPO / "Dockerfile").read_text()
-    stages = _stages(dockerfile)
-    assert set(stages) == {"worker", "jupyter"}
-    worker, jupyter = stages["worker"], stages["jupyter"]
-    tag = _pytorch_base(dockerfile)
-    torch_version, cuda, cudnn, kind = re.fullmatch(r"([\d.]+)-cuda([\d.]+)-cudnn(\d+)-(\w+)", tag).groups()
-    assert kind == "runtime", "the runtime image: no compilers in a worker"
-    assert torch_version == _locked("torch").split("+")[0], "the base image's torch must be the locked one"
-    assert cuda == ".".join(_locked("nvidia-cuda-runtime").split(".")[:2]), "the CUDA of the locked torch wheel"
-    assert cudnn == _locked("nvidia-cudnn-cu13").split(".")[0]
-    install = re.search(r"pip install[^\n]*", worker)[0]
-    assert '".[s3]"' in install and "-c constraints.txt" in install and "-e " not in install
-    for heavy in ("test", "jupyter", "pytest", "notebook"):
-        assert heavy not in install.lower(), f"the worker image installs {heavy}"
-    assert re.search(r"^USER neureg", worker, re.M), "workers do not run as root"
-    assert re.match(r"FROM worker AS jupyter", jupyter) and "jupyterlab==" in jupyter
-
-
-def _packaged_sources() -> set[str]:
-    """What an image needs: the package's top-level modules and sub-packages (pyproject), and the notebooks."""
-    import tomllib
-
-    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-    subdirs = {p.split(".")[1] for p in packages if p.count(".") == 1}
-    modules = {p.name for p in REPO.glob("*.py")}
-    return subdirs | modules | {"notebooks", "pyproject.toml", "constraints.txt", "README.md"}
-
-
-def test_images_copy_the_whole_package_and_nothing_else():
-    dockerfile = re.sub(r"\\\n\s*", " ", (REPO / "Dockerfile").read_text())
-    copied = set()
-    for line in re.findall(r"^COPY\s+(.+)$", dockerfile, re.M):
-        copied.update(line.split()[:-1])
-    assert copied == _packaged_sources(), copied ^ _packaged_sources()
-    definition = (REPO / "deploy/apptainer/neureg-worker.def").read_text()
-    files = definition.split("%files", 1)[1].split("%", 1)[0]
-    sources = {line.split()[0] for line in files.strip().splitlines()}
-    assert sources == _packaged_sources(), sources ^ _packaged_sources()
-    for source in sources:
-        assert (REPO / source).exists(), source
-
-
-def test_apptainer_definition_matches_the_worker_image():
-    definition = (REPO / "deploy/apptainer/neureg-worker.def").read_text()
-    dockerfile = (REPO / "Dockerfile").read_text()
-    assert re.search(r"^Bootstrap:\s*docker$", definition, re.M)
-    assert re.search(r"^From:\s*pytorch/pytorch:(\S+)$", definition, re.M)[1] == _pytorch_base(dockerfile)
-    docker_install = re.search(r'pip install --no-cache-dir "\.\[s3\]" -c constraints\.txt', dockerfile)
-    apptainer_install = re.search(r'pip install --no-cache-dir "\.\[s3\]" -c constraints\.txt', definition)
-    assert docker_install and apptainer_install
-    assert "NEUREG_BACKEND=server" in definition and "ENV NEUREG_BACKEND=server" in dockerfile
-
-
-# ------------------------------------------------------------------------------------------------ SLURM
-def test_slurm_array_script_asks_one_gpu_per_task_and_stops_inside_its_time():
-    from neureg.populate.worker import duration
-
-    script = (REPO / "deploy/slurm/worker.sbatch").read_text()
-    check = subprocess.run(["bash", "-n", str(REPO / "deploy/slurm/worker.sbatch")], capture_output=True, text=True)
-    assert check.returncode == 0, check.stderr
-    directives = dict(re.findall(r"^#SBATCH\s+--([\w-]+)=(\S+)", script, re.M))
-    assert directives["gres"] == "gpu:1" and re.fullmatch(r"\d+-\d+(%\d+)?", directives["array"])
-    signal_name, lead = re.fullmatch(r"B:(\w+)@(\d+)", directives["signal"]).groups()
-    assert signal_name == "TERM", "SIGTERM is what makes a worker put its job back"
-    default_limit = re.search(r'NEUREG_TIME_LIMIT:-([\d:-]+)', script)[1]
-    assert duration(default_limit) < duration(directives["time"]) - int(lead), \
-        "the worker must stop taking jobs before SLURM's warning signal"
-    assert 'exec neureg worker --time-limit "$LIMIT"' in script
-    assert re.search(r'exec apptainer exec --nv .*neureg worker --time-limit "\$LIMIT"', script, re.S)

@@ -166,7 +166,7 @@ def test_sigterm_puts_the_running_job_back(toy_here, workers):
 def test_time_limit_puts_the_running_job_back_and_the_next_task_finishes_it(toy_here, workers):
     """A SLURM array task's end: at --time-limit the job in flight goes back to pending (no attempt spent,
     no rows), the worker exits 0, and the next task, started later, takes what is left."""
-    toy_here.Item.insert([dict(item=0, first_delay=120), dict(item=1)])
+    toy_here.Item.insert([dict(item=0, first_delay=120), dict(item=1, first_delay=0)])
     group = workers(toy_here.env)
     task = group.toy(toy_here.database, "--time-limit", "00:04", "--idle-sleep", "0.2", "--max-retries", "0")
     started = time.monotonic()

@@ -21,15 +21,8 @@ import datajoint as dj
 import numpy as np
 import pytest
 
-from neureg.populate.worker import (
-    Worker,
-    WorkerOptions,
-    add_worker_arguments,
-    duration,
-    options_from_args,
-    register_cli,
-    select_tables,
-)
+from neureg.populate.worker import Worker, WorkerOptions, select_tables
+from neureg.populate.worker_cli import add_worker_arguments, options_from_args
 from neureg.populate.devices import select_device
 from neureg.populate.stages import pipeline_tables, stage_tables
 from neureg.populate.worker_jobs import HOST, attempts_recorded, release, retry_failed, tag_message
@@ -403,19 +396,6 @@ def test_attempt_tags():
     assert len(tag_message("x" * 5000, 1, 3)) == 2047
 
 
-@pytest.mark.parametrize("text, seconds", [("3600", 3600), ("0.5", 0.5), ("90s", 90), ("90m", 5400), ("4h", 14400),
-                                           ("2d", 172800), ("05:30", 330), ("04:00:00", 14400),
-                                           ("1-12:00:00", 129600), ("1-04", 100800), ("1-04:30", 102600)])
-def test_time_limit_reads_seconds_units_and_slurm_durations(text, seconds):
-    assert duration(text) == seconds
-
-
-@pytest.mark.parametrize("text", ["", "x", "-5", "0", "00:00", "1:2:3:4", "4 h", "1-"])
-def test_bad_time_limits_are_refused(text):
-    with pytest.raises(argparse.ArgumentTypeError):
-        duration(text)
-
-
 def test_options_are_checked():
     with pytest.raises(ValueError, match="orphan-timeout"):
         WorkerOptions(orphan_timeout=0)
@@ -437,21 +417,6 @@ def test_device_comes_from_the_environment(monkeypatch):
         with pytest.raises(ConfigurationError, match="GPU"):
             select_device(f"cuda:{torch.cuda.device_count()}")
         assert select_device("cuda:0") == "cuda:0"
-
-
-def test_worker_and_accounts_commands_have_help():
-    from neureg.populate import accounts
-
-    parser = argparse.ArgumentParser(prog="neureg")
-    subparsers = parser.add_subparsers(dest="command")
-    register_cli(subparsers)
-    accounts.register_cli(subparsers)
-    for command in ("worker", "accounts"):
-        with pytest.raises(SystemExit) as exit_:
-            parser.parse_args([command, "--help"])
-        assert exit_.value.code == 0
-    args = parser.parse_args(["worker", "--stage", "oracle", "--stage", "training", "--once", "--orphan-timeout", "5"])
-    assert options_from_args(args) == WorkerOptions(stages=["oracle", "training"], once=True, orphan_timeout=5)
 
 
 if __name__ == "__main__":

@@ -34,3 +34,29 @@ def test_unknown_or_unrenderable_format_is_a_clear_error(pipeline, subprocess_en
     run = subprocess.run([sys.executable, "-m", "neureg", "diagram", str(tmp_path / "pipe.gif")], env=subprocess_env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "unknown diagram format '.gif'" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_svg_diagram_draws_every_table_with_graphviz(pipeline, subprocess_env, tmp_path):
+    """SVG through Graphviz's dot (.ci/run installs it); the README's picture is one such file."""
+    import os
+    import shutil
+
+    if shutil.which("dot") is None:
+        if os.environ.get("CI"):
+            raise AssertionError("CI installs Graphviz (.ci/run); 'dot' is missing")
+        import pytest
+
+        pytest.skip("Graphviz's dot is not installed here (apt install graphviz)")
+    out = tmp_path / "pipe.svg"
+    run = subprocess.run([sys.executable, "-m", "neureg", "diagram", str(out), "--json"], env=subprocess_env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    svg = out.read_text()
+    assert svg.lstrip().startswith("<svg") and svg.rstrip().endswith("</svg>")
+    titles = set(re.findall(r"<title>(?:\w+\.)+?(\w+)</title>", svg))
+    tables = {entry.table.__name__ for entry in pipeline_tables(pipeline)}
+    assert tables <= titles, tables - titles
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert "](docs/pipeline.svg)" in readme
+    shown = (Path(__file__).resolve().parents[2] / "docs" / "pipeline.svg").read_text()
+    assert tables <= set(re.findall(r"<title>(?:\w+\.)+?(\w+)</title>", shown)), "docs/pipeline.svg is stale"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -90,3 +92,15 @@ def test_killed_run_resumes_from_its_checkpoint(pipeline, trained):
     row = (tr.TrainedNetwork & key).fetch1()
     assert row["resumed_from_epoch"] == 1 and len(tr.TrainedNetwork.Epoch & key) == 2
     assert not checkpoint.exists(), "the checkpoint is removed once the result is stored"
+
+
+def test_checkpoints_go_where_a_requeued_task_finds_them(pipeline, tmp_path, monkeypatch):
+    """NEUREG_CHECKPOINTS (a cluster's shared scratch) wins; else beside a folder store, which workers share."""
+    import datajoint as dj
+
+    shared = tmp_path / "scratch" / "checkpoints"
+    monkeypatch.setenv("NEUREG_CHECKPOINTS", str(shared))
+    assert pipeline.training.checkpoint_dir() == shared and shared.is_dir()
+    monkeypatch.delenv("NEUREG_CHECKPOINTS")
+    store = dj.config.get_store_spec("neureg")["location"]
+    assert pipeline.training.checkpoint_dir() == Path(store) / "checkpoints"
