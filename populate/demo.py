@@ -79,8 +79,8 @@ def demo_processes() -> int:
     """Processes the demo's heavy stages run in: ``NEUREG_DEMO_PROCESSES``, else one per core up to 4.
 
     Small networks on a CPU are bound by per-operation overhead, not arithmetic: two processes with one
-    thread each train about 1.45x as many networks per minute as one process with two threads (measured on
-    the 2-core machines, bench/bench_demo_parallel.py)."""
+    thread each train 1.15x to 1.45x as many networks per minute as one process with two threads (the 2-core
+    machines; bench/bench_demo_parallel.py), and the attacks gain alike."""
     value = os.environ.get("NEUREG_DEMO_PROCESSES")
     if value:
         if not value.isdigit() or int(value) < 1:
