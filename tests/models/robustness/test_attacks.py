@@ -133,16 +133,22 @@ def test_brendel_bethge_matches_analytic_margin(linear):
     """Compiles foolbox's numba optimizers (tens of seconds each, once per process)."""
     model, x, y, analytic, pool = linear
     configs = [{"attack": "l2_bb", "steps": 100, "lr_num_decay": 10},
-               {"attack": "linf_bb", "steps": 100, "lr_num_decay": 10}]
+               {"attack": "linf_bb", "steps": 100, "lr_num_decay": 10},
+               {"attack": "l2_ddn", "steps": 100}, {"attack": "linf_pgd", "steps": 20, "search_steps": 8}]
     result = minimal_perturbations(model, x, y, configs, starting_pool=pool)
-    for c, norm in enumerate(result.norms):
+    for c, norm in enumerate(result.norms[:2]):
         ratio = result.distances[c] / analytic[norm]
-        # Never below the true minimum (that would be a verification bug), within 1% on at least 5 of
-        # the 6 images. BB can stall for good on the clean side of the boundary once its correction
-        # per pixel falls below float32 spacing (docs/attacks.md); which image does depended on the
-        # machine's float rounding, the reason a fresh machine failed where CI passed.
+        # Never below the true minimum (that would be a verification bug), and within 1% on most images.
+        # BB alone can stall for good on the clean side of the boundary once its correction per pixel
+        # falls below float32 spacing (docs/attacks.md); how many of the 6 images stall depends on the
+        # CPU's float rounding (one on earlier sessions' machines, two on another), so BB alone is held to
+        # a majority, and what the pipeline reports, the minimum over the attacks of a norm, to all six.
         assert np.all(ratio >= 1 - 1e-3), (norm, ratio)
-        assert np.sum(ratio <= 1.01) >= 5, (norm, ratio)
+        assert np.sum(ratio <= 1.01) >= 4, (norm, ratio)
+    for norm in ("l2", "linf"):
+        best, _ = result.best(norm)
+        ratio = best / analytic[norm]
+        assert np.all(ratio >= 1 - 1e-3) and np.all(ratio <= 1.01), (norm, ratio)
     assert_verified(model, x, y, result)
 
 
