@@ -165,16 +165,16 @@ def run_demo(pipeline, out: Path | None = None, fast: bool = False) -> int:
     predictor = pred.PredictorConfig.add(sizes["predictor"], label="demo")
     _populate_in_processes(pipeline, "predictive", [[dict(k, **predictor)] for k in scan_keys])
 
+    # Every condition's networks see the stimuli at one resolution: the model-based targets take the
+    # predictor's image scale, the data, pixel and VGG targets are told the same one.
+    scale = sizes["predictor"].get("image_scale", 1.0)
     targets = {}
     for method in sizes["methods"]:
-        # Every condition's networks see the stimuli at one resolution: the model-based targets take the
-        # predictor's image scale, the data and pixel targets are told the same one.
         extra = ({"predictor_hash": predictor["predictor_hash"]} if method in ("neural_model", "shuffle")
-                 else {"image_scale": sizes["predictor"].get("image_scale", 1.0)})
+                 else {"image_scale": scale})
         targets[method] = dict(scan_set, **sim.TargetConfig.add(dict(method=method, **extra), label=method))
     vgg = os.environ.get("NEUREG_VGG_WEIGHTS")
     if vgg:
-        scale = sizes["predictor"].get("image_scale", 1.0)
         targets["vgg"] = dict(scan_set, **sim.TargetConfig.add(dict(method="vgg", vgg_weights=vgg, image_scale=scale),
                                                                label="vgg"))
     else:

@@ -29,11 +29,11 @@ def collect_orphans(pipeline, delete: bool = False, min_age_hours: float = 24.0)
     old, recent, size = [], [], 0
     for path in report["orphaned_schema_paths"]:  # neureg stores <npy@> (schema-addressed) objects only
         try:
-            is_old = modified_at(fs, f"{root}/{path}") < cutoff
-            file_size = fs.size(f"{root}/{path}") if is_old else 0
+            info = fs.info(f"{root}/{path}")  # one stat (one request on S3) for age and size
         except FileNotFoundError:  # gone since the listing
             continue
+        is_old = modified_at(info) < cutoff
         (old if is_old else recent).append(str(path))
-        size += file_size or 0
+        size += (info.get("size") or 0) if is_old else 0
     deleted = sum(bool(collector.delete_schema_path(path)) for path in old) if delete else 0
     return {"old": old, "recent": recent, "deleted": deleted, "bytes": size, "min_age_hours": min_age_hours}

@@ -24,16 +24,16 @@ import numpy as np
 from datajoint.errors import MissingExternalFile
 from datajoint.storage import StorageBackend
 
+from ..connection import STORE
 from ..errors import StoreIntegrityError
 
 DIGEST_SUFFIX = "_sha256"
-STORE_NAME = "neureg"  # the store every <npy@neureg> attribute names
 
 
 def store_files():
     """``(filesystem, root, spec)`` of neureg's store: DataJoint's fsspec filesystem for it, the root that
     DataJoint's relative paths hang from (a folder, or ``bucket/location``), and the store's spec."""
-    spec = dj.config.get_store_spec(STORE_NAME)
+    spec = dj.config.get_store_spec(STORE)
     if spec.get("protocol", "file") == "file":
         root = str(spec["location"]).rstrip("/")
     else:
@@ -52,14 +52,14 @@ def ensure_bucket() -> str | None:
     return f"bucket {spec['bucket']} created"
 
 
-def modified_at(fs, path: str) -> float:
-    """A store file's modification time (seconds since the epoch) on a local filesystem or S3."""
-    info = fs.info(path)
+def modified_at(info: dict) -> float:
+    """A store file's modification time (seconds since the epoch) from its fsspec ``info()``, which names it
+    ``mtime`` on a local filesystem and ``LastModified`` on S3."""
     stamp = info.get("mtime", info.get("LastModified", info.get("created")))
     if isinstance(stamp, datetime):
         return stamp.timestamp()
     if stamp is None:
-        raise OSError(f"the store reports no modification time for {path}")
+        raise OSError(f"the store reports no modification time for {info.get('name')}")
     return float(stamp)
 
 

@@ -25,6 +25,7 @@ from . import experiment, similarity
 from ..models.neural.images import downsample
 from ..models.registry import complete_kwargs
 from ._config import ConfigTable, transaction
+from ..connection import STORE
 from ._store import load_array, stored
 
 logger = logging.getLogger("neureg")
@@ -198,7 +199,7 @@ def checkpoint_dir() -> Path:
         path = Path(os.environ["NEUREG_CHECKPOINTS"]).expanduser()
         path.mkdir(parents=True, exist_ok=True)
         return path
-    store = (dj.config.stores or {}).get("neureg", {})
+    store = (dj.config.stores or {}).get(STORE, {})
     base = Path(store["location"]) if store.get("protocol", "file") == "file" and store.get("location") else None
     base = base or Path(os.environ.get("NEUREG_HOME") or platformdirs.user_data_path("neureg"))
     path = base / "checkpoints"

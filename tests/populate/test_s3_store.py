@@ -42,17 +42,11 @@ NEUREG, clean_env, wait_for = faults.NEUREG, faults.clean_env, faults.wait_for
 ACCESS_KEY, SECRET_KEY = "neureg-test-key", "neureg-test-secret"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class StoreLink:
     """A TCP link to the S3 server that can be cut (connections refused, open ones dropped) and restored."""
 
     def __init__(self, target_port: int):
-        self.target, self.port = ("127.0.0.1", target_port), _free_port()
+        self.target, self.port = ("127.0.0.1", target_port), faults._free_port()
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._listener = None
@@ -132,7 +126,7 @@ def s3_server(tmp_path_factory):
             pytest.fail(f"{S3_VARIABLE}={port} but no S3 server answers on 127.0.0.1:{port}")
         yield port
         return
-    port = _free_port()
+    port = faults._free_port()
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=log, stderr=subprocess.STDOUT)
