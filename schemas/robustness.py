@@ -16,7 +16,7 @@ import numpy as np
 
 from ..models.robustness import attack_registry as attacks
 from ..models.robustness import protocols
-from ..models.runtime import default_device
+from ..models.runtime import Runtime
 from . import training
 from ._config import ConfigTable
 
@@ -37,10 +37,11 @@ def evaluation_images(key: dict, n_images: int, seed: int) -> tuple[np.ndarray, 
 
 
 def _evaluation_inputs(key: dict, config: dict):
-    """(network on the worker's device, evaluation images, labels, device) for one table row."""
-    device = default_device()
+    """(network on the worker's device and layout, evaluation images, labels, device) for one table row."""
+    runtime = Runtime.from_env()
     images, labels = evaluation_images(key, config["n_images"], config["image_seed"])
-    return (training.TrainedNetwork & key).load_model(device), images, labels, device
+    model = (training.TrainedNetwork & key).load_model(runtime.device, runtime.memory_format)
+    return model, images, labels, runtime.device
 
 
 def _only(config: dict, *names: str) -> dict:

@@ -294,13 +294,15 @@ class TrainedNetwork(dj.Computed):
         )
         Path(checkpoint).unlink(missing_ok=True)  # the row now holds the result
 
-    def load_model(self, device: str = "cpu"):
-        """The trained network of one row, in eval mode (VOne noise as configured)."""
+    def load_model(self, device: str = "cpu", memory_format=None):
+        """The trained network of one row, in eval mode (VOne noise as configured); ``memory_format`` a
+        torch layout (a Runtime's), None to keep torch's default."""
         key = self.fetch1("KEY")
         n_classes = (Dataset & key).fetch1("n_classes")
         model = networks.build_network({**NetworkConfig.config_of(key), "n_classes": int(n_classes)})
         model.load_state_dict(array_to_state(load_array(self, key, "weights")))
-        return model.to(device).eval()
+        model = model.to(device) if memory_format is None else model.to(device, memory_format=memory_format)
+        return model.eval()
 
 
 def plan(dataset: str, network: dict | None = None, train: dict | None = None, regularizer: dict | None = None,

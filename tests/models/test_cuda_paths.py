@@ -79,7 +79,7 @@ def test_training_step_on_device_matches_cpu_first_epoch(strict_float32):
     assert all(t.device.type == "cpu" for t in on_device.state_dict.values())
 
 
-@pytest.mark.skipif(DEVICE == "cpu", reason="bf16 autocast and channels_last apply on CUDA only")
+@pytest.mark.skipif(DEVICE == "cpu", reason="bf16 autocast applies on CUDA only")
 def test_bf16_channels_last_run_learns():
     """The float32 CPU run of this config reaches 100% test accuracy; bf16 must still learn the task."""
     data = toy_dataset(n_train=512)

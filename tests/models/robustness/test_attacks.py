@@ -15,6 +15,7 @@ from neureg.models.robustness.attacks import (
     perturbation_norm,
     validate_attack_config,
 )
+from neureg.models.robustness.evaluation import ExpectationOverTransformation
 
 D = 32 * 32
 
@@ -241,6 +242,27 @@ def test_stochastic_model_needs_eot(linear):
     assert found.mean() > 0.5
     # the noise is tiny next to the logit margins, so the EoT boundary is the linear one
     np.testing.assert_allclose(result.distances[0][found], analytic["l2"][found], rtol=0.05)
+
+
+def test_a_stochastic_networks_end_points_are_pushed_until_a_majority_misclassifies(linear):
+    """Noise of 1 logit on a margin of ~32 logits per unit L2: an attack's end point sits on the EoT
+    boundary, where one draw calls it adversarial half the time. Pushed outward along its own direction
+    until 13 of 25 draws misclassify it, every image gets a distance between the analytic boundary's
+    (less the vote's slack, ~0.02 here) and twice it, and each stored adversarial is misclassified by
+    most fresh draws of the EoT average."""
+    model, x, y, analytic, _ = linear
+    noisy = NoisyLogits(model, scale=1.0).eval()
+    torch.manual_seed(0)
+    result = minimal_perturbations(noisy, x, y, [{"attack": "l2_ddn", "steps": 100}], eot_samples=2)
+    distance = result.distances[0]
+    assert np.isfinite(distance).all()
+    assert np.all(distance >= 0.9 * analytic["l2"]) and np.all(distance <= 2.0 * analytic["l2"] + 1e-6)
+    adversarials = torch.from_numpy(result.adversarials[0])
+    np.testing.assert_allclose(perturbation_norm(adversarials.numpy(), x.numpy(), "l2"), distance, atol=1e-6)
+    eot = ExpectationOverTransformation(noisy, 2)
+    with torch.no_grad():
+        wrong = torch.stack([eot(adversarials).argmax(1) != y for _ in range(200)]).float().mean(0)
+    assert (wrong > 0.25).all(), wrong
 
 
 def test_seeded_runs_repeat(linear):

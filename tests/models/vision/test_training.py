@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from neureg.models.runtime import accuracy
+from neureg.models.runtime import Runtime, accuracy
 from neureg.models.vision.datasets import ClassificationData, load_mnist_demo
 from neureg.models.vision.networks import build_network
 from neureg.models.vision.regularizer import PairSampler, SimilarityRegularizer, evaluate_similarity_loss
@@ -17,6 +17,7 @@ from neureg.models.neural.rsa import centered_cosine
 from neureg.models.vision.training import (
     PairBatch,
     augment_batch,
+    build_run,
     default_train_config,
     frozen_bn_statistics,
     learning_rate,
@@ -220,3 +221,48 @@ def test_alpha_lowers_the_similarity_loss(mnist_runs):
     result, _ = runs[4.0]
     assert sum(result.gamma) == pytest.approx(1.0, abs=1e-6)
     assert all(r["sim_loss"] is not None and r["task_loss"] < r["train_loss"] for r in result.history)
+
+
+def test_channels_last_is_the_cpu_default_and_changes_only_the_layout(monkeypatch):
+    """On the CPU a worker's Runtime lays activations and weights out NHWC (oneDNN's faster layout here),
+    NEUREG_CHANNELS_LAST=0 turns it off, and the layout changes no logit beyond float rounding."""
+    monkeypatch.delenv("NEUREG_CHANNELS_LAST", raising=False)
+    monkeypatch.setenv("NEUREG_DEVICE", "cpu")
+    assert Runtime.from_env().memory_format == torch.channels_last
+    monkeypatch.setenv("NEUREG_CHANNELS_LAST", "0")
+    assert Runtime.from_env().memory_format == torch.contiguous_format
+    monkeypatch.setenv("NEUREG_CHANNELS_LAST", "maybe")
+    with pytest.raises(ValueError, match="NEUREG_CHANNELS_LAST"):
+        Runtime.from_env()
+
+    data = tiny_dataset()
+    net = {"arch": "resnet18", "width": 0.0625}
+    run = build_run(net, {"epochs": 1, "batch_size": 32}, {"alpha": 0.0}, data, runtime=Runtime(channels_last=True))
+    conv = run.model.stages.layer1[0].conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    x = torch.from_numpy(data.test_x)
+    nchw = build_network({**net, "n_classes": 4}).eval()
+    nhwc = copy.deepcopy(nchw).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(nhwc(x), nchw(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_channels_last_run_resumes_exactly(tmp_path):
+    """The layout keeps CPU training deterministic: killed after epoch 1 and resumed, the same weights."""
+    data = tiny_dataset()
+    args = ({"arch": "resnet18", "width": 0.0625}, {"epochs": 2, "batch_size": 32}, {"alpha": 0.0}, data)
+    runtime = Runtime(channels_last=True)
+    whole = train_network(*args, seed=3, runtime=runtime)
+
+    class Killed(Exception):
+        pass
+
+    def kill(record):
+        raise Killed
+
+    with pytest.raises(Killed):
+        train_network(*args, seed=3, runtime=runtime, checkpoint_path=tmp_path / "c.pt", progress=kill)
+    resumed = train_network(*args, seed=3, runtime=runtime, checkpoint_path=tmp_path / "c.pt")
+    assert resumed.resumed_from_epoch == 1
+    for key, value in whole.state_dict.items():
+        assert torch.equal(value, resumed.state_dict[key]), key

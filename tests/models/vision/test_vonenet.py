@@ -163,3 +163,17 @@ def test_orientation_follows_the_published_convention():
     cols = gabor_kernel(0.2, 2.0, 50.0, math.pi / 2, 0.0, 9).numpy()
     assert np.abs(np.diff(rows, axis=0)).sum() > 20 * np.abs(np.diff(rows, axis=1)).sum()
     assert np.abs(np.diff(cols, axis=1)).sum() > 20 * np.abs(np.diff(cols, axis=0)).sum()
+
+
+def test_noise_is_the_same_whatever_the_memory_layout():
+    """One seed, one noise draw, whether the activity is NCHW or channels_last (the CPU default layout):
+    the draw follows the logical index, so a network's noise does not depend on how a worker lays it out."""
+    x = torch.rand(3, 6, 5, 7) * 4
+    torch.manual_seed(11)
+    nchw = neuronal_noise(x, 0.35, 0.07)
+    torch.manual_seed(11)
+    nhwc = neuronal_noise(x.contiguous(memory_format=torch.channels_last), 0.35, 0.07)
+    torch.testing.assert_close(nhwc, nchw, rtol=0, atol=0)
+    torch.manual_seed(11)
+    independent = x + torch.randn(x.shape) * torch.sqrt(F.relu(x * 0.35 + 0.07) + 1e-4) / 0.35
+    torch.testing.assert_close(nchw, independent)
