@@ -47,11 +47,13 @@ def noise_settings(sigmas: Annotated[list, _SIGMA_LIST] = DEFAULT_SIGMAS, n_imag
 
 
 def noise_evaluation(model, images, labels, *, sigmas, noise_seed: int, device) -> dict:
-    """Clean accuracy and accuracy at every sigma."""
-    accuracy = rob.noise_accuracy(model, images, labels, np.asarray(sigmas, dtype=float), seed=noise_seed,
-                                  device=device)
-    return {"clean_accuracy": float(rob.accuracy(model, images, labels, device=device)),
-            "levels": [(float(s), float(a)) for s, a in zip(sigmas, accuracy)]}
+    """Clean accuracy and accuracy at every sigma. A stochastic network's own noise is drawn from
+    ``noise_seed`` too, so the row does not depend on what its worker computed before."""
+    with rob.seeded_torch(noise_seed, torch.device(device)):
+        accuracy = rob.noise_accuracy(model, images, labels, np.asarray(sigmas, dtype=float), seed=noise_seed,
+                                      device=device)
+        clean = rob.accuracy(model, images, labels, device=device)
+    return {"clean_accuracy": float(clean), "levels": [(float(s), float(a)) for s, a in zip(sigmas, accuracy)]}
 
 
 # ------------------------------------------------------------------------------- minimal perturbations
@@ -117,7 +119,16 @@ def corruption_settings(source: Annotated[str, one_of("builtin", "cifar10c")] = 
 def corruption_evaluation(model, images, labels, *, source: str, path: str, corruptions: list[str],
                           severities: list[int], n_images: int, image_seed: int, corruption_seed: int,
                           device) -> dict:
-    """Accuracy per corruption and severity, their mean, and the clean accuracy on the same images."""
+    """Accuracy per corruption and severity, their mean, and the clean accuracy on the same images
+    (a stochastic network's noise drawn from ``corruption_seed``, as the corruptions are)."""
+    with rob.seeded_torch(corruption_seed, torch.device(device)):
+        return _corruption_levels(model, images, labels, source=source, path=path, corruptions=corruptions,
+                                  severities=severities, n_images=n_images, image_seed=image_seed,
+                                  corruption_seed=corruption_seed, device=device)
+
+
+def _corruption_levels(model, images, labels, *, source, path, corruptions, severities, n_images, image_seed,
+                       corruption_seed, device) -> dict:
     levels = []
     for name in corruptions:
         for severity in severities:

@@ -216,3 +216,25 @@ def test_inputs_outside_unit_box_are_refused(trained):
     model, x, y = trained
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         noise_accuracy(model, x * 3, y, [0.0], seed=0)
+
+
+def test_a_stochastic_networks_noise_and_corruption_rows_do_not_depend_on_earlier_work(trained):
+    """The protocols seed the network's own noise from the config's seed: whatever the worker drew before
+    (another network, another table), the same row; another seed, another draw."""
+    from neureg.models.robustness import protocols
+
+    model, x, y = trained
+    noisy = NoisyLogits(model).eval()
+    sigmas = [0.0, 0.2, 0.4]
+
+    def rows(seed):
+        noise = protocols.noise_evaluation(noisy, x[:64], y[:64], sigmas=sigmas, noise_seed=seed, device="cpu")
+        corrupted = protocols.corruption_evaluation(noisy, x[:64], y[:64], source="builtin", path="",
+                                                    corruptions=["gaussian_noise"], severities=[3], n_images=64,
+                                                    image_seed=0, corruption_seed=seed, device="cpu")
+        return noise, corrupted
+
+    first = rows(1)
+    torch.randn(1000)  # earlier work on this worker
+    assert rows(1) == first
+    assert rows(2) != first
