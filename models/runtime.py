@@ -8,7 +8,7 @@ None of these settings enters a config hash. Two runs that differ only here are 
 - ``NEUREG_DEVICE``: a torch device (default: the first visible GPU, else the CPU);
 - ``NEUREG_AMP=1``: bfloat16 autocast on CUDA (faster on tensor cores; float32 accumulation);
 - ``NEUREG_CHANNELS_LAST``: NHWC activations and weights. Default on for the CPU, where oneDNN's NHWC
-  convolutions train the demo's narrow ResNets 1.15-1.25x faster than NCHW (bench/bench_cpu_layout.py);
+  convolutions train the demo's narrow networks 1.1-1.3x faster than NCHW (bench/bench_cpu_layout.py);
   default off on CUDA, where it pays under autocast (``NEUREG_AMP``) and is set with it;
 - ``NEUREG_DETERMINISTIC=1``: cuDNN's deterministic kernels. Off by default because it forbids the
   fastest convolution algorithms (cuDNN benchmark mode); on, a resumed CUDA run replays the
