@@ -239,39 +239,37 @@ def minimal_perturbations(
     return MinimalPerturbations(configs, norms, distances, adversarials, clean_correct)
 
 
+def _misclassified(model: nn.Module, points: torch.Tensor, y: torch.Tensor, votes: int = 1) -> torch.Tensor:
+    """Which points a majority of ``votes`` forward passes misclassify (one pass: the model's answer)."""
+    wrong = sum((model(points).argmax(dim=1) != y).int() for _ in range(votes))
+    return wrong > votes // 2
+
+
 @torch.no_grad()
-def _verify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, adv: torch.Tensor) -> np.ndarray:
-    """Which candidate adversarials are real: finite, inside [0, 1] and misclassified."""
+def _verify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, adv: torch.Tensor, votes: int = 1) -> np.ndarray:
+    """Which candidate adversarials are real: finite, inside [0, 1] and misclassified (by a majority of
+    ``votes`` passes, for a stochastic model)."""
     finite = torch.isfinite(adv).flatten(1).all(dim=1)
     safe = torch.where(finite.view(-1, *[1] * (adv.ndim - 1)), adv, x)
     in_box = ((safe >= 0) & (safe <= 1)).flatten(1).all(dim=1)
-    misclassified = model(safe).argmax(dim=1) != y
-    return (finite & in_box & misclassified).cpu().numpy()
+    return (finite & in_box & _misclassified(model, safe, y, votes)).cpu().numpy()
 
 
 @torch.no_grad()
 def _verify_by_vote(model: nn.Module, x: torch.Tensor, y: torch.Tensor, adv: torch.Tensor) -> np.ndarray:
-    """``_verify`` for a stochastic model: a majority of ``VOTES`` draws misclassify the point. A failed
-    candidate is replaced in ``adv`` (in place) by the first outward push (``GROWTH``) that passes."""
-
-    def passes(points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        wrong = sum((model(points).argmax(dim=1) != labels).int() for _ in range(VOTES))
-        return wrong > VOTES // 2
-
-    shape = (-1,) + (1,) * (adv.ndim - 1)
+    """``_verify`` for a stochastic model, by ``VOTES`` passes. A finite candidate that fails is replaced in
+    ``adv`` (in place) by the first outward push (``GROWTH``, clamped to the box) that passes."""
+    ok = torch.from_numpy(_verify(model, x, y, adv, VOTES)).to(adv.device)
     finite = torch.isfinite(adv).flatten(1).all(dim=1)
-    delta = torch.where(finite.view(shape), adv - x, torch.zeros_like(x))
-    ok = finite & passes(x + delta, y)
     for factor in GROWTH:
         todo = (finite & ~ok).nonzero().flatten()
         if len(todo) == 0:
             break
-        pushed = (x[todo] + factor * delta[todo]).clamp(0.0, 1.0)
-        now = passes(pushed, y[todo])
+        pushed = (x[todo] + factor * (adv[todo] - x[todo])).clamp(0.0, 1.0)
+        now = _misclassified(model, pushed, y[todo], VOTES)
         adv[todo[now]] = pushed[now]
         ok[todo[now]] = True
-    in_box = ((adv >= 0) & (adv <= 1)).flatten(1).all(dim=1)
-    return (ok & in_box).cpu().numpy()
+    return ok.cpu().numpy()
 
 
 def _run_attack(fmodel, model, x, y, config, pool, stochastic) -> torch.Tensor:

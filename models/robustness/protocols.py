@@ -122,23 +122,16 @@ def corruption_evaluation(model, images, labels, *, source: str, path: str, corr
     """Accuracy per corruption and severity, their mean, and the clean accuracy on the same images
     (a stochastic network's noise drawn from ``corruption_seed``, as the corruptions are)."""
     with rob.seeded_torch(corruption_seed, torch.device(device)):
-        return _corruption_levels(model, images, labels, source=source, path=path, corruptions=corruptions,
-                                  severities=severities, n_images=n_images, image_seed=image_seed,
-                                  corruption_seed=corruption_seed, device=device)
-
-
-def _corruption_levels(model, images, labels, *, source, path, corruptions, severities, n_images, image_seed,
-                       corruption_seed, device) -> dict:
-    levels = []
-    for name in corruptions:
-        for severity in severities:
-            if source == "builtin":
-                acc = corr.corruption_accuracy(model, images, labels, name, severity, seed=corruption_seed,
-                                               device=device)
-            else:
-                x, y = corr.load_cifar10c(path, name, severity)
-                pick = evaluation_subset(len(y), min(n_images, len(y)), image_seed)
-                acc = rob.accuracy(model, x[pick], y[pick], device=device)
-            levels.append((name, int(severity), float(acc)))
-    return {"clean_accuracy": float(rob.accuracy(model, images, labels, device=device)),
-            "mean_accuracy": float(np.mean([acc for _, _, acc in levels])), "levels": levels}
+        levels = []
+        for name in corruptions:
+            for severity in severities:
+                if source == "builtin":
+                    acc = corr.corruption_accuracy(model, images, labels, name, severity, seed=corruption_seed,
+                                                   device=device)
+                else:
+                    x, y = corr.load_cifar10c(path, name, severity)
+                    pick = evaluation_subset(len(y), min(n_images, len(y)), image_seed)
+                    acc = rob.accuracy(model, x[pick], y[pick], device=device)
+                levels.append((name, int(severity), float(acc)))
+        return {"clean_accuracy": float(rob.accuracy(model, images, labels, device=device)),
+                "mean_accuracy": float(np.mean([acc for _, _, acc in levels])), "levels": levels}
