@@ -95,9 +95,16 @@ def cmd_status(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """`neureg demo`: the whole chain on a small simulated cohort."""
-    from .populate.demo import run_demo
+    """`neureg demo`: the whole chain on a small simulated cohort (its environment settings checked first)."""
+    from .models.runtime import Runtime
+    from .populate.demo import demo_processes, run_demo
 
+    try:
+        demo_processes()
+        Runtime.from_env()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return run_demo(pipeline=_connect(args), out=args.out, fast=args.fast)
 
 

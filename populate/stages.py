@@ -179,6 +179,9 @@ def populate_stage(pipeline, stages=None, *, reserve_jobs: bool = False, display
     work: each table gets the keys all of whose attributes it has (see ``restriction_for``); tables none
     of them apply to are skipped. Scan sets are not registered here: see ``neureg scanset``.
     """
+    from ..models.runtime import Runtime
+
+    Runtime.from_env()  # a mistyped NEUREG_* execution setting: ValueError now, not in every make
     summary = {}
     for table in stage_tables(pipeline, stages):
         restriction = () if keys is None else (restriction_for(table, keys),)

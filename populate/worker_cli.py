@@ -97,10 +97,12 @@ def cmd_worker(args) -> int:
     import datajoint as dj
 
     dj.config["safemode"] = False  # a worker has no one to answer DataJoint's delete prompt
+    from ..models.runtime import Runtime
     from .devices import select_device
 
     select_device(args.device)
     try:
+        Runtime.from_env()  # a mistyped NEUREG_* execution setting is refused here, not in every job
         worker = Worker(pipeline, options)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

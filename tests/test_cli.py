@@ -206,3 +206,25 @@ def test_store_settings_faults_are_one_clear_line(tmp_path):
     run = run_cli("status", env={"NEUREG_HOME": str(tmp_path), "DJ_STORES": broken})
     assert run.returncode == 4 and "store 'neureg' is misconfigured" in run.stderr and "bucket" in run.stderr, run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_a_mistyped_execution_setting_is_refused_before_any_work(tmp_path):
+    """NEUREG_CHANNELS_LAST (now read on every CPU worker) or NEUREG_DEMO_PROCESSES mistyped: exit 2 with
+    one line naming it, before the demo creates anything and before populate or a worker takes a job."""
+    home = tmp_path / "home"
+    bad = {"NEUREG_HOME": str(home), "NEUREG_CHANNELS_LAST": "maybe"}
+    demo = run_cli("demo", "--fast", "--out", str(tmp_path / "out"), env=bad)
+    assert demo.returncode == 2, demo.stderr
+    assert demo.stderr.strip().splitlines() == [
+        "error: NEUREG_CHANNELS_LAST='maybe': expected 1/0, true/false, yes/no or on/off"]
+    assert not (tmp_path / "out").exists() and not (home / "pgdata").exists()
+    processes = run_cli("demo", "--fast", "--out", str(tmp_path / "out"),
+                        env={"NEUREG_HOME": str(home), "NEUREG_DEMO_PROCESSES": "two"})
+    assert processes.returncode == 2 and "NEUREG_DEMO_PROCESSES='two'" in processes.stderr
+    assert not (tmp_path / "out").exists()
+
+    assert run_cli("init", env={"NEUREG_HOME": str(home)}).returncode == 0
+    for command in (["populate", "--stage", "oracle"], ["worker", "--once", "--stage", "oracle"]):
+        run = run_cli(*command, env=bad)
+        assert run.returncode == 2, (command, run.stderr)
+        assert "error: NEUREG_CHANNELS_LAST='maybe'" in run.stderr and "Traceback" not in run.stderr
