@@ -112,17 +112,20 @@ def test_stimulus_pass_leaves_batchnorm_running_statistics_alone():
     torch.testing.assert_close(inside, bn(z))
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("arch", ["resnet18", "vone_resnet18"])
-def test_resume_equals_uninterrupted_run(tmp_path, arch):
-    """Kill after epoch 2 of 3 (the checkpoint is written), rerun: the result is bitwise the same."""
+def test_resume_equals_uninterrupted_run(tmp_path, arch, channels_last):
+    """Kill after epoch 2 of 3 (the checkpoint is written), rerun: the result is bitwise the same, in either
+    memory layout (channels_last is the CPU workers' default)."""
     data = tiny_dataset()
     stimuli, target = quadrant_stimuli(n=24)
     net = {"arch": arch, "width": 0.0625, **({"simple_channels": 4, "complex_channels": 4} if arch == "vone_resnet18" else {})}
     train = {"epochs": 3, "batch_size": 32, "lr": 0.05, "lr_step_epochs": 1}
     reg = {"alpha": 2.0, "pairs_per_step": 4}
     args = (net, train, reg, data, stimuli, target)
+    runtime = Runtime(channels_last=channels_last)
 
-    whole = train_network(*args, seed=5, checkpoint_path=tmp_path / "whole.pt")
+    whole = train_network(*args, seed=5, runtime=runtime, checkpoint_path=tmp_path / "whole.pt")
 
     class Killed(Exception):
         pass
@@ -133,9 +136,9 @@ def test_resume_equals_uninterrupted_run(tmp_path, arch):
 
     path = tmp_path / "killed.pt"
     with pytest.raises(Killed):
-        train_network(*args, seed=5, checkpoint_path=path, progress=kill_after_two)
+        train_network(*args, seed=5, runtime=runtime, checkpoint_path=path, progress=kill_after_two)
     assert torch.load(path, weights_only=True)["epoch"] == 2
-    resumed = train_network(*args, seed=5, checkpoint_path=path)
+    resumed = train_network(*args, seed=5, runtime=runtime, checkpoint_path=path)
 
     assert resumed.resumed_from_epoch == 2 and whole.resumed_from_epoch == 0
     assert whole.state_dict.keys() == resumed.state_dict.keys()
@@ -153,7 +156,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, arch):
         train_network(*args, seed=6, checkpoint_path=path)
     shuffled = target[np.ix_(np.arange(24)[::-1], np.arange(24)[::-1])]
     with pytest.raises(ValueError, match="different run"):
-        train_network(net, train, reg, data, stimuli, shuffled, seed=5, checkpoint_path=path)
+        train_network(net, train, reg, data, stimuli, shuffled, seed=5, runtime=runtime, checkpoint_path=path)
 
 
 def test_alpha_needs_a_target_and_zero_alpha_needs_none():
@@ -245,24 +248,3 @@ def test_channels_last_is_the_cpu_default_and_changes_only_the_layout(monkeypatc
     nhwc = copy.deepcopy(nchw).to(memory_format=torch.channels_last)
     with torch.no_grad():
         torch.testing.assert_close(nhwc(x), nchw(x), rtol=1e-4, atol=1e-5)
-
-
-def test_a_channels_last_run_resumes_exactly(tmp_path):
-    """The layout keeps CPU training deterministic: killed after epoch 1 and resumed, the same weights."""
-    data = tiny_dataset()
-    args = ({"arch": "resnet18", "width": 0.0625}, {"epochs": 2, "batch_size": 32}, {"alpha": 0.0}, data)
-    runtime = Runtime(channels_last=True)
-    whole = train_network(*args, seed=3, runtime=runtime)
-
-    class Killed(Exception):
-        pass
-
-    def kill(record):
-        raise Killed
-
-    with pytest.raises(Killed):
-        train_network(*args, seed=3, runtime=runtime, checkpoint_path=tmp_path / "c.pt", progress=kill)
-    resumed = train_network(*args, seed=3, runtime=runtime, checkpoint_path=tmp_path / "c.pt")
-    assert resumed.resumed_from_epoch == 1
-    for key, value in whole.state_dict.items():
-        assert torch.equal(value, resumed.state_dict[key]), key
