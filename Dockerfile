@@ -12,13 +12,9 @@ ARG PYTORCH_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
 
 FROM ${PYTORCH_IMAGE} AS worker
 WORKDIR /opt/neureg
-COPY pyproject.toml constraints.txt README.md ./
-COPY __init__.py __main__.py cli.py completion.py connection.py errors.py hashing.py scan_identity.py scan_validation.py scanfolder.py ./
-COPY schemas ./schemas
-COPY models ./models
-COPY populate ./populate
-COPY reports ./reports
-COPY notebooks ./notebooks
+# The whole build context (.dockerignore keeps secrets, environments and data out); the packages installed are
+# the ones setup.py finds, so there is no list of modules to keep here.
+COPY . ./
 RUN pip install --no-cache-dir ".[s3]" -c constraints.txt \
  && useradd --create-home --uid 1000 neureg
 USER neureg

@@ -15,8 +15,12 @@ __all__ = ["connect", "ConfigurationError", "__version__"]
 def __getattr__(name: str):
     """``connect`` and ``ConfigurationError`` load the database layer on first use, so ``neureg.models``
     (pure torch and numpy) imports on a GPU node or in a notebook that has no DataJoint installed."""
-    if name in ("connect", "ConfigurationError"):
-        from . import connection
+    if name == "connect":
+        from .database.connect import connect
 
-        return getattr(connection, name)
+        return connect
+    if name == "ConfigurationError":
+        from .errors import ConfigurationError
+
+        return ConfigurationError
     raise AttributeError(f"module 'neureg' has no attribute {name!r}")

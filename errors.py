@@ -1,8 +1,45 @@
-"""Errors a lab member sees; defined once, outside the schema modules, so they survive a reconnect."""
+"""Every error a lab member sees, and the exit status each one means, in one place.
+
+Defined outside the schema modules (so they survive a reconnect) and outside the command line (so a notebook
+catches the same classes a script tests the exit status of). Nothing here imports anything: every layer
+of neureg may raise these.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: Exit statuses of the ``neureg`` command. 1 is an environment fault (database lost, disk full) or a failed job.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2  # a bad file, config or argument: one line naming it; nothing was written
+EXIT_CONFLICT = 3  # the thing exists already (a scan ingested before)
+EXIT_CONFIG = 4  # the environment names a database or store that cannot be used
+
+
+class ConfigurationError(RuntimeError):
+    """The environment names a database or store that cannot be used; the message says how to fix it."""
+
+
+class ScanFolderError(ValueError):
+    """A scan folder that cannot be ingested; the message names the file and the fault."""
+
+    def __init__(self, path: Path | str, fault: str):
+        self.path = str(path)
+        self.fault = fault
+        super().__init__(f"{path}: {fault}")
 
 
 class ScanExistsError(RuntimeError):
     """Re-ingesting a scan is refused: delete it first if it really must be replaced."""
+
+
+class DatasetError(ValueError):
+    """A dataset is missing or not in the expected format; the message names the file and the fault."""
+
+
+class PlanError(ValueError):
+    """A plan that cannot be made as asked (too few scans, an unreadable dataset): nothing was written."""
 
 
 class StoreIntegrityError(RuntimeError):

@@ -23,16 +23,22 @@ from scipy import ndimage
 from torch import nn
 
 from neureg.models.robustness.attacks import default_attack_configs, minimal_perturbations
-from neureg.models.robustness.evaluation import accuracy
+from neureg.models.runtime import accuracy
 
 
 class SmallCNN(nn.Module):
     def __init__(self, n_classes: int = 10):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(32 * 16, n_classes),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(32 * 16, n_classes),
         )
 
     def forward(self, x):
@@ -56,7 +62,7 @@ def train_small_cnn(seed: int, steps: int = 150) -> SmallCNN:
     model = SmallCNN()
     x, y = synthetic_task(2048, seed=seed + 1)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(steps):
+    for _ in range(steps):
         batch = torch.randint(0, len(x), (64,))
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
@@ -69,8 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-images", type=int, default=32, help="test images per attack")
     parser.add_argument("--quick", action="store_true", help="the quick (demo) config set")
     parser.add_argument("--attacks", nargs="*", help="only configs of these attack names")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1 is fastest on small, shared machines)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1 is fastest on small, shared machines)"
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -80,30 +87,36 @@ def main(argv: list[str] | None = None) -> None:
     model = train_small_cnn(args.seed)
     x, y = synthetic_task(args.n_images, seed=args.seed + 2)
     pool_x, pool_y = synthetic_task(256, seed=args.seed + 3)
-    print(f"small CNN trained in {time.perf_counter() - start:.1f} s; clean accuracy on the "
-          f"{args.n_images} test images {accuracy(model, x, y):.2f}; torch threads {args.threads}")
+    print(
+        f"small CNN trained in {time.perf_counter() - start:.1f} s; clean accuracy on the "
+        f"{args.n_images} test images {accuracy(model, x, y):.2f}; torch threads {args.threads}"
+    )
 
     configs = default_attack_configs(quick=args.quick)
     if args.attacks:
         configs = [c for c in configs if c["attack"] in args.attacks]
-    header = f"{'attack':10s} {'params':58s} {'warm-up s':>9s} {'run s':>7s} {'img/s':>7s} " \
-             f"{'found':>6s} {'median':>8s}"
+    header = f"{'attack':10s} {'params':58s} {'warm-up s':>9s} {'run s':>7s} {'img/s':>7s} {'found':>6s} {'median':>8s}"
     print(header)
     print("-" * len(header))
     for config in configs:
         start = time.perf_counter()
-        minimal_perturbations(model, x[:2], y[:2], [config], starting_pool=(pool_x, pool_y),
-                              batch_size=args.batch_size, seed=args.seed)
+        minimal_perturbations(
+            model, x[:2], y[:2], [config], starting_pool=(pool_x, pool_y), batch_size=args.batch_size, seed=args.seed
+        )
         warm_up = time.perf_counter() - start
         start = time.perf_counter()
-        result = minimal_perturbations(model, x, y, [config], starting_pool=(pool_x, pool_y),
-                                       batch_size=args.batch_size, seed=args.seed)
+        result = minimal_perturbations(
+            model, x, y, [config], starting_pool=(pool_x, pool_y), batch_size=args.batch_size, seed=args.seed
+        )
         elapsed = time.perf_counter() - start
-        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in config.items() if k != "attack")
+        params = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items() if k != "attack"
+        )
         found = np.isfinite(result.distances[0]).mean()
-        print(f"{config['attack']:10s} {params[:58]:58s} {warm_up:9.1f} {elapsed:7.1f} "
-              f"{args.n_images / elapsed:7.2f} {found:6.0%} {result.median(result.norms[0]):8.4f}")
+        print(
+            f"{config['attack']:10s} {params[:58]:58s} {warm_up:9.1f} {elapsed:7.1f} "
+            f"{args.n_images / elapsed:7.2f} {found:6.0%} {result.median(result.norms[0]):8.4f}"
+        )
 
 
 if __name__ == "__main__":

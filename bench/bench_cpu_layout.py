@@ -30,9 +30,9 @@ def _train_rate(net: dict, train: dict, reg: dict, data, images, target, channel
 
 
 def _attack_rate(data, channels_last: bool, n_images: int) -> float:
+    from neureg.experiments.demo import SIZES
     from neureg.models.robustness import attack_registry, attacks
     from neureg.models.vision.networks import build_network
-    from neureg.populate.demo import SIZES
 
     torch.manual_seed(0)
     model = build_network({**SIZES["full"]["network"], "n_classes": 10}).eval()
@@ -50,25 +50,34 @@ def main() -> None:
     parser.add_argument("--attack-images", type=int, default=110)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    from neureg.experiments.demo import SIZES
     from neureg.models.vision.datasets import load_mnist_demo
-    from neureg.populate.demo import SIZES
 
     sizes, data = SIZES["full"], load_mnist_demo()
     rng = np.random.default_rng(0)
     images = rng.random((1500, 18, 32)).astype(np.float32)  # 36x64 stimuli at the demo's image scale 0.5
     target = np.corrcoef(rng.standard_normal((1500, 40)))
     train = dict(sizes["train"], epochs=args.epochs)
-    cases = {"None": (sizes["network"], {"alpha": 0.0}), "regularized": (sizes["network"], sizes["regularizer"]),
-             "VOne": (sizes["vone"], {"alpha": 0.0})}
+    cases = {
+        "None": (sizes["network"], {"alpha": 0.0}),
+        "regularized": (sizes["network"], sizes["regularizer"]),
+        "VOne": (sizes["vone"], {"alpha": 0.0}),
+    }
     report = {"threads": 1, "epochs": args.epochs}
     for name, (net, reg) in cases.items():
         nchw, nhwc = (_train_rate(net, train, reg, data, images, target, layout) for layout in (False, True))
-        report[f"train {name} images/s"] = {"nchw": round(nchw), "channels_last": round(nhwc),
-                                            "ratio": round(nhwc / nchw, 2)}
+        report[f"train {name} images/s"] = {
+            "nchw": round(nchw),
+            "channels_last": round(nhwc),
+            "ratio": round(nhwc / nchw, 2),
+        }
     _attack_rate(data, False, 4)  # imports and first-call set-up out of the clock
     nchw, nhwc = (_attack_rate(data, layout, args.attack_images) for layout in (False, True))
-    report["linf FMN (50 steps) images/s"] = {"nchw": round(nchw, 1), "channels_last": round(nhwc, 1),
-                                              "ratio": round(nhwc / nchw, 2)}
+    report["linf FMN (50 steps) images/s"] = {
+        "nchw": round(nchw, 1),
+        "channels_last": round(nhwc, 1),
+        "ratio": round(nhwc / nchw, 2),
+    }
     print(json.dumps(report, indent=1))
 
 

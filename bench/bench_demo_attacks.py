@@ -18,11 +18,11 @@ import time
 import numpy as np
 import torch
 
+from neureg.experiments.demo import SIZES
 from neureg.models.robustness.attacks import minimal_perturbations
 from neureg.models.robustness.autoattack import autoattack_robust_accuracy
 from neureg.models.robustness.evaluation import robust_accuracy
 from neureg.models.vision import datasets, training
-from neureg.populate.demo import SIZES
 
 ATTACKS = {
     "linf_fmn (50 steps)": {"attack": "linf_fmn", "steps": 50},
@@ -53,8 +53,8 @@ def main() -> None:
     torch.set_num_threads(2)
     model, data, clean = demo_network()
     with torch.no_grad():
-        predicted = model(torch.as_tensor(data.test_x[:2 * args.n_images])).argmax(1).numpy()
-    correct = np.flatnonzero(predicted == data.test_y[:2 * args.n_images])[: args.n_images]
+        predicted = model(torch.as_tensor(data.test_x[: 2 * args.n_images])).argmax(1).numpy()
+    correct = np.flatnonzero(predicted == data.test_y[: 2 * args.n_images])[: args.n_images]
     x, y = data.test_x[correct], data.test_y[correct]
     print(f"demo network: clean accuracy {clean:.4f}; {len(x)} correctly classified test digits attacked")
     results = {"clean_accuracy": clean, "n_images": len(x), "attacks": {}}
@@ -64,20 +64,31 @@ def main() -> None:
         found = minimal_perturbations(model, x, y, [config])
         seconds = time.perf_counter() - start
         distances = found.distances[0]
-        row = {"images_per_s": len(x) / seconds, "median": float(np.median(distances)),
-               "unbroken": int(np.sum(~np.isfinite(distances))), "seconds": seconds}
+        row = {
+            "images_per_s": len(x) / seconds,
+            "median": float(np.median(distances)),
+            "unbroken": int(np.sum(~np.isfinite(distances))),
+            "seconds": seconds,
+        }
         results["attacks"][name] = row
-        print(f"{name:45s} {row['images_per_s']:7.1f} img/s  median {row['median']:.4f}  "
-              f"unbroken {row['unbroken']}  ({seconds:.1f} s)")
+        print(
+            f"{name:45s} {row['images_per_s']:7.1f} img/s  median {row['median']:.4f}  "
+            f"unbroken {row['unbroken']}  ({seconds:.1f} s)"
+        )
     for norm, eps in (("linf", 8 / 255), ("l2", 0.5)):
         start = time.perf_counter()
         auto = autoattack_robust_accuracy(model, x, y, norm, eps, version="standard")
         seconds = time.perf_counter() - start
         pgd = robust_accuracy(model, x, y, norm, eps, steps=10)
-        results[f"autoattack_{norm}"] = {"robust_accuracy": auto, "s_per_100": 100 * seconds / len(x),
-                                         "pgd10_robust_accuracy": pgd}
-        print(f"AutoAttack standard {norm} eps {eps:.4g}: robust accuracy {auto:.3f} (PGD-10: {pgd:.3f}), "
-              f"{100 * seconds / len(x):.1f} s per 100 images")
+        results[f"autoattack_{norm}"] = {
+            "robust_accuracy": auto,
+            "s_per_100": 100 * seconds / len(x),
+            "pgd10_robust_accuracy": pgd,
+        }
+        print(
+            f"AutoAttack standard {norm} eps {eps:.4g}: robust accuracy {auto:.3f} (PGD-10: {pgd:.3f}), "
+            f"{100 * seconds / len(x):.1f} s per 100 images"
+        )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=1)

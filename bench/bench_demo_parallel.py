@@ -23,15 +23,16 @@ def _train(seeds: list[int], threads: int, epochs: int, start_line, results) -> 
     import torch
 
     torch.set_num_threads(threads)
+    from neureg.experiments.demo import SIZES
     from neureg.models.vision import datasets, training
-    from neureg.populate.demo import SIZES
 
     data = datasets.load_mnist_demo()
     start_line.get()  # every process has read the digits: the clock starts for all at once
     start = time.perf_counter()
     for seed in seeds:
-        training.train_network(SIZES["full"]["network"], dict(SIZES["full"]["train"], epochs=epochs), {"alpha": 0.0},
-                               data, seed=seed)
+        training.train_network(
+            SIZES["full"]["network"], dict(SIZES["full"]["train"], epochs=epochs), {"alpha": 0.0}, data, seed=seed
+        )
     results.put(time.perf_counter() - start)
 
 
@@ -42,8 +43,10 @@ def _timed(n_networks: int, processes: int, epochs: int) -> float:
     context = multiprocessing.get_context("spawn")
     start_line, results = context.Queue(), context.Queue()
     seeds = list(range(n_networks))
-    children = [context.Process(target=_train, args=(seeds[i::processes], threads, epochs, start_line, results))
-                for i in range(processes)]
+    children = [
+        context.Process(target=_train, args=(seeds[i::processes], threads, epochs, start_line, results))
+        for i in range(processes)
+    ]
     for c in children:
         c.start()
     for _ in children:
@@ -64,12 +67,19 @@ def main() -> None:
     args = parser.parse_args()
     one = _timed(args.networks, 1, args.epochs)
     several = _timed(args.networks, args.processes, args.epochs)
-    print(json.dumps({
-        "networks": args.networks, "epochs": args.epochs, "cores": os.cpu_count(),
-        "one_process_networks_per_min": round(60 * args.networks / one, 2),
-        f"{args.processes}_processes_networks_per_min": round(60 * args.networks / several, 2),
-        "speedup": round(one / several, 2),
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "networks": args.networks,
+                "epochs": args.epochs,
+                "cores": os.cpu_count(),
+                "one_process_networks_per_min": round(60 * args.networks / one, 2),
+                f"{args.processes}_processes_networks_per_min": round(60 * args.networks / several, 2),
+                "speedup": round(one / several, 2),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

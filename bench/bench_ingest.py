@@ -28,7 +28,7 @@ def rss_mb() -> float:
 
 
 def write_folder(folder: Path, trials: int, units: int) -> None:
-    from neureg.scanfolder import write_scan_folder
+    from neureg.ingestion.folder import write_scan_folder
 
     rng = np.random.default_rng(0)
     n_images = trials - 900  # 100 oracle images x 10 repeats
@@ -55,12 +55,14 @@ def main() -> None:
     args = parser.parse_args()
 
     import neureg
-    from neureg.populate.ingest import ingest_folder
+    from neureg.ingestion import ingest_folder
 
     work = Path(tempfile.mkdtemp(prefix="neureg_bench_"))
     t = time.perf_counter()
     # Written in a child process so that generating the data does not count in this process's peak memory.
-    writer = multiprocessing.get_context("fork").Process(target=write_folder, args=(work / "scan", args.trials, args.units))
+    writer = multiprocessing.get_context("fork").Process(
+        target=write_folder, args=(work / "scan", args.trials, args.units)
+    )
     writer.start()
     writer.join()
     print(f"wrote scan folder in {time.perf_counter() - t:.1f} s")
@@ -77,8 +79,10 @@ def main() -> None:
     load_s = time.perf_counter() - t
     assert matrix.shape == (args.trials, args.units)
     print(f"responses: {data_mb:.0f} MB ({args.trials} trials x {args.units} units, float32)")
-    print(f"ingest (validate + insert): {ingest_s:.1f} s; peak RSS {peak:.0f} MB, baseline {baseline:.0f} MB, "
-          f"above baseline {peak - baseline:.0f} MB = {(peak - baseline) / data_mb:.2f}x the data")
+    print(
+        f"ingest (validate + insert): {ingest_s:.1f} s; peak RSS {peak:.0f} MB, baseline {baseline:.0f} MB, "
+        f"above baseline {peak - baseline:.0f} MB = {(peak - baseline) / data_mb:.2f}x the data"
+    )
     print(f"load response matrix: {load_s:.2f} s")
     for stage in reversed(list(vars(pipe).values())):
         if hasattr(stage, "schema"):

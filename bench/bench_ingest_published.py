@@ -43,11 +43,18 @@ def write_published(root: Path, trials: int, units: int, height: int, width: int
         np.save(folder / f"data/behavior/{trial}.npy", rng.normal(size=3).astype(np.float32))
         np.save(folder / f"data/pupil_center/{trial}.npy", rng.normal(size=2).astype(np.float32))
     tiers = np.where(frame_ids < 100, "test", np.where(rng.random(trials) < 0.1, "validation", "train"))
-    meta = {"trials/tiers": tiers, "trials/frame_image_id": frame_ids, "trials/trial_idx": rng.permutation(trials),
-            "trials/animal_id": np.full(trials, 99999), "trials/session": np.full(trials, 3),
-            "trials/scan_idx": np.full(trials, 7), "neurons/unit_ids": np.arange(1, units + 1),
-            "neurons/area": np.full(units, "V1"), "neurons/layer": np.full(units, "L2/3"),
-            "neurons/cell_motor_coordinates": rng.uniform(0, 500, (units, 3))}
+    meta = {
+        "trials/tiers": tiers,
+        "trials/frame_image_id": frame_ids,
+        "trials/trial_idx": rng.permutation(trials),
+        "trials/animal_id": np.full(trials, 99999),
+        "trials/session": np.full(trials, 3),
+        "trials/scan_idx": np.full(trials, 7),
+        "neurons/unit_ids": np.arange(1, units + 1),
+        "neurons/area": np.full(units, "V1"),
+        "neurons/layer": np.full(units, "L2/3"),
+        "neurons/cell_motor_coordinates": rng.uniform(0, 500, (units, 3)),
+    }
     for name, values in meta.items():
         np.save(folder / f"meta/{name}.npy", values)
     return folder
@@ -63,7 +70,7 @@ def zip_folder(folder: Path) -> Path:
 
 def _ingest(path: str, home: str, prefix: str, out) -> None:
     import neureg
-    from neureg.populate.ingest import ingest_folder
+    from neureg.ingestion import ingest_folder
 
     pipe = neureg.connect(home=home, prefix=prefix, backend="embedded")
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # torch, numpy, DataJoint loaded
@@ -96,8 +103,10 @@ def main() -> None:
         t = time.perf_counter()
         folder = write_published(work, args.trials, args.units, args.height, args.width)
         images_mb = args.trials * args.height * args.width * 4 / 2**20
-        print(f"wrote {folder.name}: {args.trials} trials, float32 images {images_mb:.0f} MB, "
-              f"in {time.perf_counter() - t:.0f} s")
+        print(
+            f"wrote {folder.name}: {args.trials} trials, float32 images {images_mb:.0f} MB, "
+            f"in {time.perf_counter() - t:.0f} s"
+        )
         t = time.perf_counter()
         archive = zip_folder(folder)
         print(f"zipped: {archive.stat().st_size / 2**20:.0f} MB in {time.perf_counter() - t:.0f} s")
@@ -107,13 +116,17 @@ def main() -> None:
         for label, path in (("folder", folder), ("zip", archive)):
             prefix = f"b{hashlib.md5(label.encode()).hexdigest()[:6]}_"
             seconds, growth, baseline = ingest_in_child(path, home, prefix)
-            print(f"ingest from {label}: {seconds:.1f} s; peak memory {growth:.0f} MB above the {baseline:.0f} MB "
-                  f"the process held before (libraries) = {growth / responses_mb:.2f}x the response matrix "
-                  f"({responses_mb:.0f} MB; one float32 image {batch_mb:.2f} MB)")
+            print(
+                f"ingest from {label}: {seconds:.1f} s; peak memory {growth:.0f} MB above the {baseline:.0f} MB "
+                f"the process held before (libraries) = {growth / responses_mb:.2f}x the response matrix "
+                f"({responses_mb:.0f} MB; one float32 image {batch_mb:.2f} MB)"
+            )
         store = subprocess.run(["du", "-sm", str(home / "store")], capture_output=True, text=True).stdout.split()[0]
         pgdata = subprocess.run(["du", "-sm", str(home / "pgdata")], capture_output=True, text=True).stdout.split()[0]
-        print(f"after both ingests (two schema prefixes, each holding the scan once): store {store} MB, "
-              f"database files {pgdata} MB, i.e. about {int(store) / 2:.0f} MB of store per scan")
+        print(
+            f"after both ingests (two schema prefixes, each holding the scan once): store {store} MB, "
+            f"database files {pgdata} MB, i.e. about {int(store) / 2:.0f} MB of store per scan"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -21,6 +21,8 @@ import numpy as np
 
 from neureg.models.neural import oracle as orc
 from neureg.models.neural import simulator as sim
+
+
 @contextmanager
 def timed(label: str, totals: dict):
     wall, cpu = time.perf_counter(), time.process_time()
@@ -41,15 +43,23 @@ def main() -> None:
     args = parser.parse_args()
 
     n_images = args.images + args.oracle
-    print(f"scan: {n_images} distinct images ({args.oracle} oracle x {args.repeats}), "
-          f"{args.images + args.oracle * args.repeats} trials, {args.units} units; "
-          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"scan: {n_images} distinct images ({args.oracle} oracle x {args.repeats}), "
+        f"{args.images + args.oracle * args.repeats} trials, {args.units} units; "
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
+    )
     totals: dict[str, float] = {}
     with timed("image set (cached per process)", totals):
         images = sim.natural_image_set(n_images, seed=args.seed)
     with timed("simulate_scan", totals):
-        scan = sim.simulate_scan(args.units, n_oracle=args.oracle, n_repeats=args.repeats, seed=args.seed,
-                                 images=images, image_seed=args.seed)
+        scan = sim.simulate_scan(
+            args.units,
+            n_oracle=args.oracle,
+            n_repeats=args.repeats,
+            seed=args.seed,
+            images=images,
+            image_seed=args.seed,
+        )
 
     oracle_trials = scan.trial_image < args.oracle
     with timed("oracle_stats (eq. 1)", totals):
@@ -62,8 +72,10 @@ def main() -> None:
         orc.repeat_fluctuations(scan.responses[oracle_trials], scan.trial_image[oracle_trials], stats.snr_weight)
 
     oracle_total = sum(v for k, v in totals.items() if k.startswith(("oracle_stats", "data_sim", "oracle_sim")))
-    print(f"simulate_scan: {totals['simulate_scan']:.1f} s (goal <= 60 s); OracleStats + S^data + S^oracle: "
-          f"{oracle_total:.1f} s (goal <= 20 s); load average now {os.getloadavg()[0]:.1f}")
+    print(
+        f"simulate_scan: {totals['simulate_scan']:.1f} s (goal <= 60 s); OracleStats + S^data + S^oracle: "
+        f"{oracle_total:.1f} s (goal <= 20 s); load average now {os.getloadavg()[0]:.1f}"
+    )
     print(f"true SNR median {np.median(scan.true_snr):.3f}; estimated w median {np.median(stats.snr_weight):.3f}")
 
 

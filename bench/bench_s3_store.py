@@ -49,8 +49,11 @@ def _free_port() -> int:
 
 def start_s3() -> tuple[subprocess.Popen, int]:
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(300):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
@@ -66,17 +69,23 @@ def stores(port: int, folder: Path, bucket: str) -> dict[str, dict]:
     s3fs.S3FileSystem(key=KEY, secret=SECRET, client_kwargs={"endpoint_url": f"http://127.0.0.1:{port}"}).mkdir(bucket)
     return {
         "local folder": {"protocol": "file", "location": str(folder)},
-        "S3 (moto, loopback)": {"protocol": "s3", "endpoint": f"127.0.0.1:{port}", "bucket": bucket, "location": "bench",
-                                "access_key": KEY, "secret_key": SECRET, "secure": False},
+        "S3 (moto, loopback)": {
+            "protocol": "s3",
+            "endpoint": f"127.0.0.1:{port}",
+            "bucket": bucket,
+            "location": "bench",
+            "access_key": KEY,
+            "secret_key": SECRET,
+            "secure": False,
+        },
     }
 
 
 def connect_mysql() -> dict:
-    settings = {"database.backend": "mysql", "database.host": os.environ.get("NEUREG_TEST_MYSQL_HOST", "127.0.0.1"),
-                "database.port": int(os.environ.get("NEUREG_TEST_MYSQL_PORT", "3306")),
-                "database.user": os.environ.get("NEUREG_TEST_MYSQL_USER", "neureg_ci"),
-                "database.password": os.environ.get("NEUREG_TEST_MYSQL_PASS", "neureg_ci_pw"),
-                "database.use_tls": False}
+    conftest = importlib.util.spec_from_file_location("neureg_tests_conftest", ROOT / "tests/conftest.py")
+    suite = importlib.util.module_from_spec(conftest)
+    conftest.loader.exec_module(suite)
+    settings = suite.mysql_settings()  # the account and server the test suite uses
     for k, v in settings.items():
         dj.config[k] = v
     dj.config["safemode"] = False
@@ -90,25 +99,42 @@ def bench_workers(store: dict, n_jobs: int, n_workers: int, env: dict) -> dict:
         stage.Item.insert(dict(item=i) for i in range(n_jobs))
         worker_env = {k: v for k, v in os.environ.items() if not k.startswith(("DJ_", "NEUREG_"))}
         worker_env.update(env, DJ_STORES=json.dumps({"neureg": store}), **{toy.TOY_STORED: "1"})
-        command = [sys.executable, str(ROOT / "tests/populate/test_worker.py"), stage.schema.database, "worker",
-                   "--once", "--orphan-timeout", "60"]
-        procs = [subprocess.Popen(command, env=worker_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                 for _ in range(n_workers)]
+        command = [
+            sys.executable,
+            str(ROOT / "tests/populate/test_worker.py"),
+            stage.schema.database,
+            "worker",
+            "--once",
+            "--orphan-timeout",
+            "60",
+        ]
+        procs = [
+            subprocess.Popen(command, env=worker_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for _ in range(n_workers)
+        ]
         if any(p.wait(timeout=1800) for p in procs):
             raise RuntimeError("a worker failed")
         assert len(stage.Square()) == n_jobs
         jobs = stage.Square().jobs.full_table_name
-        [(span,)] = dj.conn().query(
-            f"SELECT TIMESTAMPDIFF(MICROSECOND, MIN(reserved_time), MAX(completed_time)) / 1e6 FROM {jobs}").fetchall()
+        [(span,)] = (
+            dj.conn()
+            .query(f"SELECT TIMESTAMPDIFF(MICROSECOND, MIN(reserved_time), MAX(completed_time)) / 1e6 FROM {jobs}")
+            .fetchall()
+        )
         span = float(span)
-        return {"jobs": n_jobs, "workers": n_workers, "seconds": round(span, 2),
-                "jobs_per_s": round(n_jobs / span, 1), "worker_ms_per_job": round(1000 * n_workers * span / n_jobs, 1)}
+        return {
+            "jobs": n_jobs,
+            "workers": n_workers,
+            "seconds": round(span, 2),
+            "jobs_per_s": round(n_jobs / span, 1),
+            "worker_ms_per_job": round(1000 * n_workers * span / n_jobs, 1),
+        }
     finally:
         stage.schema.drop(prompt=False)
 
 
 def bench_reads(store: dict, n_arrays: int, mb: int) -> dict:
-    from neureg.schemas._store import load_array, stored
+    from neureg.database.store import load_array, stored
 
     dj.config.stores = {"neureg": store}
     schema = dj.Schema(f"bench_s3r_{uuid.uuid4().hex[:8]}")
@@ -130,8 +156,12 @@ def bench_reads(store: dict, n_arrays: int, mb: int) -> dict:
         start = time.perf_counter()
         total = sum(load_array(Big, {"idx": i}, "array").nbytes for i in range(n_arrays))
         seconds = time.perf_counter() - start
-        return {"arrays": n_arrays, "mb_each": mb, "seconds": round(seconds, 2),
-                "mb_per_s": round(total / 2**20 / seconds, 1)}
+        return {
+            "arrays": n_arrays,
+            "mb_each": mb,
+            "seconds": round(seconds, 2),
+            "mb_per_s": round(total / 2**20 / seconds, 1),
+        }
     finally:
         schema.drop(prompt=False)
 
@@ -149,8 +179,10 @@ def main() -> None:
     try:
         results = {}
         for name, store in stores(port, folder, f"bench-{uuid.uuid4().hex[:8]}").items():
-            results[name] = {"workers": bench_workers(store, args.jobs, args.workers, env),
-                             "reads": bench_reads(store, args.arrays, args.mb)}
+            results[name] = {
+                "workers": bench_workers(store, args.jobs, args.workers, env),
+                "reads": bench_reads(store, args.arrays, args.mb),
+            }
         a, b = results.values()
         results["S3 / local"] = {
             "worker_ms_per_job": round(b["workers"]["worker_ms_per_job"] / a["workers"]["worker_ms_per_job"], 2),

@@ -90,16 +90,25 @@ def in_process(stage, n: int, label: str, run) -> float:
 def processes(stage, n: int, sleep_ms: int, count: int, env: dict) -> float:
     reset(stage, n, sleep_ms)
     stage.Work().jobs.refresh()
-    procs = [subprocess.Popen([sys.executable, __file__, "--child", stage.schema.database], env=env)
-             for _ in range(count)]
+    procs = [
+        subprocess.Popen([sys.executable, __file__, "--child", stage.schema.database], env=env) for _ in range(count)
+    ]
     assert all(p.wait() == 0 for p in procs)
     assert len(stage.Work()) == n
-    span = dj.conn().query(
-        f"SELECT EXTRACT(EPOCH FROM MAX(completed_time) - MIN(reserved_time)) FROM {stage.Work().jobs.full_table_name}"
-    ).fetchone()[0]
+    span = (
+        dj.conn()
+        .query(
+            "SELECT EXTRACT(EPOCH FROM MAX(completed_time) - MIN(reserved_time)) "
+            f"FROM {stage.Work().jobs.full_table_name}"
+        )
+        .fetchone()[0]
+    )
     rate = n / float(span)
-    print(f"  {count} worker process(es), {sleep_ms:3d} ms jobs      {rate:7.1f} jobs/s   "
-          f"({n} jobs in {float(span):.2f} s)", flush=True)
+    print(
+        f"  {count} worker process(es), {sleep_ms:3d} ms jobs      {rate:7.1f} jobs/s   "
+        f"({n} jobs in {float(span):.2f} s)",
+        flush=True,
+    )
     return rate
 
 
@@ -120,16 +129,28 @@ def main() -> int:
     os.chmod(home, 0o755)  # embedded PostgreSQL runs as its own user when we are root
     server = get_server(home / "pgdata", cleanup_mode="delete")
     info = server.get_postmaster_info()
-    settings = {"database.backend": "postgresql", "database.host": str(info.socket_dir),
-                "database.port": info.port or 5432, "database.user": "postgres", "database.password": "bench",
-                "database.use_tls": False}
+    settings = {
+        "database.backend": "postgresql",
+        "database.host": str(info.socket_dir),
+        "database.port": info.port or 5432,
+        "database.user": "postgres",
+        "database.password": "bench",
+        "database.use_tls": False,
+    }
     for key, value in settings.items():
         dj.config[key] = value
     dj.config["safemode"] = False
     dj.config["loglevel"] = "WARNING"
     logging.getLogger("datajoint").setLevel(logging.WARNING)
-    env = dict(os.environ, DJ_BACKEND="postgresql", DJ_HOST=str(info.socket_dir),
-               DJ_PORT=str(settings["database.port"]), DJ_USER="postgres", DJ_PASS="bench", DJ_USE_TLS="false")
+    env = dict(
+        os.environ,
+        DJ_BACKEND="postgresql",
+        DJ_HOST=str(info.socket_dir),
+        DJ_PORT=str(settings["database.port"]),
+        DJ_USER="postgres",
+        DJ_PASS="bench",
+        DJ_USE_TLS="false",
+    )
     stage = bench_stage("bench_workers")
     n = args.jobs
     print(f"embedded PostgreSQL, {n} jobs per run; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
@@ -137,10 +158,16 @@ def main() -> int:
     print("scheduling cost per trivial job (one process):")
     direct = in_process(stage, n, "populate()  (no jobs table)", lambda: stage.Work.populate())
     reserved = in_process(stage, n, "populate(reserve_jobs=True)", lambda: stage.Work.populate(reserve_jobs=True))
-    worker = in_process(stage, n, "neureg worker --once (in process)",
-                        lambda: Worker(SimpleNamespace(bench=stage), WorkerOptions(once=True, orphan_timeout=60)).run())
-    print(f"  overhead per job vs populate(): reserve_jobs {1000 * (reserved - direct):+.2f} ms, "
-          f"worker {1000 * (worker - direct):+.2f} ms")
+    worker = in_process(
+        stage,
+        n,
+        "neureg worker --once (in process)",
+        lambda: Worker(SimpleNamespace(bench=stage), WorkerOptions(once=True, orphan_timeout=60)).run(),
+    )
+    print(
+        f"  overhead per job vs populate(): reserve_jobs {1000 * (reserved - direct):+.2f} ms, "
+        f"worker {1000 * (worker - direct):+.2f} ms"
+    )
 
     print("throughput, from the jobs table's reserved/completed times:")
     for sleep_ms in (0, args.sleep_ms):

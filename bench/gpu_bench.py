@@ -26,6 +26,7 @@ The summary table goes to stdout; ``--out`` also writes every number as JSON. Th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -35,9 +36,9 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from neureg.models.runtime import Runtime, synchronize
 from neureg.models.vision.networks import build_network, tap_feature_sizes
 from neureg.models.vision.regularizer import SimilarityRegularizer
-from neureg.models.runtime import Runtime, synchronize
 from neureg.models.vision.training import PairBatch, training_step
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling module, however this file is loaded
@@ -47,15 +48,30 @@ from gpu_bench_sections import bench_predictive, bench_robustness, time_left  # 
 PAPER_STEPS = 31_250  # 40 epochs x 50,000 images / 64
 
 
+#: Each size as (tiny, paper): tiny runs the same code on a CPU in seconds.
+SIZES = {
+    "width": (0.0625, 1.0),
+    "batch": (8, 64),
+    "pairs": (4, 32),
+    "vone_channels": (8, 256),
+    "steps": (3, 50),
+    "warmup": (1, 5),
+    "concurrency": ((1, 2), (1, 2, 4)),
+    "concurrency_seconds": (2.0, 8.0),
+    "units": (60, 8000),
+    "images": (160, 5000),
+    "image_shape": ((18, 32), (36, 64)),
+    "predictive_epochs": (2, 60),
+    "robust_images": (16, 1000),
+    "attack_images": (8, 100),
+    "autoattack_images": (8, 50),
+    "quick_attacks": (True, False),
+}
+
+
 def sizes(tiny: bool) -> dict:
     """Paper sizes, or tiny ones that run the same code on a CPU in seconds."""
-    if tiny:
-        return dict(width=0.0625, batch=8, pairs=4, vone_channels=8, steps=3, warmup=1, concurrency=(1, 2),
-                    concurrency_seconds=2.0, units=60, images=160, image_shape=(18, 32), predictive_epochs=2,
-                    robust_images=16, attack_images=8, autoattack_images=8, quick_attacks=True)
-    return dict(width=1.0, batch=64, pairs=32, vone_channels=256, steps=50, warmup=5, concurrency=(1, 2, 4),
-                concurrency_seconds=8.0, units=8000, images=5000, image_shape=(36, 64), predictive_epochs=60,
-                robust_images=1000, attack_images=100, autoattack_images=50, quick_attacks=False)
+    return {name: pair[0 if tiny else 1] for name, pair in SIZES.items()}
 
 
 # ----------------------------------------------------------------------------------------- steps
@@ -88,11 +104,19 @@ class StepRig:
     def step(self, model=None):
         if self.kind == "same_images":  # the plain step over the same images: no similarity term
             return same_images_step(self)
-        return training_step(model or self.model, self.optimizer, self.x, self.y, self.alpha, self.regularizer,
-                             self.pairs, self.runtime.amp_dtype)
+        return training_step(
+            model or self.model,
+            self.optimizer,
+            self.x,
+            self.y,
+            self.alpha,
+            self.regularizer,
+            self.pairs,
+            self.runtime.amp_dtype,
+        )
 
 
-def same_images_step(rig: "StepRig"):
+def same_images_step(rig: StepRig):
     """Cross-entropy on the batch plus a forward/backward of the stimulus images through the taps with a
     loss that costs nothing (the mean of the last tap): the regularized step's unavoidable work, without
     the similarity computation itself. Regularized / this = the regularizer's own overhead."""
@@ -157,8 +181,9 @@ def graphed_step(rig: StepRig, warmup: int):
     def step_fn(x, y, pair_batch):
         if rig.kind == "same_images":
             return same_images_step(rig)
-        return training_step(rig.model, rig.optimizer, x, y, rig.alpha, rig.regularizer, pair_batch,
-                             rig.runtime.amp_dtype)
+        return training_step(
+            rig.model, rig.optimizer, x, y, rig.alpha, rig.regularizer, pair_batch, rig.runtime.amp_dtype
+        )
 
     modules = [rig.model] + ([rig.regularizer] if rig.regularizer is not None else [])
     graphed = GraphedStep(step_fn, modules, rig.optimizer, rig.x, rig.y, rig.pairs)
@@ -168,8 +193,11 @@ def graphed_step(rig: StepRig, warmup: int):
 def bench_steps(s: dict, runtime: Runtime, budget: float, results: dict) -> None:
     """Section ``step``: ms per training step of every variant and mode, then the regularizer's overhead ratios."""
     device = runtime.torch_device
-    variants = [(kind, mode) for mode in ("eager", "graph", "compiled")
-                for kind in ("plain", "same_images", "regularized", "vone")]
+    variants = [
+        (kind, mode)
+        for mode in ("eager", "graph", "compiled")
+        for kind in ("plain", "same_images", "regularized", "vone")
+    ]
     if runtime.amp:  # float32 references for the bf16 numbers
         variants += [("plain", "eager_fp32"), ("plain", "graph_fp32")]
     for kind, mode in variants:
@@ -197,13 +225,17 @@ def bench_steps(s: dict, runtime: Runtime, budget: float, results: dict) -> None
                 run = graphed_step(rig, s["warmup"])
             else:
                 compiled = CompiledTaps(rig.model)
-                run = lambda: rig.step(compiled)  # noqa: E731
+                run = functools.partial(rig.step, compiled)
                 run()
                 synchronize(device)
             setup = time.perf_counter() - tic
             seconds = time_steps(run, s["steps"], s["warmup"], device)
-            results[name] = {"ms_per_step": 1e3 * seconds, "setup_s": setup,
-                             "paper_run_min": seconds * PAPER_STEPS / 60, "images_per_s": s["batch"] / seconds}
+            results[name] = {
+                "ms_per_step": 1e3 * seconds,
+                "setup_s": setup,
+                "paper_run_min": seconds * PAPER_STEPS / 60,
+                "images_per_s": s["batch"] / seconds,
+            }
             if runtime.on_cuda and base_mode in ("eager", "graph"):
                 try:
                     results[name]["gpu_busy"] = kernel_ms_per_step(run, device) / (1e3 * seconds)
@@ -256,9 +288,21 @@ def bench_concurrency(s: dict, runtime: Runtime, args, budget: float, results: d
             results[name] = {"status": "skipped (budget)"}
             continue
         start_at = time.time() + (15 if runtime.on_cuda else 8)
-        command = [sys.executable, __file__, "--concurrency-worker", "--start-at", str(start_at), "--window",
-                   str(s["concurrency_seconds"]), "--device", runtime.device] + (["--tiny"] if args.tiny else []) \
+        command = (
+            [
+                sys.executable,
+                __file__,
+                "--concurrency-worker",
+                "--start-at",
+                str(start_at),
+                "--window",
+                str(s["concurrency_seconds"]),
+                "--device",
+                runtime.device,
+            ]
+            + (["--tiny"] if args.tiny else [])
             + (["--amp"] if runtime.amp else [])
+        )
         procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(k)]
         outputs = [p.communicate(timeout=300)[0] for p in procs]
         rates = []
@@ -271,8 +315,11 @@ def bench_concurrency(s: dict, runtime: Runtime, args, budget: float, results: d
             results[name] = {"status": f"failed: {k - len(rates)} process(es) reported nothing"}
         else:
             total = sum(rates)
-            results[name] = {"steps_per_s": total, "networks_per_hour": total * 3600 / PAPER_STEPS,
-                             "per_process_steps_per_s": rates}
+            results[name] = {
+                "steps_per_s": total,
+                "networks_per_hour": total * 3600 / PAPER_STEPS,
+                "per_process_steps_per_s": rates,
+            }
         print(f"  {name}: {results[name]}", flush=True)
 
 
@@ -283,13 +330,18 @@ def summary(results: dict, device_name: str) -> str:
     for name, value in results.items():
         if name == "robustness":
             for part, row in value["parts"].items():
-                lines.append(f"{'robustness/' + part:44s} " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float)
-                                                                        else f"{k} {v}" for k, v in row.items()))
+                lines.append(
+                    f"{'robustness/' + part:44s} "
+                    + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+                )
             lines.append(f"{'robustness/projected_total_1000_images_s':44s} {value['projected_total_1000_s']:.1f}")
             continue
         if isinstance(value, dict):
-            text = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items()
-                             if not isinstance(v, list))
+            text = ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in value.items()
+                if not isinstance(v, list)
+            )
         else:
             text = f"{value:.3f}"
         lines.append(f"{name:44s} {text}")
@@ -320,8 +372,10 @@ def main(argv=None) -> int:
     s = sizes(args.tiny)
     results: dict = {}
     sections = args.sections.split(",")
-    print(f"gpu_bench: {runtime.describe()}, {'tiny' if args.tiny else 'paper'} sizes, budget {args.budget:.0f} s",
-          flush=True)
+    print(
+        f"gpu_bench: {runtime.describe()}, {'tiny' if args.tiny else 'paper'} sizes, budget {args.budget:.0f} s",
+        flush=True,
+    )
     # Each section has a deadline (seconds since start) so the whole run fits one lent-device call.
     deadlines = {"step": 0.35, "concurrency": 0.58, "predictive": 0.75, "robustness": 1.0}
     with runtime.kernels():
@@ -337,8 +391,13 @@ def main(argv=None) -> int:
     print(text, flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"device": runtime.describe(), "tiny": args.tiny, "torch": torch.__version__,
-                                        "results": results}, indent=1, default=float))
+        args.out.write_text(
+            json.dumps(
+                {"device": runtime.describe(), "tiny": args.tiny, "torch": torch.__version__, "results": results},
+                indent=1,
+                default=float,
+            )
+        )
     return 0
 
 

@@ -42,13 +42,15 @@ def sensorium_like_scan(s: dict, seed: int = 0) -> dict:
     rates = 2.0 * np.log1p(np.exp(2.0 * drive / drive.std(axis=0) - 0.5))
     behavior = g.normal(size=(n, 3)).astype(np.float32)
     pupil = g.normal(size=(n, 2)).astype(np.float32)
-    return dict(images=images, responses=g.poisson(rates).astype(np.float32), behavior=behavior,
-                pupil_center=pupil, rates=rates)
+    return dict(
+        images=images, responses=g.poisson(rates).astype(np.float32), behavior=behavior, pupil_center=pupil, rates=rates
+    )
 
 
 def bench_predictive(s: dict, runtime: Runtime, budget: float, results: dict) -> None:
     """Section ``predictive``: one fit of the predictive model, stopped and projected at the budget."""
-    from neureg.models.neural.predictive import fit_predictor, predict_responses, unit_correlations
+    from neureg.models.neural.predictions import predict_responses, unit_correlations
+    from neureg.models.neural.predictive import fit_predictor
 
     if time_left(budget) < 30:
         results["predictive"] = {"status": "skipped (budget)"}
@@ -63,6 +65,7 @@ def bench_predictive(s: dict, runtime: Runtime, budget: float, results: dict) ->
         epochs.append(row)
         if time_left(budget) < 0:
             raise OutOfBudget
+
     tic = time.perf_counter()
     scan = sensorium_like_scan(s)
     made = time.perf_counter() - tic
@@ -71,25 +74,48 @@ def bench_predictive(s: dict, runtime: Runtime, budget: float, results: dict) ->
     config = {"max_epochs": s["predictive_epochs"]}
     tic = time.perf_counter()
     try:
-        fit = fit_predictor(scan["images"], scan["responses"], scan["behavior"], scan["pupil_center"], train, val,
-                            config, seed=0, device=runtime.device, progress=stop_at_budget)
+        fit = fit_predictor(
+            scan["images"],
+            scan["responses"],
+            scan["behavior"],
+            scan["pupil_center"],
+            train,
+            val,
+            config,
+            seed=0,
+            runtime=runtime,
+            progress=stop_at_budget,
+        )
     except OutOfBudget:
         seconds = time.perf_counter() - tic
         per_epoch = float(np.mean([row["seconds"] for row in epochs]))
-        results["predictive"] = {"status": f"stopped at the budget after {len(epochs)} epochs",
-                                 "s_so_far": seconds, "s_per_epoch": per_epoch,
-                                 "val_corr_so_far": epochs[-1]["val_corr"],
-                                 "projected_max_epochs_s": per_epoch * s["predictive_epochs"], "data_s": made}
+        results["predictive"] = {
+            "status": f"stopped at the budget after {len(epochs)} epochs",
+            "s_so_far": seconds,
+            "s_per_epoch": per_epoch,
+            "val_corr_so_far": epochs[-1]["val_corr"],
+            "projected_max_epochs_s": per_epoch * s["predictive_epochs"],
+            "data_s": made,
+        }
         print(f"  predictive: {results['predictive']}", flush=True)
         return
     seconds = time.perf_counter() - tic
     model = fit.to_model(runtime.device)
-    r = unit_correlations(predict_responses(model, scan["images"][val], scan["behavior"][val],
-                                            scan["pupil_center"][val]), scan["rates"][val])
-    results["predictive"] = {"fit_s": seconds, "epochs": fit.epochs_run, "s_per_epoch": seconds / fit.epochs_run,
-                             "train_images_per_s": fit.train_images_per_second, "val_corr": fit.best_val_corr,
-                             "r_true_rates": float(np.nanmean(r)), "data_s": made, "units": s["units"],
-                             "images": n}
+    r = unit_correlations(
+        predict_responses(model, scan["images"][val], scan["behavior"][val], scan["pupil_center"][val]),
+        scan["rates"][val],
+    )
+    results["predictive"] = {
+        "fit_s": seconds,
+        "epochs": fit.epochs_run,
+        "s_per_epoch": seconds / fit.epochs_run,
+        "train_images_per_s": fit.train_images_per_second,
+        "val_corr": fit.best_val_corr,
+        "r_true_rates": float(np.nanmean(r)),
+        "data_s": made,
+        "units": s["units"],
+        "images": n,
+    }
     print(f"  predictive: {results['predictive']}", flush=True)
 
 
@@ -111,7 +137,7 @@ def trained_network(s: dict, runtime: Runtime):
     x, y = template_task(2048, seed=1)
     x, y = x.to(runtime.torch_device), y.to(runtime.torch_device)
     model.train()
-    for step in range(300 if not s["quick_attacks"] else 150):
+    for _ in range(300 if not s["quick_attacks"] else 150):
         index = torch.randint(0, len(y), (s["batch"],), device=runtime.torch_device)
         loss = F.cross_entropy(model(x[index]), y[index])
         optimizer.zero_grad(set_to_none=True)
@@ -123,8 +149,10 @@ def trained_network(s: dict, runtime: Runtime):
 def bench_robustness(s: dict, runtime: Runtime, budget: float, results: dict) -> None:
     """Section ``robustness``: the standard evaluation's parts timed one by one, projected to 1000 images."""
     from neureg.models.robustness.attacks import default_attack_configs, minimal_perturbations
+    from neureg.models.robustness.autoattack import autoattack_robust_accuracy
     from neureg.models.robustness.corruptions import CORRUPTIONS, corruption_accuracy
-    from neureg.models.robustness.evaluation import accuracy, default_noise_ladder, noise_accuracy, robust_accuracy
+    from neureg.models.robustness.evaluation import default_noise_ladder, noise_accuracy, robust_accuracy
+    from neureg.models.runtime import accuracy
 
     device = runtime.device
     model = trained_network(s, runtime)
@@ -143,15 +171,21 @@ def bench_robustness(s: dict, runtime: Runtime, budget: float, results: dict) ->
 
     clean = timed("clean", lambda: accuracy(model, x, y, batch_size=1000, device=device))
     timed("noise_ladder", lambda: noise_accuracy(model, x, y, default_noise_ladder(), 0, 1000, device))
-    timed("corruptions", lambda: [corruption_accuracy(model, x, y, c, sev, 0, 1000, device)
-                                  for c in CORRUPTIONS for sev in (1, 3, 5)])
+    timed(
+        "corruptions",
+        lambda: [corruption_accuracy(model, x, y, c, sev, 0, 1000, device) for c in CORRUPTIONS for sev in (1, 3, 5)],
+    )
     timed("robust_pgd_linf", lambda: robust_accuracy(model, x, y, "linf", device=device, batch_size=1000))
     # AutoAttack runs all four attacks on every image still robust; on a robust network that is minutes
     # per 1000 images, so it runs on the attack subset and is projected like the attacks below.
     n_auto = s["autoattack_images"]
     for norm in ("linf", "l2"):
-        value = timed(f"autoattack_{norm}", lambda norm=norm: robust_accuracy(
-            model, x[:n_auto], y[:n_auto], norm, device=device, batch_size=n_auto, method="autoattack"))
+        value = timed(
+            f"autoattack_{norm}",
+            lambda norm=norm: autoattack_robust_accuracy(
+                model, x[:n_auto], y[:n_auto], norm, device=device, batch_size=n_auto
+            ),
+        )
         if value is not None:
             row = timings[f"autoattack_{norm}"]
             row.update(images=n_auto, robust_accuracy=value, projected_1000_s=row["s"] * 1000 / n_auto)
@@ -163,21 +197,32 @@ def bench_robustness(s: dict, runtime: Runtime, budget: float, results: dict) ->
         label = "/".join(f"{v}" for k, v in config.items() if k in ("attack", "steps"))
         # BB's solver runs per image on the host and Boundary queries one step at a time: a few images
         # give their rate without risking the call's time limit.
-        n_attack = s["attack_images"] if config["attack"] not in ("linf_bb", "l2_bb", "boundary") \
+        n_attack = (
+            s["attack_images"]
+            if config["attack"] not in ("linf_bb", "l2_bb", "boundary")
             else max(4, s["attack_images"] // 12)
+        )
         if time_left(budget) < slow.get(config["attack"], 15):
             timings[f"attack/{label}"] = {"status": "skipped (budget)"}
             continue
         tic = time.perf_counter()
-        result = minimal_perturbations(model, x[:n_attack], y[:n_attack], [config], device=device,
-                                       batch_size=n_attack)
+        result = minimal_perturbations(model, x[:n_attack], y[:n_attack], [config], device=device, batch_size=n_attack)
         seconds = time.perf_counter() - tic
-        timings[f"attack/{label}"] = {"s": seconds, "images": n_attack, "images_per_s": n_attack / seconds,
-                                      "projected_1000_s": seconds * 1000 / n_attack,
-                                      "median": float(np.median(result.distances[0]))}
+        timings[f"attack/{label}"] = {
+            "s": seconds,
+            "images": n_attack,
+            "images_per_s": n_attack / seconds,
+            "projected_1000_s": seconds * 1000 / n_attack,
+            "median": float(np.median(result.distances[0])),
+        }
         print(f"  robustness/attack/{label}: {timings[f'attack/{label}']}", flush=True)
-    measured = [v.get("projected_1000_s", v.get("s", 0.0) * 1000 / s["robust_images"]) for v in timings.values()
-                if "s" in v]
-    results["robustness"] = {"clean_accuracy": clean, "images": s["robust_images"], "parts": timings,
-                             "projected_total_1000_s": float(sum(measured)),
-                             "complete": all("s" in v for v in timings.values())}
+    measured = [
+        v.get("projected_1000_s", v.get("s", 0.0) * 1000 / s["robust_images"]) for v in timings.values() if "s" in v
+    ]
+    results["robustness"] = {
+        "clean_accuracy": clean,
+        "images": s["robust_images"],
+        "parts": timings,
+        "projected_total_1000_s": float(sum(measured)),
+        "complete": all("s" in v for v in timings.values()),
+    }

@@ -17,8 +17,11 @@ import inspect
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
+
+from .digests import plain
 
 
 @dataclass(frozen=True)
@@ -69,17 +72,6 @@ def one_of(*choices) -> Rule:
     return Rule(f"one of {list(choices)}", lambda v: v in choices)
 
 
-def _plain(value):
-    """numpy scalars and tuples become the JSON-able Python values a hash and a json column take."""
-    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-        return value.item()
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _rules(annotation) -> tuple[list[Rule], bool]:
     """The rules an annotation imposes, and whether None is allowed."""
     optional = False
@@ -119,7 +111,7 @@ def complete_kwargs(function: Callable, given: dict, context: str = "") -> dict:
     hints = typing.get_type_hints(function, include_extras=True)
     full = {}
     for name, parameter in parameters.items():
-        value = _plain(given.get(name, parameter.default))
+        value = plain(given.get(name, parameter.default))
         rules, optional = _rules(hints.get(name, Any))
         if not (value is None and (optional or parameter.default is None)):
             for rule in rules:
@@ -127,6 +119,25 @@ def complete_kwargs(function: Callable, given: dict, context: str = "") -> dict:
                     raise ValueError(f"{context}: {name!r} must be {rule.words}, got {value!r}")
         full[name] = value
     return full
+
+
+def config_rules(rules: Callable[..., None] | None = None):
+    """Decorator for a function that computes (an evaluation) and whose keyword arguments are a config: its
+    rules across several keys are ``rules(**config)`` (raising ValueError), or there are none. Validation
+    never calls the function itself; a plain ``*_settings`` function, whose body holds the rules, is called."""
+
+    def mark(function: Callable) -> Callable:
+        function.config_rules = rules
+        return function
+
+    return mark
+
+
+def check_config_rules(function: Callable, full: dict) -> None:
+    """Apply the rules across keys of ``function``'s completed config (see :func:`config_rules`)."""
+    rules = getattr(function, "config_rules", function)
+    if rules is not None:
+        rules(**full)
 
 
 @dataclass(frozen=True)
@@ -162,6 +173,11 @@ class Registry:
 
         return add
 
+    def unregister(self, name: str) -> None:
+        """Remove a variant: for a notebook or a test that tried one out (rows made with it stay valid data)."""
+        self[name]  # an unknown name is the same ValueError as everywhere
+        del self._variants[name]
+
     def __contains__(self, name) -> bool:
         return name in self._variants
 
@@ -187,6 +203,10 @@ class Registry:
         return full
 
     def build(self, config: dict, *inputs):
-        """Call the config's builder on ``inputs`` with the config's keyword arguments."""
-        full = self.complete(config)
+        """Call the config's builder on ``inputs`` with the config's keyword arguments (validated first)."""
+        return self.build_completed(self.complete(config), *inputs)
+
+    def build_completed(self, full: dict, *inputs):
+        """Call the builder of a config :meth:`complete` already returned, without validating it again (a
+        config is validated once, where it enters; an attack then builds once per batch)."""
         return self[full[self.key]].builder(*inputs, **{k: v for k, v in full.items() if k != self.key})

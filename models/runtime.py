@@ -8,7 +8,7 @@ None of these settings enters a config hash. Two runs that differ only here are 
 - ``NEUREG_DEVICE``: a torch device (default: the first visible GPU, else the CPU);
 - ``NEUREG_AMP=1``: bfloat16 autocast on CUDA (faster on tensor cores; float32 accumulation);
 - ``NEUREG_CHANNELS_LAST``: NHWC activations and weights. Default on for the CPU, where oneDNN's NHWC
-  convolutions train the demo's narrow networks 1.1-1.3x faster than NCHW (bench/bench_cpu_layout.py);
+  convolutions train the demo's narrow networks faster than NCHW (README "Performance" has the numbers);
   default off on CUDA, where it pays under autocast (``NEUREG_AMP``) and is set with it;
 - ``NEUREG_DETERMINISTIC=1``: cuDNN's deterministic kernels. Off by default because it forbids the
   fastest convolution algorithms (cuDNN benchmark mode); on, a resumed CUDA run replays the
@@ -23,8 +23,8 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 
 
-def default_device() -> str:
+def _device_from_env() -> str:
     """NEUREG_DEVICE if set, else the first CUDA device when one is visible, else the CPU."""
     requested = os.environ.get("NEUREG_DEVICE")
     if requested:
@@ -67,12 +67,12 @@ class Runtime:
     cuda_graphs: bool = False
 
     @classmethod
-    def from_env(cls, **overrides) -> "Runtime":
+    def from_env(cls, **overrides) -> Runtime:
         """The worker's settings: NEUREG_* variables, then explicit ``overrides``."""
         batch = os.environ.get("NEUREG_EVAL_BATCH", "500")
         if not batch.isdigit() or int(batch) < 1:
             raise ValueError(f"NEUREG_EVAL_BATCH={batch!r}: expected a positive integer")
-        device = default_device()
+        device = _device_from_env()
         runtime = cls(
             device=device,
             amp=_flag("NEUREG_AMP", False),
@@ -126,7 +126,7 @@ class Runtime:
         return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def as_runtime(runtime: "Runtime | str | None") -> Runtime:
+def as_runtime(runtime: Runtime | str | None) -> Runtime:
     """A Runtime from a Runtime, a device string, or None (the CPU with every default)."""
     if runtime is None:
         return Runtime()
@@ -178,9 +178,7 @@ def as_image_tensor(images) -> torch.Tensor:
     if x.ndim < 2:
         raise ValueError(f"expected a batch of images, got shape {tuple(x.shape)}")
     if x.numel() and (x.min() < 0 or x.max() > 1):
-        raise ValueError(
-            f"images must lie in [0, 1], got values in [{x.min().item():.3g}, {x.max().item():.3g}]"
-        )
+        raise ValueError(f"images must lie in [0, 1], got values in [{x.min().item():.3g}, {x.max().item():.3g}]")
     return x
 
 
@@ -195,10 +193,7 @@ def as_label_tensor(labels, n_images: int) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_labels(
-    model: nn.Module,
-    images,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    device: str | torch.device | None = None,
+    model: nn.Module, images, batch_size: int = DEFAULT_BATCH_SIZE, device: str | torch.device | None = None
 ) -> np.ndarray:
     """Arg-max class of every image, in batches, in evaluation mode (one stochastic draw per image)."""
     x = as_image_tensor(images)
@@ -214,11 +209,7 @@ def predict_labels(
 
 
 def accuracy(
-    model: nn.Module,
-    images,
-    labels,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    device: str | torch.device | None = None,
+    model: nn.Module, images, labels, batch_size: int = DEFAULT_BATCH_SIZE, device: str | torch.device | None = None
 ) -> float:
     """Fraction of images whose arg-max class equals the label."""
     x = as_image_tensor(images)

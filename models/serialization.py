@@ -21,7 +21,7 @@ def state_to_array(state: dict) -> np.ndarray:
 
 
 def array_to_state(array, map_location: str = "cpu") -> dict:
-    """The state_dict back from ``state_to_array``'s bytes, through torch's weights-only loader (no arbitrary objects)."""
+    """The state_dict back from ``state_to_array``'s bytes, through torch's weights-only loader (no arbitrary
+    objects)."""
     data = np.asarray(array, dtype=np.uint8)
     return torch.load(io.BytesIO(data.tobytes()), map_location=map_location, weights_only=True)
-

@@ -1,1 +1,1 @@
-"""neureg.populate."""
+"""Filling computed tables: the stages and their order, workers, jobs, the heartbeat, devices."""

@@ -1,9 +1,15 @@
-"""Which torch device a worker's stages run on, chosen once at start-up and shared through NEUREG_DEVICE."""
+"""Which torch device a worker's stages run on, chosen once at start-up and shared through NEUREG_DEVICE.
+
+The choice itself is ``models.runtime.Runtime.from_env`` (the one device choice, which every stage's make
+reads); this module only applies ``--device``, checks the GPU exists and says which one was taken.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+
+from ..errors import ConfigurationError
 
 logger = logging.getLogger("neureg")
 
@@ -11,19 +17,18 @@ logger = logging.getLogger("neureg")
 def select_device(requested: str | None) -> str:
     """The torch device the stages will use: ``--device``, else NEUREG_DEVICE, else the first visible GPU.
 
-    The choice is written back to NEUREG_DEVICE so every stage's ``default_device()`` agrees with the log.
+    The choice is written back to NEUREG_DEVICE so every stage's ``Runtime.from_env()`` agrees with the log.
     With docker's GPU reservation or CUDA_VISIBLE_DEVICES=1, "cuda" is the one GPU this worker may use.
+    A mistyped execution setting (``NEUREG_*``) raises ValueError here, before the first job.
     """
-    from ..connection import ConfigurationError
-
     if requested:
         os.environ["NEUREG_DEVICE"] = requested
     import torch
 
-    from ..models.runtime import default_device
+    from ..models.runtime import Runtime
 
     try:
-        device = default_device()
+        device = Runtime.from_env().device
     except RuntimeError as exc:
         raise ConfigurationError(str(exc)) from exc
     if device.startswith("cuda"):

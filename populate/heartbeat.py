@@ -37,8 +37,9 @@ def beat_statement(jobs, key: dict) -> tuple[str, tuple]:
     q = jobs.adapter.quote_identifier
     key = job_key(jobs, key)
     matches = [f"{q(name)}=%s" for name in key] + [f"{q('host')}=%s", f"{q('pid')}=%s", f"{q('status')}='reserved'"]
-    statement = (f"UPDATE {jobs.full_table_name} SET {q('reserved_time')}=CURRENT_TIMESTAMP(3) "
-                 f"WHERE {' AND '.join(matches)}")
+    statement = (
+        f"UPDATE {jobs.full_table_name} SET {q('reserved_time')}=CURRENT_TIMESTAMP(3) WHERE {' AND '.join(matches)}"
+    )
     values = (value.item() if hasattr(value, "item") else value for value in key.values())  # numpy scalars
     return statement, (*values, HOST, os.getpid())
 
@@ -96,8 +97,13 @@ class Heartbeat(threading.Thread):
             if self._connection is None:
                 info = self._info
                 self._connection = dj.Connection(
-                    info["host"], info["user"], info["passwd"], info["port"], info.get("ssl_input"),
-                    database_name=info.get("database_name"), backend=self._backend,
+                    info["host"],
+                    info["user"],
+                    info["passwd"],
+                    info["port"],
+                    info.get("ssl_input"),
+                    database_name=info.get("database_name"),
+                    backend=self._backend,
                 )
             self._connection.query(statement, args=args)
             if self._failing:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import datajoint as dj
 
+from ..database.connect import stage_modules
+
 logger = logging.getLogger("neureg")
 
 
@@ -43,12 +45,6 @@ class PipelineTable:
 def _qualified(table: type) -> str:
     master = getattr(table, "master", None) if issubclass(table, dj.Part) else None
     return f"{master.__name__}.{table.__name__}" if master is not None else table.__name__
-
-
-def stage_modules(pipeline) -> dict:
-    """Stage name -> schema module of a connected pipeline: the one walk over its namespace."""
-    return {name: module for name, module in vars(pipeline).items()
-            if isinstance(getattr(module, "schema", None), dj.Schema)}
 
 
 def _classes(modules: dict) -> tuple[dict, dict]:
@@ -171,8 +167,15 @@ def restriction_for(table, keys) -> list[dict] | None:
     return applying or None
 
 
-def populate_stage(pipeline, stages=None, *, reserve_jobs: bool = False, display_progress: bool = False,
-                   suppress_errors: bool = False, keys=None) -> dict[str, dict]:
+def populate_stage(
+    pipeline,
+    stages=None,
+    *,
+    reserve_jobs: bool = False,
+    display_progress: bool = False,
+    suppress_errors: bool = False,
+    keys=None,
+) -> dict[str, dict]:
     """Run ``populate()`` for every table of the stages in dependency order; return per-table summaries.
 
     The one way to fill tables in a process (CLI, demo, notebooks). ``keys`` (a list of dicts) limits the
@@ -194,6 +197,10 @@ def populate_stage(pipeline, stages=None, *, reserve_jobs: bool = False, display
         )
         seconds = time.perf_counter() - start
         errors = result.get("error_list", []) if isinstance(result, dict) else []
-        summary[table.full_table_name] = {"new_rows": len(table()) - before, "seconds": round(seconds, 2), "errors": errors}
+        summary[table.full_table_name] = {
+            "new_rows": len(table()) - before,
+            "seconds": round(seconds, 2),
+            "errors": errors,
+        }
         logger.info("%s: %d new rows in %.1f s", table.__name__, len(table()) - before, seconds)
     return summary

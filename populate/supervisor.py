@@ -4,9 +4,9 @@ Why processes and not threads: each worker needs its own CUDA context and its ow
 and a crash or kill of one must not take the others down. The database's job reservations already keep
 the K workers from computing the same key, so the supervisor only starts them, forwards SIGTERM/SIGINT
 (each child then puts its running job back) and waits. Small networks leave most of a GPU idle between
-kernel launches; K processes fill it. Measured on an H200 (bench/gpu_bench.py, concurrency section), a
-ResNet18 regularized step captured as a CUDA graph already keeps the GPU ~96% busy, so K > 1 gains
-nothing there; it pays for narrower networks and for eager (uncaptured) work. NVIDIA MPS
+kernel launches; K processes fill it. A ResNet18 step captured as a CUDA graph already keeps a GPU busy,
+so K > 1 gains nothing there (docs/gpu.md has the measurement); it pays for narrower networks and for
+eager (uncaptured) work. NVIDIA MPS
 (``nvidia-cuda-mps-control -d`` before starting) lets the K contexts run kernels concurrently instead of
 time-slicing; see the README.
 """
@@ -36,8 +36,12 @@ def child_argv(argv: list[str]) -> list[str]:
 
 def run_copies(argv: list[str], copies: int) -> int:
     """Start ``copies`` workers with ``argv`` (neureg's arguments), forward signals, return the worst status."""
-    command = [sys.executable, "-c", "import sys; from neureg.cli import main; sys.exit(main(sys.argv[1:]))",
-               *child_argv(argv)]
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from neureg.cli import main; sys.exit(main(sys.argv[1:]))",
+        *child_argv(argv),
+    ]
     children = [subprocess.Popen(command) for _ in range(copies)]
 
     def forward(signum, _frame):

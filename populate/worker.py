@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import datajoint as dj
 from datajoint.errors import DuplicateError, LostConnectionError
 
-from ..connection import ensure_embedded_server
+from ..database.connect import ensure_embedded_server
 from .heartbeat import Heartbeat
 from .stages import pipeline_tables, stage_tables
 from .worker_jobs import HOST, attempts_recorded, job_key, release, retry_failed, tag_message
@@ -162,8 +162,14 @@ class Worker:
         o = self.options
         logger.info(
             "worker %s pid %d: %d table(s) [%s]; orphan timeout %d s, %d retries (first after %d s)%s",
-            HOST, os.getpid(), len(self.tables), ", ".join(t.__name__ for t in self.tables),
-            o.orphan_timeout, o.max_retries, o.retry_delay, ", one sweep" if o.once else "",
+            HOST,
+            os.getpid(),
+            len(self.tables),
+            ", ".join(t.__name__ for t in self.tables),
+            o.orphan_timeout,
+            o.max_retries,
+            o.retry_delay,
+            ", one sweep" if o.once else "",
         )
         for table in stage_tables(self.pipeline):  # declares every jobs table, so `neureg status` works for all
             self._instance(table)
@@ -199,8 +205,13 @@ class Worker:
                 if outcome in counts:
                     counts[outcome] += 1
         if counts["done"] or counts["failed"]:
-            logger.info("%s: %d done, %d failed by this worker in %.1f s", table.__name__, counts["done"],
-                        counts["failed"], time.perf_counter() - start)
+            logger.info(
+                "%s: %d done, %d failed by this worker in %.1f s",
+                table.__name__,
+                counts["done"],
+                counts["failed"],
+                time.perf_counter() - start,
+            )
         return bool(counts["done"] or counts["failed"])
 
     # ------------------------------------------------------------------ one job
@@ -242,8 +253,16 @@ class Worker:
                 then = f"retry after {self.options.retry_delay * 2 ** (attempt - 1)} s"
             else:
                 then = "no attempts left: delete its job row to run it again"
-            logger.error("failed %s %s after %.1f s (attempt %d of %d; %s): %s", name, _describe(key), seconds,
-                         attempt, attempts, then, message.split("] ", 1)[-1])
+            logger.error(
+                "failed %s %s after %.1f s (attempt %d of %d; %s): %s",
+                name,
+                _describe(key),
+                seconds,
+                attempt,
+                attempts,
+                then,
+                message.split("] ", 1)[-1],
+            )
             return "failed"
         if result["success_count"] or len(instance & key):
             jobs.complete(key, duration=seconds)
@@ -263,8 +282,9 @@ class Worker:
             release(jobs, key, previous_message)
             logger.info("released %s %s back to pending", name, _describe(key))
         except Exception as exc:
-            logger.error("could not release %s %s (%s); it is reclaimed after the orphan timeout",
-                         name, _describe(key), exc)
+            logger.error(
+                "could not release %s %s (%s); it is reclaimed after the orphan timeout", name, _describe(key), exc
+            )
 
     # ------------------------------------------------------------------ per-table housekeeping
     def _refresh(self, jobs) -> None:
@@ -273,8 +293,12 @@ class Worker:
         except DuplicateError:  # another worker refreshed the same rows at the same moment
             return
         if result["orphaned"]:
-            logger.warning("%s: reclaimed %d job(s) whose worker stopped beating for %d s",
-                           jobs.target.__class__.__name__, result["orphaned"], self.options.orphan_timeout)
+            logger.warning(
+                "%s: reclaimed %d job(s) whose worker stopped beating for %d s",
+                jobs.target.__class__.__name__,
+                result["orphaned"],
+                self.options.orphan_timeout,
+            )
 
     def _retry(self, table, jobs) -> None:
         for key, used, message in retry_failed(jobs, self.options.max_retries, self.options.retry_delay):
@@ -296,8 +320,9 @@ class Worker:
 
     # ------------------------------------------------------------------ connection, signals, time
     def _reconnect(self, exc: Exception) -> None:
-        logger.warning("worker: lost the database connection (%s: %s); reconnecting",
-                       type(exc).__name__, _one_line(exc))
+        logger.warning(
+            "worker: lost the database connection (%s: %s); reconnecting", type(exc).__name__, _one_line(exc)
+        )
         delay, since = 0.5, time.monotonic()
         while not self._stopping():
             self._sleep(delay)
@@ -353,7 +378,7 @@ class Worker:
             for attempt in range(5):
                 instance = table()  # a fresh instance: DataJoint caches the Job object, declared or not
                 try:
-                    instance.jobs
+                    _ = instance.jobs  # declares the jobs table on first access
                     break
                 except Exception:
                     if attempt == 4:

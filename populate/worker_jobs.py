@@ -70,8 +70,9 @@ def _to_pending(jobs, key: dict, message: str, now) -> bool:
     """Set one job row back to pending, due now; False if the row vanished meanwhile (``refresh`` removed it)."""
     key = job_key(jobs, key)
     try:
-        jobs.update1({**key, "status": "pending", "reserved_time": None, "error_message": message,
-                      "scheduled_time": now})
+        jobs.update1(
+            {**key, "status": "pending", "reserved_time": None, "error_message": message, "scheduled_time": now}
+        )
     except DataJointError:
         if jobs & key:  # not a vanished row (a lost connection, say): the caller must know
             raise

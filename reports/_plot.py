@@ -24,6 +24,7 @@ def cluster_order(similarity: np.ndarray) -> np.ndarray:
 
 
 def save(fig, out: Path, name: str) -> Path:
+    """Write ``fig`` as ``out/name`` and close it (a report makes many figures; open ones hold memory)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -32,5 +33,7 @@ def save(fig, out: Path, name: str) -> Path:
 
 
 def symmetric_limit(matrices) -> float:
+    """One colour limit for several similarity matrices: the 99th percentile of their off-diagonal |values|,
+    so one extreme entry does not wash out the rest and the panels compare by colour."""
     off = [np.abs(m[~np.eye(len(m), dtype=bool)]) for m in matrices if len(m) > 1]
     return float(max((np.quantile(o, 0.99) for o in off), default=1.0)) or 1.0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..models.neural import oracle as eq
+from ..models.neural import oracle
 from ._plot import cluster_order, plt, save, symmetric_limit
 
 
@@ -16,11 +16,13 @@ def oracle_figures(pipeline, out: Path) -> list[Path]:
     paths = []
     for set_key in orc.ScanStability.keys(order_by="KEY"):
         members = (exp.ScanSet.Member & set_key).keys(order_by="KEY")
-        aligned = eq.align_similarities([(orc.OracleSimilarity & m).labeled() for m in members])
+        aligned = oracle.align_similarities([(orc.OracleSimilarity & m).labeled() for m in members])
         paths.append(_similarity_grid(aligned.matrix, members, out, set_key["scan_set"][:8]))
         paths.append(_fluctuation_histograms((orc.ScanStability & set_key).fetch1(), out, set_key["scan_set"][:8]))
     if not paths:
-        raise LookupError("no ScanStability rows yet: ingest two or more scans sharing oracle images and populate the oracle stage")
+        raise LookupError(
+            "no ScanStability rows yet: ingest two or more scans sharing oracle images and populate the oracle stage"
+        )
     return paths
 
 

@@ -11,17 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..models.robustness import attacks as atk
-from ..models.robustness.comparison import BASELINE, compare_with_baseline
+from ..models.conditions import BASELINE, ordered
+from ..models.robustness import attacks
+from ..models.robustness.comparison import compare_with_baseline
 from ._plot import plt, save
-
-CONDITION_ORDER = ("None", "Shuffle", "Random", "Pixel", "Pixel threshold", "VGG", "Neural (data)",
-                   "Neural (model)", "VOne")
-
-
-def _ordered(conditions) -> list[str]:
-    known = [c for c in CONDITION_ORDER if c in conditions]
-    return known + sorted(set(conditions) - set(known))
 
 
 def per_network_metrics(pipeline, restriction=None) -> list[dict]:
@@ -41,11 +34,15 @@ def per_network_metrics(pipeline, restriction=None) -> list[dict]:
             above = [lv["sigma"] for lv in levels if lv["accuracy"] >= 0.5]
             row["noise sigma at 50% accuracy"] = max(above) if above else 0.0
         for mp in (rb.MinimalPerturbation * rb.PerturbationConfig & key).to_dicts():
-            attacked = {atk.attack_norm(rb.AttackConfig.config_of({"attack_hash": h}))
-                        for h in mp["perturbation_config"]["attacks"]}
+            attacked = {
+                attacks.attack_norm(rb.AttackConfig.config_of({"attack_hash": h}))
+                for h in mp["perturbation_config"]["attacks"]
+            }
             for norm in attacked:
                 value = mp[f"median_{norm}"]  # null: most images unbroken, so the median is beyond every attack
-                row[f"median {'L2' if norm == 'l2' else 'Linf'} perturbation"] = float("inf") if value is None else value
+                row[f"median {'L2' if norm == 'l2' else 'Linf'} perturbation"] = (
+                    float("inf") if value is None else value
+                )
         for ra in (rb.RobustAccuracy * rb.RobustConfig & key).to_dicts():
             cfg = ra["robust_config"]
             name = f"robust accuracy {cfg['norm'].replace('linf', 'Linf').replace('l2', 'L2')} {cfg['epsilon']:.3g}"
@@ -61,7 +58,7 @@ def results_table(pipeline, restriction=None) -> list[dict]:
     rows = per_network_metrics(pipeline, restriction)
     metrics = comparison_metrics(rows)
     table = []
-    for condition in _ordered({r["condition"] for r in rows}):
+    for condition in ordered({r["condition"] for r in rows}):
         entry = {"condition": condition}
         for metric in metrics:
             values = np.array([r[metric] for r in rows if r["condition"] == condition and metric in r], dtype=float)
@@ -104,8 +101,9 @@ def write_table(table: list[dict], out: Path) -> tuple[Path, Path]:
 
 def comparison_metrics(rows: list[dict]) -> list[str]:
     """The scalar metrics of the per-network rows, in table order."""
-    return sorted({m for r in rows for m in r if m not in ("condition", "seed", "key", "noise curve")},
-                  key=_metric_order)
+    return sorted(
+        {m for r in rows for m in r if m not in ("condition", "seed", "key", "noise curve")}, key=_metric_order
+    )
 
 
 def write_comparison(rows: list[dict], out: Path) -> Path:
@@ -113,7 +111,7 @@ def write_comparison(rows: list[dict], out: Path) -> Path:
     marks a difference significant after Holm's correction (see models/robustness/comparison.py)."""
     metrics = comparison_metrics(rows)
     found = compare_with_baseline(rows, metrics)
-    conditions = [c for c in _ordered({d.condition for d in found})]
+    conditions = [c for c in ordered({d.condition for d in found})]
     lines = ["| condition - None | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for condition in conditions:
         cells = []
@@ -124,9 +122,12 @@ def write_comparison(rows: list[dict], out: Path) -> Path:
             else:
                 cells.append(f"{d.mean:+.3g} [{d.low:+.3g}, {d.high:+.3g}] p={d.p:.2g}{' *' if d.significant else ''}")
         lines.append(f"| {condition} | " + " | ".join(cells) + " |")
-    lines += ["", "Mean paired difference over seeds (condition minus None, same seed), [95% CI] from Student's t, "
-              "two-sided paired t-test p; * significant at 0.05 after Holm's correction over the conditions of "
-              "each metric. n/a: fewer than two paired seeds, or a value beyond every attack."]
+    lines += [
+        "",
+        "Mean paired difference over seeds (condition minus None, same seed), [95% CI] from Student's t, "
+        "two-sided paired t-test p; * significant at 0.05 after Holm's correction over the conditions of "
+        "each metric. n/a: fewer than two paired seeds, or a value beyond every attack.",
+    ]
     path = out / "robustness_vs_none.md"
     out.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
@@ -136,7 +137,7 @@ def write_comparison(rows: list[dict], out: Path) -> Path:
 def noise_figure(rows: list[dict], out: Path) -> Path:
     """Fig. 4A: accuracy against Gaussian noise level, mean and SEM over seeds per condition."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for condition in _ordered({r["condition"] for r in rows if "noise curve" in r}):
+    for condition in ordered({r["condition"] for r in rows if "noise curve" in r}):
         curves = [r["noise curve"] for r in rows if r["condition"] == condition and "noise curve" in r]
         sigmas = np.asarray(curves[0][0])
         acc = np.array([c[1] for c in curves])
@@ -156,7 +157,7 @@ def perturbation_figure(rows: list[dict], out: Path) -> Path:
     norms = [m for m in ("median Linf perturbation", "median L2 perturbation") if any(m in r for r in rows)]
     fig, axes = plt.subplots(1, max(1, len(norms)), figsize=(5 * max(1, len(norms)), 4), squeeze=False)
     for ax, metric in zip(axes.flat, norms):
-        conditions = _ordered({r["condition"] for r in rows if metric in r})
+        conditions = ordered({r["condition"] for r in rows if metric in r})
         for i, condition in enumerate(conditions):
             values = np.array([r[metric] for r in rows if r["condition"] == condition and metric in r])
             finite = values[np.isfinite(values)]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..models.neural import oracle as eq
+from ..models.neural import oracle
 from ..models.neural.similarity import similarity_agreement
 from ._plot import cluster_order, plt, save, symmetric_limit
 
@@ -16,7 +16,9 @@ from ._plot import cluster_order, plt, save, symmetric_limit
 def similarity_figures(pipeline, out: Path) -> list[Path]:
     """Fig. 1B and 1D as PNGs, for the largest group of modelled scans shown the same oracle images."""
     orc, sim, pred = pipeline.oracle, pipeline.similarity, pipeline.predictive
-    rows = (sim.ModelAgreement * pred.PredictiveModel.proj() * orc.OracleStats.proj("oracle_set")).to_dicts(order_by="KEY")
+    rows = (sim.ModelAgreement * pred.PredictiveModel.proj() * orc.OracleStats.proj("oracle_set")).to_dicts(
+        order_by="KEY"
+    )
     if not rows:
         raise LookupError("no ModelAgreement rows yet: populate the predictive and similarity stages")
     groups = Counter(row["oracle_set"] for row in rows)
@@ -26,15 +28,17 @@ def similarity_figures(pipeline, out: Path) -> list[Path]:
     for key in models:
         labeled = (orc.OracleSimilarity & key).labeled()
         oracle_sims.append(labeled)
-        model_sims.append(eq.LabeledSimilarity(labeled.labels, sim.scan_model_similarity(key, labeled.labels)))
+        model_sims.append(oracle.LabeledSimilarity(labeled.labels, sim.scan_model_similarity(key, labeled.labels)))
         titles.append(f"{key['mouse']} session {key['session']} scan {key['scan_idx']}")
     return [_model_grid(oracle_sims, model_sims, titles, out), _scatter(pipeline, models[0], out)]
 
 
 def _model_grid(oracle_sims, model_sims, titles, out: Path) -> Path:
-    common = eq.align_similarities(oracle_sims).labels
-    order = cluster_order(eq.align_similarities(oracle_sims).matrix.mean(0))
-    aligned = [m.matrix[np.ix_(np.searchsorted(m.labels, common), np.searchsorted(m.labels, common))] for m in model_sims]
+    common = oracle.align_similarities(oracle_sims).labels
+    order = cluster_order(oracle.align_similarities(oracle_sims).matrix.mean(0))
+    aligned = [
+        m.matrix[np.ix_(np.searchsorted(m.labels, common), np.searchsorted(m.labels, common))] for m in model_sims
+    ]
     n = len(aligned)
     limit = symmetric_limit(aligned)
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.4), squeeze=False)
@@ -68,10 +72,21 @@ def _scatter(pipeline, key: dict, out: Path) -> Path:
     data_y = trial_sim[first[different], second[different]]
     upper = np.triu_indices(len(labeled.labels), 1)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.scatter(data_x, data_y, s=2, alpha=0.15, color="0.6",
-               label=f"S^data (single trials), r = {np.corrcoef(data_x, data_y)[0, 1]:.2f}")
-    ax.scatter(labeled.matrix[upper], model[upper], s=6, color="C3",
-               label=f"S^model, r = {similarity_agreement(model, labeled.matrix):.2f}")
+    ax.scatter(
+        data_x,
+        data_y,
+        s=2,
+        alpha=0.15,
+        color="0.6",
+        label=f"S^data (single trials), r = {np.corrcoef(data_x, data_y)[0, 1]:.2f}",
+    )
+    ax.scatter(
+        labeled.matrix[upper],
+        model[upper],
+        s=6,
+        color="C3",
+        label=f"S^model, r = {similarity_agreement(model, labeled.matrix):.2f}",
+    )
     ax.set_xlabel("S^oracle")
     ax.set_ylabel("similarity")
     ax.set_title(f"{key['mouse']} session {key['session']} scan {key['scan_idx']} (Fig. 1D)")

@@ -12,27 +12,45 @@ row index, so every row carries its lineage; ``labeled()`` is the one reader of 
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import datajoint as dj
 import numpy as np
 
-from ..hashing import stable_hash
-from ._store import load_array
+from ..database.store import load_array
+from ..models.digests import stable_hash
 from ..models.neural.oracle import LabeledSimilarity
-from ..models.registry import Registry, complete_kwargs
+from ..models.registry import Registry, check_config_rules, complete_kwargs
+
+
+def activator(schema: dj.Schema, stage: str) -> Callable[..., None]:
+    """A stage module's ``activate(prefix, create_tables=True)``: binds its tables to ``{prefix}{stage}``
+    on the current connection (``neureg.connect`` calls it for every stage)."""
+
+    def activate(prefix: str = "neureg_", *, create_tables: bool = True) -> None:
+        schema.activate(f"{prefix}{stage}", create_tables=create_tables)
+
+    activate.__doc__ = f"Bind the {stage} tables to ``{{prefix}}{stage}`` on the current connection."
+    return activate
 
 
 class ConfigTable:
     """Mixin for ``dj.Lookup`` config tables; ``config_name`` "x" declares ``x_hash`` / ``x_config`` / ``x_label``."""
 
     config_name: str
-    settings: Callable | None = None  # a function whose keyword arguments are the config; its body checks across keys
+    settings: Callable | None = None  # a function whose keyword arguments are the config (models.registry)
     registry: Registry | None = None  # or a registry of variants: {registry.key: name, **builder kwargs}
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, settings: Callable | None = None, registry: Registry | None = None, **kwargs):
+        """``class NoiseConfig(ConfigTable, dj.Lookup, settings=f)`` (or ``registry=R``): the config is ``f``'s
+        keyword arguments (or ``R``'s variants), and its name is the class name less "Config" ("noise")."""
         super().__init_subclass__(**kwargs)
+        if settings is not None:
+            cls.settings = staticmethod(settings)
+        if registry is not None:
+            cls.registry = registry
+        if (settings or registry) and "config_name" not in cls.__dict__:
+            cls.config_name = cls.__name__.removesuffix("Config").lower()
         name = cls.__dict__.get("config_name")
         if name and "definition" not in cls.__dict__:
             cls.definition = f"""
@@ -52,7 +70,7 @@ class ConfigTable:
             full = cls.registry.complete(given)
         else:
             full = complete_kwargs(cls.settings, given, cls.__name__)
-            cls.settings(**full)  # rules across keys raise ValueError
+            check_config_rules(cls.settings, full)  # rules across keys raise ValueError
         full = cls.check_references(full)
         stable_hash(full)  # raises on values without a stable JSON form
         return full
@@ -68,8 +86,9 @@ class ConfigTable:
         full = cls.complete(config, **overrides)
         key = cls.key_of(full)
         if not (cls() & key):
-            cls.insert1({**key, f"{cls.config_name}_config": full, f"{cls.config_name}_label": label[:64]},
-                        skip_duplicates=True)
+            cls.insert1(
+                {**key, f"{cls.config_name}_config": full, f"{cls.config_name}_label": label[:64]}, skip_duplicates=True
+            )
         return key
 
     @classmethod
@@ -108,18 +127,3 @@ class ImageMatrix:
         """(image hashes in row order, the matrix) of one row: the one reader of such a matrix."""
         hashes = np.atleast_1d((self.Image & self).to_arrays("image_hash", order_by="row_index")).astype(str)
         return LabeledSimilarity(hashes, load_array(type(self), self.fetch1("KEY"), self.matrix_attribute))
-
-
-@contextlib.contextmanager
-def transaction(connection):
-    """DataJoint's transaction, or the caller's if one is already open on this connection.
-
-    DataJoint refuses to nest transactions; a step that must be atomic on its own (a scan set, a training
-    plan) may also run inside a larger one (``neureg plan paper`` registers a whole experiment at once),
-    and then it simply joins it.
-    """
-    if connection.in_transaction:
-        yield
-        return
-    with connection.transaction:
-        yield

@@ -1,6 +1,6 @@
 """experiment: what was recorded. Mice, sessions, scans and their units, images, trials, behaviour.
 
-Filled by lab members through ingestion (``neureg ingest``), never by populate. Images are
+Filled by lab members through ingestion (``neureg ingest``, ``neureg.ingestion``), never by populate. Images are
 content-addressed, so one stimulus shown in many scans is one row; a scan's responses are one
 (n_trials, n_units) float32 matrix in the object store, because 48 million per-trial rows would take
 minutes to load and a single ``.npy`` takes a fraction of a second.
@@ -8,32 +8,23 @@ minutes to load and a single ``.npy`` takes a fraction of a second.
 
 from __future__ import annotations
 
-import datetime
 import logging
-import random
 import re
-import time
 
 import datajoint as dj
 import numpy as np
 
-from .. import __version__
-from ..errors import ScanExistsError, StoreIntegrityError
-from ..hashing import stable_hash
-from ..scanfolder import BEHAVIOR_COLUMNS, ScanData
-from ._config import transaction
-from ._store import load_array, store_files, stored
+from ..database.store import load_array, stored_columns
+from ..database.transaction import transaction
+from ..errors import StoreIntegrityError
+from ..models.digests import stable_hash
+from ._config import activator
 
 logger = logging.getLogger("neureg")
 
 schema = dj.Schema()
-RESPONSE_BLOCK_TRIALS = 500  # 16 MB per block at 8000 units
-IMAGE_BATCH = 256  # images per INSERT: 9 MB of 144x256 pixels
-
-
-def activate(prefix: str = "neureg_", *, create_tables: bool = True) -> None:
-    """Bind the experiment tables to ``{prefix}experiment`` on the current connection."""
-    schema.activate(f"{prefix}experiment", create_tables=create_tables)
+activate = activator(schema, "experiment")
+BEHAVIOR_COLUMNS = ("pupil_dilation", "pupil_dilation_derivative", "running_speed")  # Behavior's, in file order
 
 
 @schema
@@ -156,13 +147,12 @@ class Responses(dj.Manual):
     """
 
     class Block(dj.Part):
-        definition = """
+        definition = f"""
         -> master
         block_idx        : int16
         ---
         first_trial      : int32
-        responses        : <npy@neureg>             # float32 (n_trials_in_block, n_units)
-        responses_sha256 : char(64)                 # its SHA-256 (dtype, shape, bytes), checked on every read
+        {stored_columns("responses", "float32 (n_trials_in_block, n_units)")}
         """
 
 
@@ -205,9 +195,7 @@ class ScanSet(dj.Manual):
     @classmethod
     def create(cls, scan_keys, note: str = "") -> dict:
         """Insert the set of these scans if it is new; return its key. Every scan must exist."""
-        members = sorted(
-            {(k["mouse"], int(k["session"]), int(k["scan_idx"])) for k in scan_keys}
-        )
+        members = sorted({(k["mouse"], int(k["session"]), int(k["scan_idx"])) for k in scan_keys})
         if not members:
             raise ValueError("a scan set needs at least one scan")
         keys = [{"mouse": m, "session": d, "scan_idx": s} for m, d, s in members]
@@ -223,143 +211,6 @@ class ScanSet(dj.Manual):
 
     def members(self) -> list[dict]:
         return (Scan & (ScanSet.Member & self)).keys(order_by="KEY")
-
-
-def _optional(value: float):
-    return None if value is None or not np.isfinite(value) else float(value)
-
-
-def insert_scan(data: ScanData, source_path: str = "", tries: int = 5) -> dict:
-    """Insert a validated scan in one transaction: everything lands, or nothing does.
-
-    Ingests run concurrently in a lab: two scans of one mouse, or sharing images, both try to add the
-    Mouse, Session or Image row, and the later commit fails as a duplicate. The whole transaction is then
-    tried again (now seeing the other's rows). If the duplicate is the scan itself, it is already there.
-    """
-    for attempt in range(tries):
-        try:
-            return _insert_scan_once(data, source_path)
-        except dj.errors.DuplicateError:
-            if Scan & data.key:
-                raise _exists(data) from None
-            _discard_scan_blocks(data.key)
-            if attempt == tries - 1:
-                raise
-            time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
-        except ScanExistsError:
-            raise
-        except BaseException:
-            # The transaction rolled back, but the response blocks already written to the store (or the
-            # partial one a full disk left, ``.npy.saving``) stay there unreferenced: remove them.
-            _discard_scan_blocks(data.key)
-            raise
-    raise AssertionError("unreachable")
-
-
-def _discard_scan_blocks(key: dict) -> None:
-    """Delete the store files of a scan whose insert failed, if the scan is not in the database.
-
-    DataJoint lays a store out as ``<root>/<schema_prefix>/<schema>/<table>/<attr>=<value>/...`` (its store
-    spec; the root is a folder or ``bucket/location``); only the failed scan's own folder of
-    Responses.Block is touched, and only while no Scan row claims it (a concurrent ingest of the same scan
-    that won keeps its files). Best effort: a store that cannot be reached keeps them for ``neureg gc``.
-    """
-    try:
-        claimed = bool(Scan & key)
-    except Exception:  # noqa: BLE001 - the server is gone: without knowing, delete nothing
-        return
-    if claimed:
-        return
-    try:
-        fs, root, spec = store_files()
-        folder = "/".join([root, spec.get("schema_prefix", "_schema"), Responses.Block.database,
-                           Responses.Block.table_name] + [f"{name}={key[name]}" for name in ("mouse", "session", "scan_idx")])
-        if fs.exists(folder):
-            fs.rm(folder, recursive=True)
-    except Exception as exc:  # noqa: BLE001 - no store configured, or it is unreachable: gc's business
-        logger.warning("could not remove the failed ingest's blocks (%s); `neureg gc` lists them", exc)
-
-
-def _exists(data: ScanData) -> ScanExistsError:
-    return ScanExistsError(
-        f"scan {data.mouse} / {data.session} / scan {data.scan} is already in the database; "
-        "delete it first (experiment.Scan & key).delete() if it must be replaced"
-    )
-
-
-def _insert_scan_once(data: ScanData, source_path: str) -> dict:
-    key = data.key
-    if Scan & key:
-        raise _exists(data)
-    n_trials, n_units = data.responses.shape
-    mouse_key = {"mouse": data.mouse}
-    with Scan.connection.transaction:
-        if not (Mouse & mouse_key):
-            Mouse.insert1(mouse_key)
-        session_key = dict(mouse_key, session=data.session)
-        known_date = (Session & session_key).to_arrays("session_date") if Session & session_key else None
-        if known_date is None:  # no skip_duplicates: on MySQL it needs UPDATE, which lab accounts lack
-            Session.insert1(dict(session_key, session_date=data.session_date))
-        elif data.session_date is not None and known_date[0] not in (None, data.session_date):
-            raise ValueError(f"session {data.mouse} / {data.session} was recorded on {known_date[0]}, "
-                             f"this scan says {data.session_date}")
-        Scan.insert1(
-            dict(
-                key,
-                area=data.area,
-                depth=_optional(data.depth),
-                frame_rate=_optional(data.frame_rate),
-                scan_notes=data.notes,
-                n_trials=n_trials,
-                n_units=n_units,
-                source_path=source_path[:1024],
-            )
-        )
-        Scan.Unit.insert(
-            dict(key, unit_id=int(u), unit_index=i, x=float(p[0]), y=float(p[1]), z=float(p[2]), unit_area=a,
-                 unit_layer=layer)
-            for i, (u, p, a, layer) in enumerate(zip(data.unit_ids, data.unit_positions, data.unit_areas, data.unit_layers))
-        )
-        known = set(_column(Image & _hash_in(data.images), "image_hash"))
-        new = [h for h in data.images if h not in known]
-        for first in range(0, len(new), IMAGE_BATCH):  # a batch at a time: one INSERT holds its pixels twice
-            batch = [(h, data.images[h]) for h in new[first : first + IMAGE_BATCH]]
-            Image.insert(dict(image_hash=h, source_id=data.image_source_ids[h], height=p.shape[0], width=p.shape[1],
-                              pixels=p) for h, p in batch)
-        Trial.insert(
-            dict(
-                key,
-                trial_idx=t,
-                image_hash=data.trial_images[t],
-                frame_image_id=data.image_source_ids[data.trial_images[t]],
-                tier=str(data.tiers[t]),
-                withheld=bool(data.withheld[t]),
-                recorded_trial=str(data.trial_labels[t]),
-                presentation=None if np.isnan(data.presentation[t]) else int(data.presentation[t]),
-                start_time=_optional(data.start_time[t]),
-                duration=_optional(data.duration[t]),
-            )
-            for t in range(n_trials)
-        )
-        Behavior.insert(
-            dict(
-                key,
-                trial_idx=t,
-                pupil_x=float(data.pupil_center[t, 0]),
-                pupil_y=float(data.pupil_center[t, 1]),
-                **{name: float(data.behavior[t, c]) for c, name in enumerate(BEHAVIOR_COLUMNS)},
-            )
-            for t in range(n_trials)
-        )
-        starts = range(0, n_trials, RESPONSE_BLOCK_TRIALS)
-        Responses.insert1(dict(key, n_blocks=len(starts)))
-        for block, first in enumerate(starts):
-            rows = np.ascontiguousarray(data.responses[first : first + RESPONSE_BLOCK_TRIALS], dtype=np.float32)
-            Responses.Block.insert1(dict(key, block_idx=block, first_trial=first, **stored("responses", rows)))
-        Ingestion.insert1(dict(key, ingested_by=str(Scan.connection.conn_info.get("user", ""))[:255],
-                               ingested_at=datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None),
-                               neureg_version=__version__))
-    return key
 
 
 # ----------------------------------------------------------------------------------- loading helpers
@@ -381,8 +232,10 @@ def load_responses(key: dict, include_withheld: bool = False) -> np.ndarray:
         first = (Responses.Block & block_key).fetch1("first_trial")
         block = load_array(Responses.Block, block_key, "responses")  # one block in memory besides the matrix
         if block.shape[1] != n_units or first + len(block) > n_trials:
-            raise StoreIntegrityError(f"{Responses.Block.full_table_name} {block_key}: a block of shape "
-                                      f"{block.shape} does not fit the scan's {n_trials} x {n_units} matrix")
+            raise StoreIntegrityError(
+                f"{Responses.Block.full_table_name} {block_key}: a block of shape "
+                f"{block.shape} does not fit the scan's {n_trials} x {n_units} matrix"
+            )
         matrix[first : first + len(block)] = block
     if include_withheld:
         return matrix
@@ -430,6 +283,11 @@ def per_unit(part, key: dict, attribute: str) -> np.ndarray:
 def unit_ids(key: dict) -> np.ndarray:
     """Unit ids in column order of the response matrix."""
     return np.asarray(_column(Scan.Unit & key, "unit_id", order_by="unit_index"), dtype=np.int64)
+
+
+def known_images(hashes) -> set[str]:
+    """Which of these image hashes ``Image`` already holds (ingestion inserts only the others)."""
+    return set(_column(Image & _hash_in(hashes), "image_hash"))
 
 
 def _hash_in(hashes) -> str:

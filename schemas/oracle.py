@@ -11,20 +11,16 @@ import logging
 import datajoint as dj
 import numpy as np
 
-from ..models.neural import oracle as eq
-from ..hashing import stable_hash
+from ..database.store import stored, stored_columns
+from ..models.digests import stable_hash
+from ..models.neural import oracle
 from . import experiment
-from ._config import ImageMatrix, ImageRows
-from ._store import stored
+from ._config import ImageMatrix, ImageRows, activator
 
 logger = logging.getLogger("neureg")
 schema = dj.Schema()
+activate = activator(schema, "oracle")
 HISTOGRAM_BINS = 61
-
-
-def activate(prefix: str = "neureg_", *, create_tables: bool = True) -> None:
-    """Bind the oracle tables to ``{prefix}oracle`` on the current connection."""
-    schema.activate(f"{prefix}oracle", create_tables=create_tables)
 
 
 def snr_weights(key: dict) -> np.ndarray:
@@ -75,20 +71,12 @@ class OracleStats(dj.Computed):
 
     def make(self, key):
         responses, trials = experiment.load_responses(key), experiment.load_trials(key)
-        stats = eq.oracle_stats(responses, trials["image_hash"])
+        stats = oracle.oracle_stats(responses, trials["image_hash"])
         unit_ids = experiment.unit_ids(key)
-        self.insert1(
-            dict(
-                key,
-                oracle_set=stable_hash(sorted(str(h) for h in stats.image_labels)),
-                **stats.summary(),
-            )
-        )
+        self.insert1(dict(key, oracle_set=stable_hash(sorted(str(h) for h in stats.image_labels)), **stats.summary()))
         self.Unit.insert(
             dict(key, unit_id=int(u), signal_var=s, noise_var=n, snr_weight=w, oracle_corr=c)
-            for u, s, n, w, c in zip(
-                unit_ids, stats.signal_var, stats.noise_var, stats.snr_weight, stats.oracle_corr
-            )
+            for u, s, n, w, c in zip(unit_ids, stats.signal_var, stats.noise_var, stats.snr_weight, stats.oracle_corr)
         )
         self.OracleImage.insert(
             dict(key, image_hash=str(h), n_repeats=int(n)) for h, n in zip(stats.image_labels, stats.n_repeats)
@@ -99,12 +87,11 @@ class OracleStats(dj.Computed):
 class DataSimilarity(ImageMatrix, dj.Computed):
     """S^data (equation 2) over the scan's single-presentation images: the 'neural data' target."""
 
-    definition = """
+    definition = f"""
     -> OracleStats
     ---
     n_images             : int32
-    similarity           : <npy@neureg>             # float32 (n_images, n_images), rows as in the Image part
-    similarity_sha256    : char(64)                 # its SHA-256 (dtype, shape, bytes), checked on every read
+    {stored_columns("similarity", "float32 (n_images, n_images), rows as in the Image part")}
     """
 
     class Image(ImageRows):
@@ -112,7 +99,7 @@ class DataSimilarity(ImageMatrix, dj.Computed):
 
     def make(self, key):
         responses, trials = experiment.load_responses(key), experiment.load_trials(key)
-        labels, matrix = eq.single_presentation_similarity(responses, trials["image_hash"], snr_weights(key))
+        labels, matrix = oracle.single_presentation_similarity(responses, trials["image_hash"], snr_weights(key))
         self.insert1(dict(key, n_images=len(labels), **stored("similarity", matrix)))
         self.Image.insert(ImageRows.rows(key, labels))
 
@@ -135,7 +122,7 @@ class OracleSimilarity(ImageMatrix, dj.Computed):
 
     def make(self, key):
         responses, trials = experiment.load_responses(key), experiment.load_trials(key)
-        report = eq.oracle_similarity_report(responses, trials["image_hash"], snr_weights(key))
+        report = oracle.oracle_similarity_report(responses, trials["image_hash"], snr_weights(key))
         labels = report.pop("labels")
         self.insert1(dict(key, n_images=len(labels), **report))
         self.Image.insert(ImageRows.rows(key, labels))
@@ -164,12 +151,16 @@ class ScanStability(dj.Computed):
     def key_source(self):
         """Sets of two or more scans, each with its S^oracle, all shown the same oracle images."""
         incomplete = (experiment.ScanSet.Member - OracleSimilarity.proj()).proj()
-        mixed = dj.U("scan_set").aggr(experiment.ScanSet.Member * OracleStats.proj("oracle_set"),
-                                      n_sets="count(distinct oracle_set)") & "n_sets > 1"
+        mixed = (
+            dj.U("scan_set").aggr(
+                experiment.ScanSet.Member * OracleStats.proj("oracle_set"), n_sets="count(distinct oracle_set)"
+            )
+            & "n_sets > 1"
+        )
         return (experiment.ScanSet & "n_scans >= 2") - incomplete - mixed.proj()
 
     def make(self, key):
         members = (experiment.ScanSet.Member & key).keys(order_by="KEY")
         similarities = [(OracleSimilarity & m).labeled() for m in members]
         repeats = [(OracleSimilarity & m).fetch1("repeat_fluctuations") for m in members]
-        self.insert1(dict(key, **eq.scan_stability(similarities, repeats, n_bins=HISTOGRAM_BINS)))
+        self.insert1(dict(key, **oracle.scan_stability(similarities, repeats, n_bins=HISTOGRAM_BINS)))

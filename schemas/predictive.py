@@ -14,21 +14,17 @@ import time
 import datajoint as dj
 import numpy as np
 
-from ..models.neural import predictive as fit
+from ..database.store import load_array, stored, stored_columns
+from ..models.neural import predictions, predictive
 from ..models.neural.images import downsample, downsampled_shape
-from ..models.runtime import default_device
+from ..models.runtime import Runtime
 from ..models.serialization import array_to_state, state_to_array
-from . import experiment, oracle
-from ._config import ConfigTable, ImageMatrix, ImageRows
-from ._store import load_array, stored
+from . import experiment, oracle  # noqa: F401 - oracle: a table definition names it
+from ._config import ConfigTable, ImageMatrix, ImageRows, activator
 
 logger = logging.getLogger("neureg")
 schema = dj.Schema()
-
-
-def activate(prefix: str = "neureg_", *, create_tables: bool = True) -> None:
-    """Bind the predictive tables to ``{prefix}predictive`` on the current connection."""
-    schema.activate(f"{prefix}predictive", create_tables=create_tables)
+activate = activator(schema, "predictive")
 
 
 @schema
@@ -45,14 +41,11 @@ class Seed(dj.Lookup):
 
 
 @schema
-class PredictorConfig(ConfigTable, dj.Lookup):
+class PredictorConfig(ConfigTable, dj.Lookup, settings=predictive.predictor_settings):
     """How a predictive model is built and fitted (``models.neural.predictive.predictor_settings``).
 
     Every row is fitted on every scan, so no row is added behind a lab's back: ``add`` it to fit it.
     """
-
-    config_name = "predictor"
-    settings = staticmethod(fit.predictor_settings)
 
     @classmethod
     def default_key(cls) -> dict:
@@ -80,13 +73,12 @@ def load_scan_for_fit(key: dict, image_scale: float = 1.0) -> dict:
 class PredictiveModel(dj.Computed):
     """A fitted denoising model of one scan (config x seed) and each unit's held-out correlation v_a."""
 
-    definition = """
+    definition = f"""
     -> oracle.OracleStats
     -> PredictorConfig
     -> Seed
     ---
-    weights              : <npy@neureg>             # torch.save(state_dict) bytes as uint8
-    weights_sha256       : char(64)                 # its SHA-256 (dtype, shape, bytes), checked on every read
+    {stored_columns("weights", "torch.save(state_dict) bytes as uint8")}
     val_corr             : float64                  # mean per-unit correlation on validation trials
     test_corr            : float64                  # mean v_a: correlation on held-out oracle/test trials
     best_epoch           : int16
@@ -115,16 +107,25 @@ class PredictiveModel(dj.Computed):
 
     def make_compute(self, key, config, n_trials, n_units):
         data = load_scan_for_fit(key, config["image_scale"])
-        device = default_device()
-        logger.info("fitting predictive model %s on %s (%d units, %d trials)", key, device, n_units, n_trials)
+        runtime = Runtime.from_env()  # the worker's execution settings, as training takes them
+        logger.info("fitting predictive model %s on %s (%d units, %d trials)", key, runtime.device, n_units, n_trials)
 
         def progress(row):
             logger.info("  epoch %(epoch)d: loss %(train_loss).4f, val corr %(val_corr).3f", row)
 
         try:
-            evaluated = fit.fit_and_evaluate(data["images"], data["responses"], data["behavior"], data["pupil_center"],
-                                             data["tiers"], config, trial_image=data["trial_image"], seed=key["seed"],
-                                             device=device, progress=progress)
+            evaluated = predictive.fit_and_evaluate(
+                data["images"],
+                data["responses"],
+                data["behavior"],
+                data["pupil_center"],
+                data["tiers"],
+                config,
+                trial_image=data["trial_image"],
+                seed=key["seed"],
+                runtime=runtime,
+                progress=progress,
+            )
         except ValueError as error:
             raise ValueError(f"scan {key}: {error}") from None
         return state_to_array(evaluated.fit.state_dict), evaluated
@@ -159,7 +160,9 @@ class PredictiveModel(dj.Computed):
         height, width = (experiment.Image & (experiment.Trial & key)).to_arrays("height", "width", limit=1)
         config = PredictorConfig.config_of(key)
         shape = downsampled_shape((int(height[0]), int(width[0])), config["image_scale"])
-        return fit.load_predictor(array_to_state(load_array(self, key, "weights")), config, int(n_units), shape, device)
+        return predictive.load_predictor(
+            array_to_state(load_array(self, key, "weights")), config, int(n_units), shape, device
+        )
 
 
 @schema
@@ -168,12 +171,11 @@ class ModelResponses(ImageMatrix, dj.Computed):
 
     matrix_attribute = "responses"
 
-    definition = """
+    definition = f"""
     -> PredictiveModel
     ---
     n_images             : int32
-    responses            : <npy@neureg>             # float32 (n_images, n_units), rows as in the Image part
-    responses_sha256     : char(64)                 # its SHA-256 (dtype, shape, bytes), checked on every read
+    {stored_columns("responses", "float32 (n_images, n_units), rows as in the Image part")}
     """
 
     class Image(ImageRows):
@@ -184,7 +186,7 @@ class ModelResponses(ImageMatrix, dj.Computed):
         hashes = np.unique((experiment.Trial & key).to_arrays("image_hash"))
         model = (PredictiveModel & key).load_model()
         scale = PredictorConfig.config_of(key)["image_scale"]
-        predicted = fit.predict_responses(model, downsample(experiment.load_images(hashes), scale))
+        predicted = predictions.predict_responses(model, downsample(experiment.load_images(hashes), scale))
         self.insert1(dict(key, n_images=len(hashes), **stored("responses", predicted.astype(np.float32))))
         self.Image.insert(ImageRows.rows(key, hashes))
         logger.info("predicted %d images for %s in %.1f s", len(hashes), key, time.perf_counter() - start)

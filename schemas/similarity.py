@@ -13,27 +13,19 @@ import logging
 import datajoint as dj
 import numpy as np
 
-from ..models.neural import similarity as sim
-from ..models.neural import targets
+from ..database.store import stored, stored_columns
+from ..models.neural import similarity, targets
 from . import experiment, oracle, predictive
-from ._config import ConfigTable, ImageMatrix, ImageRows
-from ._store import stored
+from ._config import ConfigTable, ImageMatrix, ImageRows, activator
 
 logger = logging.getLogger("neureg")
 schema = dj.Schema()
-
-
-def activate(prefix: str = "neureg_", *, create_tables: bool = True) -> None:
-    """Bind the similarity tables to ``{prefix}similarity`` on the current connection."""
-    schema.activate(f"{prefix}similarity", create_tables=create_tables)
+activate = activator(schema, "similarity")
 
 
 @schema
-class TargetConfig(ConfigTable, dj.Lookup):
+class TargetConfig(ConfigTable, dj.Lookup, registry=targets.TARGETS):
     """A similarity method and its settings (``models.neural.targets.TARGETS`` lists the methods)."""
-
-    config_name = "target"
-    registry = targets.TARGETS
 
     @classmethod
     def check_references(cls, full: dict) -> dict:
@@ -43,8 +35,10 @@ class TargetConfig(ConfigTable, dj.Lookup):
         if not full["predictor_hash"]:
             full = {**full, "predictor_hash": predictive.PredictorConfig.default_key()["predictor_hash"]}
         if not (predictive.PredictorConfig & {"predictor_hash": full["predictor_hash"]}):
-            raise ValueError(f"predictor_hash {full['predictor_hash']!r} is not in predictive.PredictorConfig "
-                             "(add the predictor first: predictive.PredictorConfig.add(...))")
+            raise ValueError(
+                f"predictor_hash {full['predictor_hash']!r} is not in predictive.PredictorConfig "
+                "(add the predictor first: predictive.PredictorConfig.add(...))"
+            )
         if not (predictive.Seed & {"seed": full["predictor_seed"]}):
             raise ValueError(f"predictor_seed {full['predictor_seed']!r} is not in predictive.Seed")
         return full
@@ -62,13 +56,16 @@ def _predictor_key(scan_key: dict, config: dict) -> dict:
 def _model_inputs(model_key: dict, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Predicted responses to ``images`` (rows in that order), SNR weights and model correlations of one model."""
     hashes, predicted = (predictive.ModelResponses & model_key).labeled()
-    return (predicted[_rows(hashes, images)], oracle.snr_weights(model_key),
-            experiment.per_unit(predictive.PredictiveModel.Unit, model_key, "model_corr"))
+    return (
+        predicted[_rows(hashes, images)],
+        oracle.snr_weights(model_key),
+        experiment.per_unit(predictive.PredictiveModel.Unit, model_key, "model_corr"),
+    )
 
 
 def scan_model_similarity(model_key: dict, images: np.ndarray) -> np.ndarray:
     """S^model (equation 6) of one fitted model over the given image hashes."""
-    return sim.model_similarity(*_model_inputs(model_key, images))
+    return similarity.model_similarity(*_model_inputs(model_key, images))
 
 
 @schema
@@ -92,7 +89,7 @@ class ModelAgreement(dj.Computed):
     def make(self, key):
         labels, oracle_matrix = (oracle.OracleSimilarity & key).labeled()
         data_oracle_r = (oracle.OracleSimilarity & key).fetch1("data_oracle_r")
-        agreement = sim.model_agreement(*_model_inputs(key, labels), oracle_matrix)
+        agreement = similarity.model_agreement(*_model_inputs(key, labels), oracle_matrix)
         self.insert1(dict(key, data_oracle_r=data_oracle_r, **agreement))
 
 
@@ -100,14 +97,13 @@ class ModelAgreement(dj.Computed):
 class SimilarityTarget(ImageMatrix, dj.Computed):
     """A regularization target over the images a scan set shares, with each scan's agreement with it."""
 
-    definition = """
+    definition = f"""
     -> experiment.ScanSet
     -> TargetConfig
     ---
     method               : varchar(32)              # copied from the config for easy queries
     n_images             : int32
-    similarity           : <npy@neureg>             # float32 (n_images, n_images), rows as in the Image part
-    similarity_sha256    : char(64)                 # its SHA-256 (dtype, shape, bytes), checked on every read
+    {stored_columns("similarity", "float32 (n_images, n_images), rows as in the Image part")}
     image_scale          : float32                  # networks regularized toward it see the images at this scale
     permutation = null   : <blob>                   # shuffle: row i holds image perm[i]'s similarities
     weights_sha256 = ''  : char(64)                 # vgg: checksum of the weights file used
@@ -136,8 +132,16 @@ class SimilarityTarget(ImageMatrix, dj.Computed):
         members = (experiment.ScanSet.Member & key).keys(order_by="KEY")
         images = shared_non_oracle_images(members)
         target = targets.build_target(config, _target_inputs(config, members, images))
-        self.insert1(dict(key, method=config["method"], n_images=len(images), image_scale=target.image_scale,
-                          **stored("similarity", target.matrix.astype(np.float32)), **target.extra))
+        self.insert1(
+            dict(
+                key,
+                method=config["method"],
+                n_images=len(images),
+                image_scale=target.image_scale,
+                **stored("similarity", target.matrix.astype(np.float32)),
+                **target.extra,
+            )
+        )
         self.Image.insert(ImageRows.rows(key, images))
         self.Agreement.insert(dict(key, **m, scan_target_r=r) for m, r in zip(members, target.agreement()))
 
@@ -151,7 +155,9 @@ def _target_inputs(config: dict, members: list[dict], images: np.ndarray) -> tar
         if missing:
             raise ValueError(f"no ModelResponses yet for {missing[:2]} with predictor {config['predictor_hash']}")
         inputs.per_scan = [scan_model_similarity(_predictor_key(m, config), images) for m in members]
-        inputs.image_scale = predictive.PredictorConfig.config_of({"predictor_hash": config["predictor_hash"]})["image_scale"]
+        inputs.image_scale = predictive.PredictorConfig.config_of({"predictor_hash": config["predictor_hash"]})[
+            "image_scale"
+        ]
     elif source == "data":
         inputs.per_scan = []
         for m in members:

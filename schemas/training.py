@@ -13,28 +13,26 @@ import os
 from pathlib import Path
 
 import datajoint as dj
-import platformdirs
 import numpy as np
 
-from ..hashing import stable_hash
-from ..models.vision import datasets as data
-from ..models.vision import networks, training
-from ..models.runtime import Runtime
-from ..models.serialization import array_to_state, state_to_array
-from . import experiment, similarity
+from ..database.connect import home_folder
+from ..database.settings import STORE
+from ..database.store import load_array, stored, stored_columns
+from ..database.transaction import transaction
+from ..errors import DatasetError
+from ..models.conditions import condition_name
+from ..models.digests import stable_hash
 from ..models.neural.images import downsample
 from ..models.registry import complete_kwargs
-from ._config import ConfigTable, transaction
-from ..connection import STORE
-from ._store import load_array, stored
+from ..models.runtime import Runtime
+from ..models.serialization import array_to_state, state_to_array
+from ..models.vision import datasets, networks, schedule, training
+from . import experiment, similarity
+from ._config import ConfigTable, activator
 
 logger = logging.getLogger("neureg")
 schema = dj.Schema()
-
-
-def activate(prefix: str = "neureg_", *, create_tables: bool = True) -> None:
-    """Bind the training tables to ``{prefix}training`` on the current connection."""
-    schema.activate(f"{prefix}training", create_tables=create_tables)
+activate = activator(schema, "training")
 
 
 @schema
@@ -56,16 +54,16 @@ class Dataset(dj.Lookup):
         """Read the dataset once (clear error when missing or corrupt), then record it with its checksum."""
         key = {"dataset": name}
         if not (cls & key):
-            cls.record(data.load_dataset(name, root), root)
+            cls.record(datasets.load_dataset(name, root), root)
         return key
 
     @classmethod
-    def record(cls, loaded: data.ClassificationData, root: str | Path | None = None) -> None:
+    def record(cls, loaded: datasets.ClassificationData, root: str | Path | None = None) -> None:
         cls.insert1(
             dict(
                 dataset=loaded.name,
                 data_root=str(Path(root).resolve()) if root else "",
-                checksum=data.dataset_checksum(loaded),
+                checksum=datasets.dataset_checksum(loaded),
                 n_train=len(loaded.train_y),
                 n_test=len(loaded.test_y),
                 n_classes=loaded.n_classes,
@@ -73,24 +71,21 @@ class Dataset(dj.Lookup):
         )
 
     @classmethod
-    def load(cls, key: dict) -> data.ClassificationData:
+    def load(cls, key: dict) -> datasets.ClassificationData:
         """The dataset of a row, refusing data whose checksum no longer matches what was recorded."""
         name, root, checksum = (cls & key).fetch1("dataset", "data_root", "checksum")
-        loaded = data.load_dataset(name, root or None)
-        if data.dataset_checksum(loaded) != checksum:
-            raise data.DatasetError(f"dataset {name!r} at {root or '(package)'} changed since it was recorded")
+        loaded = datasets.load_dataset(name, root or None)
+        if datasets.dataset_checksum(loaded) != checksum:
+            raise DatasetError(f"dataset {name!r} at {root or '(package)'} changed since it was recorded")
         return loaded
 
 
 @schema
-class NetworkConfig(ConfigTable, dj.Lookup):
+class NetworkConfig(ConfigTable, dj.Lookup, registry=networks.ARCHITECTURES):
     """An architecture and its keyword arguments (``models.vision.networks.ARCHITECTURES``).
 
     ``n_classes`` is not part of it: the dataset sets it, so one config serves CIFAR-10 and CIFAR-100.
     """
-
-    config_name = "network"
-    registry = networks.ARCHITECTURES
 
     @classmethod
     def complete(cls, config: dict | None = None, **overrides) -> dict:
@@ -104,11 +99,8 @@ class NetworkConfig(ConfigTable, dj.Lookup):
 
 
 @schema
-class TrainConfig(ConfigTable, dj.Lookup):
-    """A training schedule (``models.vision.training.train_settings``)."""
-
-    config_name = "train"
-    settings = staticmethod(training.train_settings)
+class TrainConfig(ConfigTable, dj.Lookup, settings=schedule.train_settings):
+    """A training schedule (``models.vision.schedule.train_settings``)."""
 
 
 @schema
@@ -129,7 +121,7 @@ class RegularizerConfig(dj.Lookup):
     @classmethod
     def complete(cls, config: dict | None = None, target: dict | None = None) -> tuple[dict, dict]:
         """The full config and the target's key ({} for alpha = 0); ValueError on anything invalid."""
-        full = complete_kwargs(training.regularizer_settings, dict(config or {}), "RegularizerConfig")
+        full = complete_kwargs(schedule.regularizer_settings, dict(config or {}), "RegularizerConfig")
         if full["alpha"] == 0:
             return full, {}  # the 'None' condition pulls toward nothing
         if target is None or not {"scan_set", "target_hash"} <= set(target):
@@ -174,23 +166,6 @@ class TrainingPlan(dj.Manual):
     """
 
 
-def condition_name(network_config: dict, regularizer_config: dict, method: str | None) -> str:
-    """The paper's condition label for a run."""
-    if network_config.get("arch") == "vone_resnet18":
-        return "VOne"
-    if regularizer_config["alpha"] == 0:
-        return "None"
-    return {
-        "neural_model": "Neural (model)",
-        "neural_data": "Neural (data)",
-        "shuffle": "Shuffle",
-        "pixel": "Pixel",
-        "pixel_threshold": "Pixel threshold",
-        "vgg": "VGG",
-        "random": "Random",
-    }[method]
-
-
 def checkpoint_dir() -> Path:
     """Per-epoch checkpoints, where a resumed run finds them: ``NEUREG_CHECKPOINTS`` if set (a cluster's shared
     scratch, so a requeued task resumes on another node); else beside a folder store, which every worker
@@ -201,7 +176,7 @@ def checkpoint_dir() -> Path:
         return path
     store = (dj.config.stores or {}).get(STORE, {})
     base = Path(store["location"]) if store.get("protocol", "file") == "file" and store.get("location") else None
-    base = base or Path(os.environ.get("NEUREG_HOME") or platformdirs.user_data_path("neureg"))
+    base = base or home_folder()
     path = base / "checkpoints"
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -211,12 +186,11 @@ def checkpoint_dir() -> Path:
 class TrainedNetwork(dj.Computed):
     """One trained classifier (plan x seed): its weights, test accuracy, layer weights gamma and epochs."""
 
-    definition = """
+    definition = f"""
     -> TrainingPlan
     -> Seed
     ---
-    weights              : <npy@neureg>             # torch.save(state_dict) bytes as uint8
-    weights_sha256       : char(64)                 # its SHA-256 (dtype, shape, bytes), checked on every read
+    {stored_columns("weights", "torch.save(state_dict) bytes as uint8")}
     test_accuracy        : float64                  # clean test accuracy
     gamma = null         : <blob>                   # final softmax layer weights (None when alpha = 0)
     wall_seconds         : float64
@@ -265,12 +239,27 @@ class TrainedNetwork(dj.Computed):
         logger.info("training %s on %s (checkpoint %s)", key, runtime, checkpoint)
 
         def progress(row):
-            logger.info("  epoch %d/%d: loss %.4f, train acc %.3f, lr %.4g, %.1f s", row["epoch"],
-                        train["epochs"], row["train_loss"], row["train_acc"], row["lr"], row["seconds"])
+            logger.info(
+                "  epoch %d/%d: loss %.4f, train acc %.3f, lr %.4g, %.1f s",
+                row["epoch"],
+                train["epochs"],
+                row["train_loss"],
+                row["train_acc"],
+                row["lr"],
+                row["seconds"],
+            )
 
         result = training.train_network(
-            net, train, reg, dataset, images, matrix, seed=key["seed"], runtime=runtime,
-            checkpoint_path=checkpoint, progress=progress,
+            net,
+            train,
+            reg,
+            dataset,
+            images,
+            matrix,
+            seed=key["seed"],
+            runtime=runtime,
+            checkpoint_path=checkpoint,
+            progress=progress,
         )
         return state_to_array(result.state_dict), result, str(checkpoint)
 
@@ -288,8 +277,14 @@ class TrainedNetwork(dj.Computed):
             )
         )
         self.Epoch.insert(
-            dict(key, epoch=int(row["epoch"]), **{k: None if row[k] is None else float(row[k]) for k in
-                 ("train_loss", "task_loss", "sim_loss", "train_acc", "lr", "seconds")})
+            dict(
+                key,
+                epoch=int(row["epoch"]),
+                **{
+                    k: None if row[k] is None else float(row[k])
+                    for k in ("train_loss", "task_loss", "sim_loss", "train_acc", "lr", "seconds")
+                },
+            )
             for row in result.history
         )
         Path(checkpoint).unlink(missing_ok=True)  # the row now holds the result
@@ -305,8 +300,15 @@ class TrainedNetwork(dj.Computed):
         return model.eval()
 
 
-def plan(dataset: str, network: dict | None = None, train: dict | None = None, regularizer: dict | None = None,
-         target: dict | None = None, data_root: str | None = None, labels: dict | None = None) -> dict:
+def plan(
+    dataset: str,
+    network: dict | None = None,
+    train: dict | None = None,
+    regularizer: dict | None = None,
+    target: dict | None = None,
+    data_root: str | None = None,
+    labels: dict | None = None,
+) -> dict:
     """Add a TrainingPlan row from plain configs; return its key.
 
     Every config is completed and validated, and the dataset read, before anything is written; the
@@ -316,7 +318,7 @@ def plan(dataset: str, network: dict | None = None, train: dict | None = None, r
     network_config = NetworkConfig.complete(network)
     train_config = TrainConfig.complete(train)
     reg_config, target_key = RegularizerConfig.complete(regularizer, target)
-    loaded = None if Dataset & {"dataset": dataset} else data.load_dataset(dataset, data_root)
+    loaded = None if Dataset & {"dataset": dataset} else datasets.load_dataset(dataset, data_root)
     method = similarity.TargetConfig.config_of(target_key)["method"] if target_key else None
     with transaction(TrainingPlan.connection):
         if loaded is not None:

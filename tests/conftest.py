@@ -37,9 +37,11 @@ BACKEND_VARIABLE = "NEUREG_TEST_BACKEND"
 def pytest_addoption(parser):
     default = os.environ.get(BACKEND_VARIABLE) or "postgres"
     parser.addoption(
-        "--backend", choices=BACKENDS, default=default,
+        "--backend",
+        choices=BACKENDS,
+        default=default,
         help=f"the database backend of this pytest process (default: ${BACKEND_VARIABLE} or postgres); "
-             "with mysql only the database tests run",
+        "with mysql only the database tests run",
     )
 
 
@@ -141,15 +143,27 @@ def subprocess_env(pipeline) -> dict:
 
 
 @pytest.fixture
+def neureg_cli(subprocess_env):
+    """``neureg_cli(*args, timeout=300)``: run the ``neureg`` command against the suite's database."""
+
+    def run(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "neureg", *args]
+        return subprocess.run(command, env=subprocess_env, capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture
 def unique_mouse() -> str:
     """A mouse name no other test uses, so tests share one database without stepping on each other."""
     return f"m{uuid.uuid4().hex[:10]}"
 
 
-def make_scan_folder(path, mouse="m1", session=1, scan=1, n_images=30, n_oracle=3, repeats=4, n_units=12, seed=0,
-                     shape=(18, 32)):
+def make_scan_folder(
+    path, mouse="m1", session=1, scan=1, n_images=30, n_oracle=3, repeats=4, n_units=12, seed=0, shape=(18, 32)
+):
     """A small valid scan folder of random data (stimuli are random uint8 textures)."""
-    from neureg.scanfolder import write_scan_folder
+    from neureg.ingestion.folder import write_scan_folder
 
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (n_images, *shape), dtype=np.uint8)
@@ -158,8 +172,16 @@ def make_scan_folder(path, mouse="m1", session=1, scan=1, n_images=30, n_oracle=
     n_trials = frame_ids.size
     write_scan_folder(
         path,
-        {"mouse": mouse, "session": session, "date": "2026-11-01", "scan": scan, "area": "V1", "depth": 210.5,
-         "frame_rate": 7.5, "notes": "test"},
+        {
+            "mouse": mouse,
+            "session": session,
+            "date": "2026-11-01",
+            "scan": scan,
+            "area": "V1",
+            "depth": 210.5,
+            "frame_rate": 7.5,
+            "notes": "test",
+        },
         images=images[frame_ids - 1000],
         responses=rng.gamma(2.0, 1.0, (n_trials, n_units)).astype(np.float32),
         behavior=rng.normal(size=(n_trials, 3)).astype(np.float32),
@@ -179,69 +201,6 @@ def scan_folder_factory():
     return make_scan_folder
 
 
-def publish_scan(source, out, animal, session, scan, *, images_as=np.float32, image_gain=1.0, final_test=0,
-                 withhold=(), hashed_trial_idx=False, layer="L2/3", seed=0):
-    """Rewrite one of our scan folders (``source``) exactly in the published Sensorium / Lurz layout.
-
-    The folder is ``static{animal}-{session}-{scan}-GrayImageNet-<hash>`` with no scan.json; trial files
-    are renumbered in random order (``meta/trials/trial_idx.npy`` keeps the real order: ints, or 32-hex
-    strings with ``hashed_trial_idx``); repeated images are tier 'test'; the first ``final_test`` repeated
-    images become 'final_test'; the tiers in ``withhold`` get all-zero responses, as competition scans
-    publish them. Images are (1, H, W) of ``images_as`` (float32 holding 0..255 by default), times
-    ``image_gain`` (a gain that is not a whole number gives the older sets' non-integral values).
-    """
-    import hashlib
-    import json
-
-    source, rng = Path(source), np.random.default_rng(seed)
-    frame_ids = np.load(source / "meta/trials/frame_image_id.npy")
-    n = frame_ids.size
-    order = rng.permutation(n)  # file i holds presentation order[i]
-    digest = hashlib.md5(f"{animal}-{session}-{scan}".encode()).hexdigest()
-    root = Path(out) / f"static{animal}-{session}-{scan}-GrayImageNet-{digest}"
-    for sub in ("data/images", "data/responses", "data/behavior", "data/pupil_center", "meta/trials", "meta/neurons",
-                "meta/statistics/responses/all"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    ids, counts = np.unique(frame_ids, return_counts=True)
-    repeated = ids[counts > 1]
-    tiers = np.array(["train" if rng.random() > 0.1 else "validation" for _ in range(n)], dtype="<U10")
-    tiers[np.isin(frame_ids, repeated)] = "test"
-    tiers[np.isin(frame_ids, repeated[:final_test])] = "final_test"
-    responses = []
-    for i, t in enumerate(order):
-        image = np.load(source / f"data/images/{t}.npy").reshape(1, *np.load(source / "data/images/0.npy").shape[-2:])
-        np.save(root / f"data/images/{i}.npy", (image.astype(np.float64) * image_gain).astype(images_as))
-        response = np.load(source / f"data/responses/{t}.npy").astype(np.float32)
-        response = np.zeros_like(response) if tiers[t] in withhold else response
-        responses.append(response)
-        np.save(root / f"data/responses/{i}.npy", response)
-        np.save(root / f"data/behavior/{i}.npy", np.load(source / f"data/behavior/{t}.npy").astype(np.float32))
-        np.save(root / f"data/pupil_center/{i}.npy", np.load(source / f"data/pupil_center/{t}.npy").astype(np.float32))
-    trial_idx = (np.array([hashlib.md5(f"{digest}{t}".encode()).hexdigest() for t in order]) if hashed_trial_idx
-                 else order.astype(np.int64))
-    unit_ids = np.load(source / "meta/neurons/unit_ids.npy")
-    trials = {"tiers": tiers[order], "frame_image_id": frame_ids[order], "trial_idx": trial_idx,
-              "animal_id": np.full(n, animal), "session": np.full(n, session), "scan_idx": np.full(n, scan),
-              "condition_hash": np.array([f"c{f}" for f in frame_ids[order]]), "frame_image_class": np.full(n, "imagenet")}
-    neurons = {"unit_ids": unit_ids, "animal_ids": np.full(unit_ids.size, animal), "sessions": np.full(unit_ids.size, session),
-               "scan_idx": np.full(unit_ids.size, scan), "area": np.full(unit_ids.size, "V1"),
-               "layer": np.full(unit_ids.size, layer),
-               "cell_motor_coordinates": np.load(source / "meta/neurons/cell_motor_coordinates.npy")}
-    for name, values in trials.items():
-        np.save(root / f"meta/trials/{name}.npy", values)
-    for name, values in neurons.items():
-        np.save(root / f"meta/neurons/{name}.npy", values)
-    np.save(root / "meta/statistics/responses/all/mean.npy", np.mean(responses, axis=0))
-    (root / "config.json").write_text(json.dumps({"links": {}}))  # what neuralpredictors' loader leaves behind
-    return root
-
-
-@pytest.fixture
-def publish_scan_factory():
-    """``publish_scan`` as a fixture: our scan folders rewritten in the published Sensorium layout."""
-    return publish_scan
-
-
 # A small simulated cohort, written once per test session and ingested once per backend: every stage's
 # tests read the same scans, as a lab's stages read the same experiment tables.
 TEST_COHORT = dict(n_mice=2, n_days=1, scans_per_day=2, n_units=80, n_images=170, n_oracle=40, n_repeats=10, seed=3)
@@ -249,7 +208,7 @@ TEST_COHORT = dict(n_mice=2, n_days=1, scans_per_day=2, n_units=80, n_images=170
 
 @pytest.fixture(scope="session")
 def cohort_folders(tmp_path_factory):
-    from neureg.populate.simulate import simulate_cohort
+    from neureg.experiments.simulate import simulate_cohort
 
     return simulate_cohort(tmp_path_factory.mktemp("cohort"), **TEST_COHORT)
 
@@ -257,7 +216,7 @@ def cohort_folders(tmp_path_factory):
 @pytest.fixture(scope="session")
 def cohort(pipeline, cohort_folders):
     """The simulated cohort ingested into this backend; returns [(folder, scan key)]."""
-    from neureg.populate.ingest import ingest_folder
+    from neureg.ingestion import ingest_folder
 
     return [(folder, ingest_folder(folder, pipeline)) for folder in cohort_folders]
 
@@ -294,13 +253,19 @@ def targets(pipeline, oracle_populated, predictive_populated):
 
     configs = {}
     for method in TARGET_METHODS:
-        extra = {"neural_model": {"predictor_hash": predictive_populated["predictor_hash"]},
-                 "shuffle": {"predictor_hash": predictive_populated["predictor_hash"]},
-                 "random": {"random_dim": 50}}.get(method, {})
+        extra = {
+            "neural_model": {"predictor_hash": predictive_populated["predictor_hash"]},
+            "shuffle": {"predictor_hash": predictive_populated["predictor_hash"]},
+            "random": {"random_dim": 50},
+        }.get(method, {})
         configs[method] = pipeline.similarity.TargetConfig.add(dict(method=method, **extra), label=method)
     cohort_set = pipeline.experiment.ScanSet.create([key for _, key in oracle_populated])
-    populate_stage(pipeline, ["similarity"], keys=[dict(k, **predictive_populated) for _, k in oracle_populated]
-                   + [dict(cohort_set, **c) for c in configs.values()])
+    populate_stage(
+        pipeline,
+        ["similarity"],
+        keys=[dict(k, **predictive_populated) for _, k in oracle_populated]
+        + [dict(cohort_set, **c) for c in configs.values()],
+    )
     return {m: dict(cohort_set, **c) for m, c in configs.items()}
 
 
@@ -318,9 +283,12 @@ def trained(pipeline, targets):
     tr.Seed.insert1({"seed": 1}, skip_duplicates=True)
     plans = {
         "None": tr.plan("mnist_demo", TINY_NETWORK, TINY_TRAIN, dict(alpha=0.0)),
-        "Pixel": tr.plan("mnist_demo", TINY_NETWORK, TINY_TRAIN, dict(alpha=2.0, pairs_per_step=8), target=targets["pixel"]),
-        "Neural (model)": tr.plan("mnist_demo", TINY_NETWORK, TINY_TRAIN, dict(alpha=2.0, pairs_per_step=8),
-                                  target=targets["neural_model"]),
+        "Pixel": tr.plan(
+            "mnist_demo", TINY_NETWORK, TINY_TRAIN, dict(alpha=2.0, pairs_per_step=8), target=targets["pixel"]
+        ),
+        "Neural (model)": tr.plan(
+            "mnist_demo", TINY_NETWORK, TINY_TRAIN, dict(alpha=2.0, pairs_per_step=8), target=targets["neural_model"]
+        ),
         "VOne": tr.plan("mnist_demo", TINY_VONE, TINY_TRAIN, dict(alpha=0.0)),
     }
     populate_stage(pipeline, ["training"], keys=[dict(k, seed=s) for k in plans.values() for s in (0, 1)])
@@ -333,14 +301,20 @@ def evaluated(pipeline, trained):
     from neureg.populate.stages import populate_stage
 
     rb = pipeline.robustness
-    attacks = [rb.AttackConfig.add(dict(attack="linf_pgd", steps=8, search_steps=5), label="pgd"),
-               rb.AttackConfig.add(dict(attack="l2_ddn", steps=20), label="ddn")]
+    attacks = [
+        rb.AttackConfig.add(dict(attack="linf_pgd", steps=8, search_steps=5), label="pgd"),
+        rb.AttackConfig.add(dict(attack="l2_ddn", steps=20), label="ddn"),
+    ]
     configs = {
         "noise": rb.NoiseConfig.add(sigmas=[0.0, 0.1, 0.3], n_images=60),
-        "perturbation": rb.PerturbationConfig.add(attacks=[a["attack_hash"] for a in attacks], n_images=12, eot_samples=2),
+        "perturbation": rb.PerturbationConfig.add(
+            attacks=[a["attack_hash"] for a in attacks], n_images=12, eot_samples=2
+        ),
         "robust_linf": rb.RobustConfig.add(norm="linf", epsilon=8 / 255, steps=5, n_images=40),
         "robust_l2": rb.RobustConfig.add(norm="l2", epsilon=0.5, steps=5, n_images=40),
-        "corruption": rb.CorruptionConfig.add(corruptions=["gaussian_noise", "contrast"], severities=[1, 5], n_images=60),
+        "corruption": rb.CorruptionConfig.add(
+            corruptions=["gaussian_noise", "contrast"], severities=[1, 5], n_images=60
+        ),
     }
     nets = [dict(k, seed=s) for k in trained.values() for s in (0, 1)]
     populate_stage(pipeline, ["robustness"], keys=[dict(n, **c) for n in nets for c in configs.values()])

@@ -57,28 +57,15 @@ def test_worker_image_is_lean_locked_and_on_the_official_pytorch_cuda_runtime():
     assert re.match(r"FROM worker AS jupyter", jupyter) and "jupyterlab==" in jupyter
 
 
-def _packaged_sources() -> set[str]:
-    """What an image needs: the package's top-level modules and sub-packages (pyproject), and the notebooks."""
-    import tomllib
-
-    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-    subdirs = {p.split(".")[1] for p in packages if p.count(".") == 1}
-    modules = {p.name for p in REPO.glob("*.py")}
-    return subdirs | modules | {"notebooks", "pyproject.toml", "constraints.txt", "README.md"}
-
-
-def test_images_copy_the_whole_package_and_nothing_else():
+def test_images_take_the_package_from_the_repository_with_no_list_of_modules():
+    """Both images install what setup.py finds; neither names a module, so a new package cannot be left out."""
     dockerfile = re.sub(r"\\\n\s*", " ", (REPO / "Dockerfile").read_text())
-    copied = set()
-    for line in re.findall(r"^COPY\s+(.+)$", dockerfile, re.M):
-        copied.update(line.split()[:-1])
-    assert copied == _packaged_sources(), copied ^ _packaged_sources()
+    assert re.findall(r"^COPY\s+(.+)$", dockerfile, re.M) == [". ./"]
     definition = (REPO / "deploy/apptainer/neureg-worker.def").read_text()
-    files = definition.split("%files", 1)[1].split("%", 1)[0]
-    sources = {line.split()[0] for line in files.strip().splitlines()}
-    assert sources == _packaged_sources(), sources ^ _packaged_sources()
-    for source in sources:
-        assert (REPO / source).exists(), source
+    assert "%files" not in definition
+    assert re.search(r"git archive --format=tar HEAD \| tar -x -C \"\$\{APPTAINER_ROOTFS\}/opt/neureg\"", definition)
+    for text in (dockerfile, definition):
+        assert not re.search(r"\b(cli|connection|errors|scanfolder)\.py\b", text)
 
 
 def test_apptainer_definition_matches_the_worker_image():
@@ -94,7 +81,7 @@ def test_apptainer_definition_matches_the_worker_image():
 
 # ------------------------------------------------------------------------------------------------ SLURM
 def test_slurm_array_script_asks_one_gpu_per_task_and_stops_inside_its_time():
-    from neureg.populate.worker_cli import duration
+    from neureg.cli.worker import duration
 
     script = (REPO / "deploy/slurm/worker.sbatch").read_text()
     check = subprocess.run(["bash", "-n", str(REPO / "deploy/slurm/worker.sbatch")], capture_output=True, text=True)
@@ -103,8 +90,9 @@ def test_slurm_array_script_asks_one_gpu_per_task_and_stops_inside_its_time():
     assert directives["gres"] == "gpu:1" and re.fullmatch(r"\d+-\d+(%\d+)?", directives["array"])
     signal_name, lead = re.fullmatch(r"B:(\w+)@(\d+)", directives["signal"]).groups()
     assert signal_name == "TERM", "SIGTERM is what makes a worker put its job back"
-    default_limit = re.search(r'NEUREG_TIME_LIMIT:-([\d:-]+)', script)[1]
-    assert duration(default_limit) < duration(directives["time"]) - int(lead), \
+    default_limit = re.search(r"NEUREG_TIME_LIMIT:-([\d:-]+)", script)[1]
+    assert duration(default_limit) < duration(directives["time"]) - int(lead), (
         "the worker must stop taking jobs before SLURM's warning signal"
+    )
     assert 'exec neureg worker --time-limit "$LIMIT"' in script
     assert re.search(r'exec apptainer exec --nv .*neureg worker --time-limit "\$LIMIT"', script, re.S)

@@ -18,9 +18,9 @@ import datajoint as dj
 import pytest
 
 import neureg
-from neureg.populate.accounts import accounts_sql, statements
-from neureg.populate import accounts
-from neureg.populate.worker_cli import register_cli
+from neureg.cli import accounts as accounts_command
+from neureg.cli.worker import register
+from neureg.upkeep.accounts import accounts_sql, statements
 
 ROOT = Path(neureg.__file__).resolve().parent
 REPO = Path(__file__).resolve().parents[1]
@@ -72,12 +72,13 @@ def test_worker_service_scales_and_gets_a_gpu(compose):
     command = command.split() if isinstance(command, str) else command
     assert command[:2] == ["neureg", "worker"]
     parser = argparse.ArgumentParser(prog="neureg")
-    register_cli(parser.add_subparsers(dest="command"))
+    register(parser.add_subparsers(dest="command"))
     assert parser.parse_args(command[1:]).command == "worker"  # the compose command is one neureg accepts
 
 
 def _interpolate(text: str, values: dict) -> str:
     """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error} against ``values`` (as `docker compose config` would)."""
+
     def one(match):
         name, op, rest = match.group(1), match.group(2), match.group(3)
         if values.get(name):
@@ -85,12 +86,16 @@ def _interpolate(text: str, values: dict) -> str:
         if op == ":-":
             return rest
         raise AssertionError(f"${{{name}}} is required ({rest})")
+
     return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:[-?])([^}]*))?\}", one, text)
 
 
 def _example_values() -> dict:
-    return dict(line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
-                if "=" in line and not line.lstrip().startswith("#"))
+    return dict(
+        line.split("=", 1)
+        for line in ENV_EXAMPLE.read_text().splitlines()
+        if "=" in line and not line.lstrip().startswith("#")
+    )
 
 
 def test_workers_and_jupyter_share_one_s3_store_from_dotenv(compose):
@@ -143,8 +148,11 @@ def test_no_credentials_in_the_files(compose):
 
 def test_env_example_defines_every_variable_the_compose_file_uses():
     used = set(REFERENCE.findall(COMPOSE.read_text()))
-    defined = {line.split("=", 1)[0].strip() for line in ENV_EXAMPLE.read_text().splitlines()
-               if "=" in line and not line.lstrip().startswith("#")}
+    defined = {
+        line.split("=", 1)[0].strip()
+        for line in ENV_EXAMPLE.read_text().splitlines()
+        if "=" in line and not line.lstrip().startswith("#")
+    }
     assert used, "the compose file references no variables: credentials must come from .env"
     assert used <= defined, f".env.example lacks {sorted(used - defined)}"
 
@@ -161,12 +169,18 @@ def test_docker_compose_config_accepts_the_file(tmp_path):
     """Where the docker CLI has its compose plugin (not on these machines: the schema test above runs instead)."""
     cli = _compose_cli()
     if cli is None:
-        pytest.skip("docker compose is not installed here; test_compose_file_is_valid_under_the_compose_specification "
-                    "validates the file")
+        pytest.skip(
+            "docker compose is not installed here; test_compose_file_is_valid_under_the_compose_specification "
+            "validates the file"
+        )
     shutil.copy(COMPOSE, tmp_path / "docker-compose.yml")
     shutil.copy(ENV_EXAMPLE, tmp_path / ".env")
-    run = subprocess.run([*cli, "--project-directory", str(tmp_path), "-f", str(tmp_path / "docker-compose.yml"),
-                          "config", "--quiet"], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [*cli, "--project-directory", str(tmp_path), "-f", str(tmp_path / "docker-compose.yml"), "config", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
 
 
@@ -175,7 +189,7 @@ def _accounts_command(*argv):
     parser = argparse.ArgumentParser(prog="neureg")
     parser.add_argument("--home")
     parser.add_argument("--prefix")
-    accounts.register_cli(parser.add_subparsers(dest="command"))
+    accounts_command.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["accounts", "--sql", *argv])
     out, err = StringIO(), StringIO()
     from contextlib import redirect_stderr
@@ -194,8 +208,9 @@ def test_accounts_refuse_to_invent_a_default_password(tmp_path):
 
 def test_accounts_generate_strong_passwords_into_an_owner_only_file(tmp_path):
     secrets_file = tmp_path / "accounts.txt"
-    code, out, err = _accounts_command("--lab", "ann", "--worker", "w1", "--password", "w1=given",
-                                       "--generate-passwords", str(secrets_file))
+    code, out, err = _accounts_command(
+        "--lab", "ann", "--worker", "w1", "--password", "w1=given", "--generate-passwords", str(secrets_file)
+    )
     assert code == 0 and str(secrets_file) in err and "ann" in err
     assert secrets_file.stat().st_mode & 0o777 == 0o600
     lines = dict(line.split("=", 1) for line in secrets_file.read_text().splitlines())
@@ -212,7 +227,7 @@ def test_accounts_command_prints_the_sql():
     parser = argparse.ArgumentParser(prog="neureg")
     parser.add_argument("--home")
     parser.add_argument("--prefix")
-    accounts.register_cli(parser.add_subparsers(dest="command"))
+    accounts_command.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["--prefix", "lab1_", "accounts", "--sql", "--lab", "ann", "--password", "ann=s3cr'et"])
     out = StringIO()
     with redirect_stdout(out):
@@ -248,8 +263,9 @@ def _sealed(connection, sql: str) -> bool:
     return False
 
 
-def test_lab_member_adds_scans_and_reads_but_cannot_delete_results(pipeline, subprocess_env, scan_folder_factory,
-                                                                    unique_mouse, tmp_path):
+def test_lab_member_adds_scans_and_reads_but_cannot_delete_results(
+    pipeline, subprocess_env, scan_folder_factory, unique_mouse, tmp_path
+):
     if pipeline.backend != "mysql":
         pytest.skip("the accounts are MySQL/MariaDB accounts")
     import json
@@ -264,8 +280,9 @@ def test_lab_member_adds_scans_and_reads_but_cannot_delete_results(pipeline, sub
 
     def cli(user, *args):
         env = dict(subprocess_env, DJ_USER=user, DJ_PASS=passwords[user], NEUREG_STORE=store)
-        return subprocess.run([sys.executable, "-m", "neureg.cli", *args], env=env, capture_output=True, text=True,
-                              timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "neureg.cli", *args], env=env, capture_output=True, text=True, timeout=300
+        )
 
     try:
         for statement in statements(accounts_sql(pipeline.prefix, [lab], [worker], passwords)):
@@ -288,20 +305,27 @@ def test_lab_member_adds_scans_and_reads_but_cannot_delete_results(pipeline, sub
         stats = pipeline.oracle.OracleStats.full_table_name
         assert _refused(as_lab, f"DELETE FROM {stats} WHERE mouse='{unique_mouse}'")
         assert _refused(as_lab, f"DROP TABLE {stats}")
-        assert _refused(as_lab, f"UPDATE {pipeline.experiment.Scan.full_table_name} SET scan_idx=99 "
-                                f"WHERE mouse='{unique_mouse}'")  # would cascade into the results
+        assert _refused(
+            as_lab, f"UPDATE {pipeline.experiment.Scan.full_table_name} SET scan_idx=99 WHERE mouse='{unique_mouse}'"
+        )  # would cascade into the results
         assert _refused(as_lab, f"DELETE FROM {pipeline.experiment.Scan.full_table_name} WHERE mouse='{unique_mouse}'")
         # Sealed: nobody (lab, worker, administrator) can add a trial, unit or block to an ingested scan.
         exp, where = pipeline.experiment, f"mouse='{unique_mouse}' AND session=1 AND scan_idx=1"
         n_trials = len(exp.Trial & key)
-        append_trial = (f"INSERT INTO {exp.Trial.full_table_name} (mouse, session, scan_idx, trial_idx, image_hash, "
-                        "frame_image_id, tier, withheld) SELECT mouse, session, scan_idx, 99999, image_hash, "
-                        f"frame_image_id, tier, withheld FROM {exp.Trial.full_table_name} WHERE {where} LIMIT 1")
-        append_unit = (f"INSERT INTO {exp.Scan.Unit.full_table_name} (mouse, session, scan_idx, unit_id, unit_index, "
-                       f"x, y, z) VALUES ('{unique_mouse}', 1, 1, 99999, 99999, 0, 0, 0)")
-        append_block = (f"INSERT INTO {exp.Responses.Block.full_table_name} SELECT mouse, session, scan_idx, 999, "
-                        f"first_trial, responses, responses_sha256 FROM {exp.Responses.Block.full_table_name} "
-                        f"WHERE {where} LIMIT 1")
+        append_trial = (
+            f"INSERT INTO {exp.Trial.full_table_name} (mouse, session, scan_idx, trial_idx, image_hash, "
+            "frame_image_id, tier, withheld) SELECT mouse, session, scan_idx, 99999, image_hash, "
+            f"frame_image_id, tier, withheld FROM {exp.Trial.full_table_name} WHERE {where} LIMIT 1"
+        )
+        append_unit = (
+            f"INSERT INTO {exp.Scan.Unit.full_table_name} (mouse, session, scan_idx, unit_id, unit_index, "
+            f"x, y, z) VALUES ('{unique_mouse}', 1, 1, 99999, 99999, 0, 0, 0)"
+        )
+        append_block = (
+            f"INSERT INTO {exp.Responses.Block.full_table_name} SELECT mouse, session, scan_idx, 999, "
+            f"first_trial, responses, responses_sha256 FROM {exp.Responses.Block.full_table_name} "
+            f"WHERE {where} LIMIT 1"
+        )
         as_worker = pymysql.connect(host=info["host"], port=info["port"], user=worker, password=passwords[worker])
         for connection in (as_lab, as_worker):
             for sql in (append_trial, append_unit, append_block):
@@ -316,14 +340,20 @@ def test_lab_member_adds_scans_and_reads_but_cannot_delete_results(pipeline, sub
         # A seal names the server's account and clock whatever the client sends, and only seals a whole scan.
         with as_lab.cursor() as cursor:
             for scan_idx, n_trials in ((2, 0), (3, 5)):
-                cursor.execute(f"INSERT INTO {exp.Scan.full_table_name} (mouse, session, scan_idx, n_trials, n_units) "
-                               f"VALUES ('{unique_mouse}', 1, {scan_idx}, {n_trials}, 0)")
-            cursor.execute(f"INSERT INTO {exp.Ingestion.full_table_name} VALUES ('{unique_mouse}', 1, 2, "
-                           "'someone@else', '2001-01-01 00:00:00', 'x')")
+                cursor.execute(
+                    f"INSERT INTO {exp.Scan.full_table_name} (mouse, session, scan_idx, n_trials, n_units) "
+                    f"VALUES ('{unique_mouse}', 1, {scan_idx}, {n_trials}, 0)"
+                )
+            cursor.execute(
+                f"INSERT INTO {exp.Ingestion.full_table_name} VALUES ('{unique_mouse}', 1, 2, "
+                "'someone@else', '2001-01-01 00:00:00', 'x')"
+            )
         as_lab.commit()
         assert (exp.Ingestion & dict(key, scan_idx=2)).fetch1("ingested_by").startswith(f"{lab}@")
-        incomplete = (f"INSERT INTO {exp.Ingestion.full_table_name} VALUES ('{unique_mouse}', 1, 3, 'x', "
-                      "'2001-01-01 00:00:00', 'x')")
+        incomplete = (
+            f"INSERT INTO {exp.Ingestion.full_table_name} VALUES ('{unique_mouse}', 1, 3, 'x', "
+            "'2001-01-01 00:00:00', 'x')"
+        )
         assert _sealed(as_lab, incomplete) and not (exp.Ingestion & dict(key, scan_idx=3))
         as_lab.close()
         as_worker.close()
@@ -340,6 +370,7 @@ def test_lab_member_adds_scans_and_reads_but_cannot_delete_results(pipeline, sub
 def _dockerignored(path: str, patterns: list[str]) -> bool:
     """Docker's rule: root-relative patterns, ``**`` spans folders, the last matching line wins, ``!`` re-includes.
     A path is also excluded when one of its parent folders is."""
+
     def regex(pattern: str) -> str:
         out, segments = "", pattern.split("/")
         for i, segment in enumerate(segments):
@@ -368,11 +399,26 @@ def _dockerignored(path: str, patterns: list[str]) -> bool:
 def test_dockerignore_keeps_secrets_environments_and_vcs_out_of_images():
     """Every Dockerfile COPYs the build context; nothing secret or local may be in it."""
     root = Path(__file__).resolve().parents[1]
-    patterns = [line.strip() for line in (root / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
-    secret = [".env", ".env.local", ".secrets/db.json", "datajoint.json", "dj_local_conf.json", "certs/server.key",
-              ".git/config", ".venv/bin/python", "sub/.venv/lib/x.py", ".devsite/foolbox/__init__.py",
-              "data/scan1/data/responses/0.npy", "ckpt/run.pt", "static-1-2-3.zip"]
+    patterns = [
+        line.strip()
+        for line in (root / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    secret = [
+        ".env",
+        ".env.local",
+        ".secrets/db.json",
+        "datajoint.json",
+        "dj_local_conf.json",
+        "certs/server.key",
+        ".git/config",
+        ".venv/bin/python",
+        "sub/.venv/lib/x.py",
+        ".devsite/foolbox/__init__.py",
+        "data/scan1/data/responses/0.npy",
+        "ckpt/run.pt",
+        "static-1-2-3.zip",
+    ]
     for path in secret:
         assert _dockerignored(path, patterns), path
     for path in ("pyproject.toml", "constraints.txt", "models/vision/training.py", ".env.example", "tests/conftest.py"):

@@ -17,10 +17,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_check_runs_on_the_cpu_and_reports_every_section(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_BUDGET="400")
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path)], capture_output=True,
-                          text=True, env=env, timeout=900)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = proc.stdout[proc.stdout.index("== gpu_check summary =="):]
+    summary = proc.stdout[proc.stdout.index("== gpu_check summary ==") :]
     assert "cuda-marked tests:" in summary and " passed" in summary and "failed" not in summary
     report = json.loads((tmp_path / "gpu_bench.json").read_text())
     assert report["tiny"] is True and report["device"].startswith("cpu")

@@ -19,7 +19,9 @@ def test_results_notebook_executes(pipeline, evaluated, subprocess_env, tmp_path
             monkeypatch.setenv(name, value)
     monkeypatch.setenv("NEUREG_FIGURES", str(tmp_path))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
     outputs = "".join(str(o) for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", []))
     assert "Traceback" not in outputs
     assert "| None |" in outputs and "Neural (model)" in outputs

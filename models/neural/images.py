@@ -31,7 +31,8 @@ def downsample(images: np.ndarray, scale: float) -> np.ndarray:
     height, width = downsampled_shape(images.shape[1:], scale)
     out = np.empty((len(images), height, width), dtype=np.uint8)
     for i, image in enumerate(images):
-        resized = resize(image.astype(np.float64), (height, width), order=1, anti_aliasing=False,
-                         preserve_range=True, mode="reflect")
+        resized = resize(
+            image.astype(np.float64), (height, width), order=1, anti_aliasing=False, preserve_range=True, mode="reflect"
+        )
         out[i] = np.clip(np.rint(resized), 0, 255).astype(np.uint8)
     return out

@@ -8,8 +8,9 @@ these functions and store what they return.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from scipy import sparse
@@ -41,9 +42,12 @@ class OracleStats:
 
     def summary(self) -> dict:
         """The scan-level numbers a table keeps: oracle images and trials, median w_a, mean oracle r."""
-        return {"n_oracle_images": len(self.image_labels), "n_oracle_trials": int(self.n_repeats.sum()),
-                "median_snr_weight": float(np.median(self.snr_weight)),
-                "mean_oracle_corr": float(np.mean(self.oracle_corr))}
+        return {
+            "n_oracle_images": len(self.image_labels),
+            "n_oracle_trials": int(self.n_repeats.sum()),
+            "median_snr_weight": float(np.median(self.snr_weight)),
+            "mean_oracle_corr": float(np.mean(self.oracle_corr)),
+        }
 
 
 class LabeledSimilarity(NamedTuple):
@@ -76,7 +80,8 @@ def _check(responses: np.ndarray, image_labels: np.ndarray, weights: np.ndarray 
         raise ValueError(f"responses must be (n_trials, n_units), got shape {responses.shape}")
     if image_labels.shape != (responses.shape[0],):
         raise ValueError(
-            f"image_labels must hold one label per trial ({responses.shape[0]}), got shape {image_labels.shape}")
+            f"image_labels must hold one label per trial ({responses.shape[0]}), got shape {image_labels.shape}"
+        )
     if weights is not None:
         weights = np.asarray(weights, dtype=np.float64)
         if weights.shape != (responses.shape[1],):
@@ -126,8 +131,12 @@ def oracle_stats(responses: np.ndarray, image_labels: np.ndarray) -> OracleStats
 
     others = (sums[groups.group] - x) / (counts[groups.group] - 1)
     return OracleStats(
-        image_labels=groups.labels, n_repeats=groups.counts, signal_var=signal_var, noise_var=noise_var,
-        snr_weight=weight, oracle_corr=_column_corr(x, others),
+        image_labels=groups.labels,
+        n_repeats=groups.counts,
+        signal_var=signal_var,
+        noise_var=noise_var,
+        snr_weight=weight,
+        oracle_corr=_column_corr(x, others),
     )
 
 
@@ -254,7 +263,9 @@ def summarize(values: np.ndarray, quantiles: Sequence[float] = (0.01, 0.05, 0.25
     if values.size == 0:
         raise ValueError("cannot summarize an empty sample")
     return {
-        "n": int(values.size), "mean": float(values.mean()), "std": float(values.std()),
+        "n": int(values.size),
+        "mean": float(values.mean()),
+        "std": float(values.std()),
         "quantiles": dict(zip((float(q) for q in quantiles), np.quantile(values, quantiles).tolist())),
     }
 
@@ -301,8 +312,9 @@ def trial_oracle_agreement(responses: np.ndarray, image_labels: np.ndarray, weig
 
 
 # ------------------------------------------------------------------------------ one call per table
-def single_presentation_similarity(responses: np.ndarray, image_labels: np.ndarray,
-                                   weights: np.ndarray) -> LabeledSimilarity:
+def single_presentation_similarity(
+    responses: np.ndarray, image_labels: np.ndarray, weights: np.ndarray
+) -> LabeledSimilarity:
     """S^data (equation 2) over the images shown once: the 'neural data' target's rows."""
     image_labels = np.asarray(image_labels)
     labels, counts = np.unique(image_labels, return_counts=True)

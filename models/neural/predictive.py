@@ -20,28 +20,53 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Callable
+from typing import Annotated
 
 import numpy as np
 import torch
 
-from ..registry import (NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, UnitInterval, at_least,
-                        complete_kwargs, one_of)
-from ..runtime import evaluation_mode, synchronize
+from ..registry import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    UnitInterval,
+    at_least,
+    complete_kwargs,
+    one_of,
+)
+from ..runtime import Runtime, as_runtime, synchronize
+from .predictions import predict_responses, rows_or_none, unit_correlations
 from .predictive_mapping import receptive_field_positions
-from .predictive_modules import (FactorizedReadout, GaussianReadout, Modulator, PredictiveNetwork,
-                                 Shifter, SkipCore)
+from .predictive_modules import FactorizedReadout, GaussianReadout, Modulator, PredictiveNetwork, Shifter, SkipCore
+
 
 def predictor_settings(
-    hidden_channels: PositiveInt = 16, input_kernel: PositiveInt = 9, hidden_kernel: PositiveInt = 5,
-    core_layers: PositiveInt = 3, bn_momentum: UnitInterval = 0.1, smoothness_weight: NonNegativeFloat = 0.01,
-    readout: Annotated[str, one_of("gaussian", "factorized")] = "gaussian", readout_l1: NonNegativeFloat = 0.001,
-    init_positions: Annotated[str, one_of("mapped", "random")] = "mapped", init_mu_range: PositiveFloat = 0.5,
-    init_sigma: PositiveFloat = 0.3, shifter: bool = True, shifter_hidden: PositiveInt = 5, modulator: bool = True,
-    modulator_hidden: PositiveInt = 10, batch_size: Annotated[int, at_least(2)] = 64, lr: PositiveFloat = 0.01,
-    max_epochs: PositiveInt = 60, patience: PositiveInt = 4, lr_decay_steps: NonNegativeInt = 2,
-    lr_decay_factor: UnitInterval = 0.3, tolerance: NonNegativeFloat = 1e-4, image_scale: UnitInterval = 1.0,
+    hidden_channels: PositiveInt = 16,
+    input_kernel: PositiveInt = 9,
+    hidden_kernel: PositiveInt = 5,
+    core_layers: PositiveInt = 3,
+    bn_momentum: UnitInterval = 0.1,
+    smoothness_weight: NonNegativeFloat = 0.01,
+    readout: Annotated[str, one_of("gaussian", "factorized")] = "gaussian",
+    readout_l1: NonNegativeFloat = 0.001,
+    init_positions: Annotated[str, one_of("mapped", "random")] = "mapped",
+    init_mu_range: PositiveFloat = 0.5,
+    init_sigma: PositiveFloat = 0.3,
+    shifter: bool = True,
+    shifter_hidden: PositiveInt = 5,
+    modulator: bool = True,
+    modulator_hidden: PositiveInt = 10,
+    batch_size: Annotated[int, at_least(2)] = 64,
+    lr: PositiveFloat = 0.01,
+    max_epochs: PositiveInt = 60,
+    patience: PositiveInt = 4,
+    lr_decay_steps: NonNegativeInt = 2,
+    lr_decay_factor: UnitInterval = 0.3,
+    tolerance: NonNegativeFloat = 1e-4,
+    image_scale: UnitInterval = 1.0,
 ) -> None:
     """A predictive model's config (its keyword arguments; docs/science.md §5).
 
@@ -77,8 +102,9 @@ def build_predictor(config: dict | None, n_units: int, image_shape: tuple[int, i
     height, width = image_shape
     if height < cfg["input_kernel"] or width < cfg["input_kernel"]:
         raise ValueError(f"images {image_shape} smaller than input_kernel {cfg['input_kernel']}")
-    core = SkipCore(cfg["hidden_channels"], cfg["input_kernel"], cfg["hidden_kernel"],
-                    cfg["core_layers"], cfg["bn_momentum"])
+    core = SkipCore(
+        cfg["hidden_channels"], cfg["input_kernel"], cfg["hidden_kernel"], cfg["core_layers"], cfg["bn_momentum"]
+    )
     feature_shape = (height - cfg["input_kernel"] + 1, width - cfg["input_kernel"] + 1)
     if cfg["readout"] == "gaussian":
         readout = GaussianReadout(core.out_channels, n_units, cfg["init_mu_range"], cfg["init_sigma"])
@@ -89,8 +115,9 @@ def build_predictor(config: dict | None, n_units: int, image_shape: tuple[int, i
     return PredictiveNetwork(core, readout, shifter, modulator, n_units, (height, width), feature_shape)
 
 
-def load_predictor(state_dict: dict, config: dict | None, n_units: int, image_shape: tuple[int, int],
-                   device: str = "cpu") -> PredictiveNetwork:
+def load_predictor(
+    state_dict: dict, config: dict | None, n_units: int, image_shape: tuple[int, int], device: str = "cpu"
+) -> PredictiveNetwork:
     """Rebuild a fitted network from what ``FitResult`` (or a stored model) holds; returned in eval mode."""
     model = build_predictor(config, n_units, image_shape)
     model.load_state_dict(state_dict)
@@ -122,33 +149,14 @@ def poisson_loss(rates: torch.Tensor, observed: torch.Tensor, eps: float = 1e-8)
     return (rates - observed * torch.log(rates + eps)).mean()
 
 
-def unit_correlations(pred: np.ndarray, obs: np.ndarray) -> np.ndarray:
-    """Per-unit Pearson r between (n_samples, n_units) predictions and observations.
-
-    NaN-safe in two senses: samples where either array is non-finite are left out for that unit, and a
-    unit with no variance (in prediction or observation) or fewer than two usable samples gets 0.0,
-    not NaN, since 'no evidence of prediction' is what v_a should then say.
-    """
-    p = np.asarray(pred, dtype=np.float64)
-    o = np.asarray(obs, dtype=np.float64)
-    if p.shape != o.shape or p.ndim != 2:
-        raise ValueError(f"pred and obs must be the same (n_samples, n_units) shape: {p.shape}, {o.shape}")
-    ok = np.isfinite(p) & np.isfinite(o)
-    n = ok.sum(axis=0)
-    p = np.where(ok, p, 0.0)
-    o = np.where(ok, o, 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p_c = np.where(ok, p - p.sum(axis=0) / n, 0.0)
-        o_c = np.where(ok, o - o.sum(axis=0) / n, 0.0)
-        cov = (p_c * o_c).sum(axis=0)
-        denom = np.sqrt((p_c ** 2).sum(axis=0) * (o_c ** 2).sum(axis=0))
-        r = cov / denom
-    return np.where((n >= 2) & (denom > 0) & np.isfinite(r), r, 0.0)
-
-
 # -- fitting ------------------------------------------------------------------------------------------
-def _set_normalization(model: PredictiveNetwork, images: np.ndarray, responses: np.ndarray,
-                       behavior: np.ndarray | None, pupil_center: np.ndarray | None) -> None:
+def _set_normalization(
+    model: PredictiveNetwork,
+    images: np.ndarray,
+    responses: np.ndarray,
+    behavior: np.ndarray | None,
+    pupil_center: np.ndarray | None,
+) -> None:
     """Store training-set statistics in the model's buffers (zero spreads become 1: nothing to scale)."""
 
     def spread(x: np.ndarray) -> np.ndarray:
@@ -192,8 +200,7 @@ class _TrialData:
 
     def __init__(self, images, responses, behavior, pupil_center, trial_image, scale, device):
         def tensor(x, dtype=torch.float32):
-            return None if x is None else torch.as_tensor(np.ascontiguousarray(x), dtype=dtype,
-                                                          device=device)
+            return None if x is None else torch.as_tensor(np.ascontiguousarray(x), dtype=dtype, device=device)
 
         n_trials = responses.shape[0]
         self.images = tensor(images, torch.float32)
@@ -204,25 +211,36 @@ class _TrialData:
         self.pupil_center = tensor(pupil_center)
 
     def batch(self, idx: torch.Tensor):
-        pick = (lambda x: None if x is None else x[idx])
-        return self.images[self.trial_image[idx]], pick(self.behavior), pick(self.pupil_center)
+        return (
+            self.images[self.trial_image[idx]],
+            rows_or_none(self.behavior, idx),
+            rows_or_none(self.pupil_center, idx),
+        )
 
 
-def _validation_corr(model: PredictiveNetwork, data: _TrialData, val_idx: torch.Tensor,
-                     batch_size: int) -> float:
+def _validation_corr(model: PredictiveNetwork, data: _TrialData, val_idx: torch.Tensor, batch_size: int) -> float:
     model.eval()
     preds = []
     with torch.no_grad():
         for start in range(0, len(val_idx), batch_size):
-            preds.append(model.standardized_rates(*data.batch(val_idx[start:start + batch_size])))
+            preds.append(model.standardized_rates(*data.batch(val_idx[start : start + batch_size])))
     pred = torch.cat(preds).cpu().numpy()
     return float(unit_correlations(pred, data.responses[val_idx].cpu().numpy()).mean())
 
 
-def fit_predictor(images: np.ndarray, responses: np.ndarray, behavior: np.ndarray | None,
-                  pupil_center: np.ndarray | None, train_idx, val_idx, config: dict | None = None,
-                  seed: int = 0, device: str = "cpu", progress: Callable[[dict], None] | None = None,
-                  trial_image: np.ndarray | None = None) -> FitResult:
+def fit_predictor(
+    images: np.ndarray,
+    responses: np.ndarray,
+    behavior: np.ndarray | None,
+    pupil_center: np.ndarray | None,
+    train_idx,
+    val_idx,
+    config: dict | None = None,
+    seed: int = 0,
+    runtime: Runtime | str | None = None,
+    progress: Callable[[dict], None] | None = None,
+    trial_image: np.ndarray | None = None,
+) -> FitResult:
     """Fit one predictive model; early-stopped on the mean validation correlation, best weights kept.
 
     ``images``: uint8 (n, height, width), one per trial or, with ``trial_image`` (n_trials,) indexing
@@ -234,7 +252,9 @@ def fit_predictor(images: np.ndarray, responses: np.ndarray, behavior: np.ndarra
     Training: Adam on the mean Poisson loss of per-unit-standardized responses plus the smoothness and
     readout penalties. After ``patience`` epochs without a validation gain the best weights are
     restored and the learning rate decayed, ``lr_decay_steps`` times; the next stall stops the fit.
-    ``progress`` is called with each epoch's history row. Reproducible for a given seed on the CPU
+    ``progress`` is called with each epoch's history row. ``runtime`` is the worker's execution settings, as
+    training takes them (a device string or None, the CPU, also do): its device and cuDNN kernels.
+    Reproducible for a given seed on the CPU
     (same torch build and thread count); on CUDA, grid_sample's backward uses atomics, so runs agree
     only approximately. The caller's torch RNG state is left untouched.
     """
@@ -243,8 +263,7 @@ def fit_predictor(images: np.ndarray, responses: np.ndarray, behavior: np.ndarra
     images = np.asarray(images)
     responses = np.asarray(responses, dtype=np.float32)
     behavior = None if behavior is None or not cfg["modulator"] else np.asarray(behavior, np.float64)
-    pupil_center = None if pupil_center is None or not cfg["shifter"] else np.asarray(pupil_center,
-                                                                                      np.float64)
+    pupil_center = None if pupil_center is None or not cfg["shifter"] else np.asarray(pupil_center, np.float64)
     _check_inputs(images, responses, behavior, pupil_center, trial_image, cfg)
     train_idx, val_idx = np.asarray(train_idx, dtype=np.int64), np.asarray(val_idx, dtype=np.int64)
     if len(train_idx) < 2 or len(val_idx) < 2:
@@ -252,24 +271,28 @@ def fit_predictor(images: np.ndarray, responses: np.ndarray, behavior: np.ndarra
     trial_image = None if trial_image is None else np.asarray(trial_image, dtype=np.int64)
     train_images = images[train_idx] if trial_image is None else images[np.unique(trial_image[train_idx])]
     n_units = responses.shape[1]
-    device = torch.device(device)
+    runtime = as_runtime(runtime)
+    device = runtime.torch_device
     fork_devices = []
     if device.type == "cuda":
         fork_devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=fork_devices):
+    with torch.random.fork_rng(devices=fork_devices), runtime.kernels():
         torch.manual_seed(seed)
         model = build_predictor(cfg, n_units, images.shape[1:])
-        _set_normalization(model, train_images, responses[train_idx],
-                           None if behavior is None else behavior[train_idx],
-                           None if pupil_center is None else pupil_center[train_idx])
+        _set_normalization(
+            model,
+            train_images,
+            responses[train_idx],
+            None if behavior is None else behavior[train_idx],
+            None if pupil_center is None else pupil_center[train_idx],
+        )
         if cfg["readout"] == "gaussian" and cfg["init_positions"] == "mapped":
             trial_images = images[train_idx] if trial_image is None else images[trial_image[train_idx]]
             positions = receptive_field_positions(trial_images, responses[train_idx], cfg["input_kernel"])
             with torch.no_grad():
                 model.readout.mu.copy_(torch.from_numpy(positions))
         model.to(device)
-        data = _TrialData(images, responses, behavior, pupil_center, trial_image,
-                          model.response_scale, device)
+        data = _TrialData(images, responses, behavior, pupil_center, trial_image, model.response_scale, device)
         return _train(model, data, train_idx, val_idx, cfg, seed, device, progress, start)
 
 
@@ -288,7 +311,7 @@ def _train(model, data, train_idx, val_idx, cfg, seed, device, progress, start) 
         n_batches = 0
         order = torch.as_tensor(rng.permutation(train_idx), device=device)
         for first in range(0, len(order), cfg["batch_size"]):
-            idx = order[first:first + cfg["batch_size"]]
+            idx = order[first : first + cfg["batch_size"]]
             if len(idx) < 2:  # batch norm cannot normalize a single trial
                 continue
             rates = model.standardized_rates(*data.batch(idx))
@@ -303,9 +326,14 @@ def _train(model, data, train_idx, val_idx, cfg, seed, device, progress, start) 
         synchronize(device)
         train_seconds = time.perf_counter() - tic
         val_corr = _validation_corr(model, data, val_t, max(cfg["batch_size"], 256))
-        row = {"epoch": epoch, "train_loss": float(loss_sum) / max(n_batches, 1), "val_corr": val_corr,
-               "lr": optimizer.param_groups[0]["lr"], "train_seconds": train_seconds,
-               "seconds": time.perf_counter() - tic}
+        row = {
+            "epoch": epoch,
+            "train_loss": float(loss_sum) / max(n_batches, 1),
+            "val_corr": val_corr,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_seconds": train_seconds,
+            "seconds": time.perf_counter() - tic,
+        }
         history.append(row)
         if progress is not None:
             progress(row)
@@ -327,64 +355,17 @@ def _train(model, data, train_idx, val_idx, cfg, seed, device, progress, start) 
     train_time = sum(r["train_seconds"] for r in history)
     return FitResult(
         state_dict={k: v.detach().cpu().clone() for k, v in best_state.items()},
-        config=cfg, n_units=model.n_units, image_shape=model.image_shape,
-        best_val_corr=float(best_corr), best_epoch=best_epoch, epochs_run=len(history),
-        fit_seconds=fit_seconds, train_images_per_second=images_seen / max(train_time, 1e-9),
-        device=str(device), history=history)
-
-
-# -- using a fitted model -----------------------------------------------------------------------------
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _batched(model, n: int, batch_size: int, step) -> np.ndarray:
-    out = []
-    with evaluation_mode(model), torch.no_grad():
-        for start in range(0, n, batch_size):
-            out.append(step(slice(start, start + batch_size)).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
-
-
-def predict_responses(model: PredictiveNetwork, images: np.ndarray, behavior: np.ndarray | None = None,
-                      pupil_center: np.ndarray | None = None, batch_size: int = 256) -> np.ndarray:
-    """Predicted responses (n_images, n_units), float32, in the units of the training responses.
-
-    One row per image; ``behavior`` / ``pupil_center`` give one row per image, or None for behaviour at
-    its training mean and the training-mean eye position (the denoised responses of equation 6).
-    Runs in eval mode (readout at its mean position, batch-norm running statistics), batched.
-    """
-    device = _device_of(model)
-    imgs = torch.as_tensor(np.asarray(images), device=device)
-    beh = None if behavior is None else torch.as_tensor(np.asarray(behavior), device=device)
-    pup = None if pupil_center is None else torch.as_tensor(np.asarray(pupil_center), device=device)
-    pick = (lambda x, s: None if x is None else x[s])
-    out = _batched(model, len(imgs), batch_size, lambda s: model(imgs[s], pick(beh, s), pick(pup, s)))
-    return out.reshape(len(imgs), model.n_units)
-
-
-def predict_shift(model: PredictiveNetwork, pupil_center: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """The shifter's per-trial readout shift (n, 2) as (dx, dy) in input-image pixels.
-
-    Positive dx: units read the image further right (larger column index); positive dy: further down.
-    """
-    if model.shifter is None:
-        raise ValueError("this model has no shifter")
-    device = _device_of(model)
-    pup = torch.as_tensor(np.asarray(pupil_center), device=device)
-    grid = _batched(model, len(pup), batch_size, lambda s: model.shift(pup[s], len(pup[s])))
-    height, width = model.feature_shape
-    return grid.reshape(len(pup), 2) * np.array([(width - 1) / 2.0, (height - 1) / 2.0], np.float32)
-
-
-def predict_gain(model: PredictiveNetwork, behavior: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """The modulator's per-trial, per-unit multiplicative gain (n, n_units)."""
-    if model.modulator is None:
-        raise ValueError("this model has no modulator")
-    device = _device_of(model)
-    beh = torch.as_tensor(np.asarray(behavior), device=device)
-    gain = _batched(model, len(beh), batch_size, lambda s: model.gain(beh[s], len(beh[s])))
-    return gain.reshape(len(beh), model.n_units)
+        config=cfg,
+        n_units=model.n_units,
+        image_shape=model.image_shape,
+        best_val_corr=float(best_corr),
+        best_epoch=best_epoch,
+        epochs_run=len(history),
+        fit_seconds=fit_seconds,
+        train_images_per_second=images_seen / max(train_time, 1e-9),
+        device=str(device),
+        history=history,
+    )
 
 
 TEST_TIERS = ("oracle", "test", "final_test")  # held-out trials: v_a is measured on them
@@ -396,8 +377,10 @@ def split_by_tier(tiers: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     train, val = np.flatnonzero(tiers == "train"), np.flatnonzero(tiers == "validation")
     test = np.flatnonzero(np.isin(tiers, TEST_TIERS))
     if len(train) < 2 or len(val) < 2 or len(test) < 2:
-        raise ValueError(f"{len(train)} train, {len(val)} validation and {len(test)} oracle/test trials; "
-                         "a predictive model needs at least 2 of each")
+        raise ValueError(
+            f"{len(train)} train, {len(val)} validation and {len(test)} oracle/test trials; "
+            "a predictive model needs at least 2 of each"
+        )
     return train, val, test
 
 
@@ -412,18 +395,40 @@ class EvaluatedFit:
     n_test: int
 
 
-def fit_and_evaluate(images: np.ndarray, responses: np.ndarray, behavior: np.ndarray, pupil_center: np.ndarray,
-                     tiers: np.ndarray, config: dict, *, trial_image: np.ndarray, seed: int, device: str = "cpu",
-                     progress: Callable[[dict], None] | None = None) -> EvaluatedFit:
+def fit_and_evaluate(
+    images: np.ndarray,
+    responses: np.ndarray,
+    behavior: np.ndarray,
+    pupil_center: np.ndarray,
+    tiers: np.ndarray,
+    config: dict,
+    *,
+    trial_image: np.ndarray,
+    seed: int,
+    runtime: Runtime | str | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> EvaluatedFit:
     """Fit on the train tier (early stopping on validation), then v_a on the held-out test trials.
 
     The one call ``PredictiveModel`` makes: the arrays are one scan's, in trial order, images once per
     distinct image (``trial_image`` indexes them).
     """
     train, val, test = split_by_tier(tiers)
-    result = fit_predictor(images, responses, behavior, pupil_center, train, val, config, seed=seed, device=device,
-                           progress=progress, trial_image=trial_image)
-    predicted = predict_responses(result.to_model(device), images[trial_image[test]], behavior[test],
-                                  pupil_center[test])
+    result = fit_predictor(
+        images,
+        responses,
+        behavior,
+        pupil_center,
+        train,
+        val,
+        config,
+        seed=seed,
+        runtime=runtime,
+        progress=progress,
+        trial_image=trial_image,
+    )
+    predicted = predict_responses(
+        result.to_model(result.device), images[trial_image[test]], behavior[test], pupil_center[test]
+    )
     model_corr = np.nan_to_num(unit_correlations(predicted, responses[test]))
     return EvaluatedFit(result, model_corr, len(train), len(val), len(test))

@@ -29,14 +29,17 @@ def receptive_field_positions(images: np.ndarray, responses: np.ndarray, input_k
     x = (x - x.mean(0)) / (x.std(0) + 1e-6)
     pix = x.reshape(n, height, width)
     detail = pix - ndimage.gaussian_filter(pix, (0, 2.0, 2.0), mode="nearest")
-    energy = ndimage.gaussian_filter(detail ** 2, (0, 2.0, 2.0), mode="nearest").reshape(n, -1)
+    energy = ndimage.gaussian_filter(detail**2, (0, 2.0, 2.0), mode="nearest").reshape(n, -1)
     energy = (energy - energy.mean(0)) / (energy.std(0) + 1e-6)
     r = responses.astype(np.float32)
     r = (r - r.mean(0)) / (r.std(0) + 1e-6)
     sta = (r.T @ x / n).reshape(-1, height, width)
-    maps = [ndimage.gaussian_filter(sta ** 2, (0, SMOOTH_PX, SMOOTH_PX), mode="nearest"),
-            ndimage.gaussian_filter((r.T @ energy / n).reshape(-1, height, width), (0, SMOOTH_PX, SMOOTH_PX),
-                                    mode="nearest")]
+    maps = [
+        ndimage.gaussian_filter(sta**2, (0, SMOOTH_PX, SMOOTH_PX), mode="nearest"),
+        ndimage.gaussian_filter(
+            (r.T @ energy / n).reshape(-1, height, width), (0, SMOOTH_PX, SMOOTH_PX), mode="nearest"
+        ),
+    ]
     margin = input_kernel // 2
     crop = (slice(None), slice(margin, height - margin), slice(margin, width - margin))
     # Summed, not the better of the two: the squared STA's heavy-tailed peaks would win that vote

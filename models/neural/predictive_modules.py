@@ -53,8 +53,7 @@ class SkipCore(nn.Module):
     ELU; layers after the first use 'same' padding so all outputs share the layer-1 map size.
     """
 
-    def __init__(self, hidden_channels: int, input_kernel: int, hidden_kernel: int, n_layers: int,
-                 bn_momentum: float):
+    def __init__(self, hidden_channels: int, input_kernel: int, hidden_kernel: int, n_layers: int, bn_momentum: float):
         super().__init__()
         if hidden_kernel % 2 != 1:
             raise ValueError(f"hidden_kernel must be odd for 'same' padding, got {hidden_kernel}")
@@ -62,8 +61,9 @@ class SkipCore(nn.Module):
             raise ValueError(f"core_layers must be >= 1, got {n_layers}")
         blocks = [_ConvBlock(1, hidden_channels, input_kernel, 0, bn_momentum)]
         for depth in range(1, n_layers):
-            blocks.append(_ConvBlock(hidden_channels * depth, hidden_channels, hidden_kernel,
-                                     hidden_kernel // 2, bn_momentum))
+            blocks.append(
+                _ConvBlock(hidden_channels * depth, hidden_channels, hidden_kernel, hidden_kernel // 2, bn_momentum)
+            )
         self.blocks = nn.ModuleList(blocks)
         self.out_channels = hidden_channels * n_layers
 
@@ -212,9 +212,17 @@ class PredictiveNetwork(nn.Module):
     weighs the same in the loss whatever its raw scale).
     """
 
-    def __init__(self, core: SkipCore, readout: nn.Module, shifter: Shifter | None,
-                 modulator: Modulator | None, n_units: int, image_shape: tuple[int, int],
-                 feature_shape: tuple[int, int], n_behavior: int = 3):
+    def __init__(
+        self,
+        core: SkipCore,
+        readout: nn.Module,
+        shifter: Shifter | None,
+        modulator: Modulator | None,
+        n_units: int,
+        image_shape: tuple[int, int],
+        feature_shape: tuple[int, int],
+        n_behavior: int = 3,
+    ):
         super().__init__()
         self.core, self.readout, self.shifter, self.modulator = core, readout, shifter, modulator
         self.n_units = n_units
@@ -256,18 +264,19 @@ class PredictiveNetwork(nn.Module):
         return self.modulator(z)
 
     # -- prediction ----------------------------------------------------------------------------------
-    def standardized_rates(self, images: torch.Tensor, behavior: torch.Tensor | None = None,
-                           pupil_center: torch.Tensor | None = None) -> torch.Tensor:
+    def standardized_rates(
+        self, images: torch.Tensor, behavior: torch.Tensor | None = None, pupil_center: torch.Tensor | None = None
+    ) -> torch.Tensor:
         batch = images.shape[0]
         drive = self.readout(self.core(self._images(images)), self.shift(pupil_center, batch))
         rates = F.elu(drive) + 1.0
         gain = self.gain(behavior, batch)
         return rates if gain is None else rates * gain
 
-    def forward(self, images: torch.Tensor, behavior: torch.Tensor | None = None,
-                pupil_center: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, behavior: torch.Tensor | None = None, pupil_center: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self.standardized_rates(images, behavior, pupil_center) * self.response_scale
 
     def regularization(self, smoothness_weight: float, readout_l1: float) -> torch.Tensor:
-        return (smoothness_weight * self.core.smoothness_penalty()
-                + readout_l1 * self.readout.sparsity_penalty())
+        return smoothness_weight * self.core.smoothness_penalty() + readout_l1 * self.readout.sparsity_penalty()

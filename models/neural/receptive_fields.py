@@ -97,8 +97,14 @@ class UnitPopulation:
         log_gain += np.asarray(dilation_z, np.float32)[:, None] * self.gain_pupil.astype(np.float32)
         return np.exp(log_gain)
 
-    def rates(self, images: np.ndarray, shifts: np.ndarray | None = None, gains: np.ndarray | None = None,
-              filters: Filters | None = None, chunk: int = 1024) -> np.ndarray:
+    def rates(
+        self,
+        images: np.ndarray,
+        shifts: np.ndarray | None = None,
+        gains: np.ndarray | None = None,
+        filters: Filters | None = None,
+        chunk: int = 1024,
+    ) -> np.ndarray:
         """Noise-free rates (n_images, n_units) float32 for uint8 ``images`` seen with RF ``shifts``
         ((n, 2) px, default none) and ``gains`` ((n, n_units), default 1). Chunked float32 matmuls."""
         images = np.asarray(images)

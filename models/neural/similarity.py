@@ -33,8 +33,10 @@ def model_similarity(pred_rates: np.ndarray, snr_weight: np.ndarray, model_corr:
     w = np.asarray(snr_weight, dtype=np.float64)
     v = np.asarray(model_corr, dtype=np.float64)
     if rates.ndim != 2 or w.shape != (rates.shape[1],) or v.shape != (rates.shape[1],):
-        raise ValueError(f"pred_rates (n_images, n_units) {rates.shape} needs snr_weight and model_corr "
-                         f"of shape ({rates.shape[1]},); got {w.shape} and {v.shape}")
+        raise ValueError(
+            f"pred_rates (n_images, n_units) {rates.shape} needs snr_weight and model_corr "
+            f"of shape ({rates.shape[1]},); got {w.shape} and {v.shape}"
+        )
     if not (np.all(np.isfinite(w)) and np.all(np.isfinite(v)) and np.all(np.isfinite(rates))):
         raise ValueError("pred_rates, snr_weight and model_corr must be finite")
     return centered_cosine(rates * (w * np.clip(v, 0.0, None)))
@@ -121,7 +123,8 @@ def _vgg19_conv3_1(weights_path: str | Path):
         raise FileNotFoundError(
             f"VGG19 weights not found at {path}. The 'vgg' target needs torchvision's ImageNet VGG19 "
             f"state_dict: download {VGG19_URL} to that path, or run `torch.save(torchvision.models."
-            f"vgg19(weights='IMAGENET1K_V1').state_dict(), '{path}')` on a machine with internet access.")
+            f"vgg19(weights='IMAGENET1K_V1').state_dict(), '{path}')` on a machine with internet access."
+        )
     try:  # mmap: the 400 MB of classifier weights are checked for shape, never read
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # pickle, zip or unsupported-type errors: not a state_dict file
@@ -131,23 +134,31 @@ def _vgg19_conv3_1(weights_path: str | Path):
     with torch.device("meta"):  # the architecture's keys and shapes without allocating 143M weights
         expected = vgg19(weights=None).state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state)
-                   if not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k].shape)
+    wrong = sorted(
+        k
+        for k in set(expected) & set(state)
+        if not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k].shape
+    )
     if missing or unexpected or wrong:
         raise ValueError(
             f"{path} is not a torchvision VGG19 state_dict (missing {missing[:4]}, unexpected "
-            f"{unexpected[:4]}, wrong shape {wrong[:4]}); expected the file from {VGG19_URL}")
+            f"{unexpected[:4]}, wrong shape {wrong[:4]}); expected the file from {VGG19_URL}"
+        )
     with torch.device("meta"):
         trunk = vgg19(weights=None).features[:VGG_CONV3_1_END]
     trunk = trunk.to_empty(device="cpu")
     prefix = "features."
-    trunk.load_state_dict({k[len(prefix):]: v for k, v in state.items()
-                           if k.startswith(prefix) and int(k.split(".")[1]) < VGG_CONV3_1_END})
+    trunk.load_state_dict(
+        {
+            k[len(prefix) :]: v
+            for k, v in state.items()
+            if k.startswith(prefix) and int(k.split(".")[1]) < VGG_CONV3_1_END
+        }
+    )
     return trunk.eval()
 
 
-def vgg_features(images: np.ndarray, weights_path: str | Path, batch_size: int = 64,
-                 device: str = "cpu") -> np.ndarray:
+def vgg_features(images: np.ndarray, weights_path: str | Path, batch_size: int = 64, device: str = "cpu") -> np.ndarray:
     """Flattened VGG19 conv3_1 (post-ReLU) features, (n_images, 256 * h/4 * w/4) float32.
 
     Grayscale uint8 images are scaled to [0, 1], replicated to 3 channels and ImageNet-normalized, at
@@ -162,14 +173,15 @@ def vgg_features(images: np.ndarray, weights_path: str | Path, batch_size: int =
     chunks = []
     with torch.no_grad():
         for start in range(0, len(imgs), batch_size):
-            x = torch.as_tensor(imgs[start:start + batch_size], device=device).float().div(255.0)
+            x = torch.as_tensor(imgs[start : start + batch_size], device=device).float().div(255.0)
             x = (x.unsqueeze(1).expand(-1, 3, -1, -1) - mean) / std
             chunks.append(net(x).flatten(1).cpu().numpy())
     return np.concatenate(chunks)
 
 
-def vgg_similarity(images: np.ndarray, weights_path: str | Path, batch_size: int = 64,
-                   device: str = "cpu") -> np.ndarray:
+def vgg_similarity(
+    images: np.ndarray, weights_path: str | Path, batch_size: int = 64, device: str = "cpu"
+) -> np.ndarray:
     """The VGG control: centered cosine similarity of VGG19 conv3_1 features (``vgg_features``).
 
     ``weights_path`` is a torchvision-format VGG19 state_dict (FileNotFoundError with download
@@ -198,8 +210,7 @@ def _centered_cosine_lean(features: np.ndarray) -> np.ndarray:
     return s
 
 
-def model_agreement(pred_rates: np.ndarray, snr_weight: np.ndarray, model_corr: np.ndarray,
-                    oracle: np.ndarray) -> dict:
+def model_agreement(pred_rates: np.ndarray, snr_weight: np.ndarray, model_corr: np.ndarray, oracle: np.ndarray) -> dict:
     """How well S^model over the oracle images agrees with S^oracle (Fig. 1D), and both spreads."""
     model = model_similarity(pred_rates, snr_weight, model_corr)
     upper = np.triu_indices(len(oracle), 1)

@@ -140,10 +140,12 @@ def check_sizes(n_units: int, n_images: int, n_oracle: int, n_repeats: int) -> N
         raise ValueError(f"n_units must be at least 1, got {n_units}")
     if n_oracle < 2:
         raise ValueError(
-            f"n_oracle must be at least 2 (signal variance is a variance over oracle images), got {n_oracle}")
+            f"n_oracle must be at least 2 (signal variance is a variance over oracle images), got {n_oracle}"
+        )
     if n_oracle > n_images:
         raise ValueError(
-            f"n_oracle ({n_oracle}) cannot exceed n_images ({n_images}): oracle images are part of the image set")
+            f"n_oracle ({n_oracle}) cannot exceed n_images ({n_images}): oracle images are part of the image set"
+        )
     if n_repeats < 2:
         raise ValueError(f"n_repeats must be at least 2 (noise variance needs repeated trials), got {n_repeats}")
 
@@ -156,8 +158,15 @@ def _fano_for_target_snr(true_rates: np.ndarray, rng: np.random.Generator) -> np
     return np.clip(rate_var / (target_snr * rate_mean), 1e-3, 1e4)
 
 
-def _oracle_truth(population: UnitPopulation, filters: Filters, oracle_images: np.ndarray, reference: dict,
-                  eye_rest: np.ndarray, shift_per_pupil: np.ndarray, rng: np.random.Generator):
+def _oracle_truth(
+    population: UnitPopulation,
+    filters: Filters,
+    oracle_images: np.ndarray,
+    reference: dict,
+    eye_rest: np.ndarray,
+    shift_per_pupil: np.ndarray,
+    rng: np.random.Generator,
+):
     """Equation 1's sigma^2 and eta^2 over the oracle images for infinitely many repeats.
 
     rate = gain(b) * f_i(shift); the response has mean rate and variance fano * rate. With the eye
@@ -169,16 +178,24 @@ def _oracle_truth(population: UnitPopulation, filters: Filters, oracle_images: n
     states = reference["behavior"][picks[:GAIN_SAMPLES]]
     gains = population.gain(states[:, 2], _dilation_z(states[:, 0])).astype(np.float64)
     shifts = (reference["pupil_center"][picks[GAIN_SAMPLES:]] - eye_rest) @ shift_per_pupil.T
-    shifted = population.rates(np.tile(oracle_images, (SHIFT_SAMPLES, 1, 1)), filters=filters,
-                               shifts=np.repeat(shifts, n_oracle, axis=0))
+    shifted = population.rates(
+        np.tile(oracle_images, (SHIFT_SAMPLES, 1, 1)), filters=filters, shifts=np.repeat(shifts, n_oracle, axis=0)
+    )
     shifted = shifted.reshape(SHIFT_SAMPLES, n_oracle, n_units).astype(np.float64)
     m = gains.mean(0) * shifted.mean(0)
     v = (gains**2).mean(0) * (shifted**2).mean(0) - m**2 + population.fano * m
     return m.var(0, ddof=1), v.mean(0)
 
 
-def simulate_scan(n_units: int = 1000, n_images: int | None = None, n_oracle: int = 100, n_repeats: int = 10,
-                  seed: int = 0, images: np.ndarray | None = None, image_seed: int = 0) -> SimulatedScan:
+def simulate_scan(
+    n_units: int = 1000,
+    n_images: int | None = None,
+    n_oracle: int = 100,
+    n_repeats: int = 10,
+    seed: int = 0,
+    images: np.ndarray | None = None,
+    image_seed: int = 0,
+) -> SimulatedScan:
     """Simulate one scan: ``n_images`` distinct images (default 1100, or ``len(images)``), of which the first
     ``n_oracle`` are shown ``n_repeats`` times and the rest once, in shuffled order, to ``n_units`` units.
 
@@ -190,7 +207,8 @@ def simulate_scan(n_units: int = 1000, n_images: int | None = None, n_oracle: in
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
             raise ValueError(
-                f"images must be uint8 (n, {IMAGE_SHAPE[0]}, {IMAGE_SHAPE[1]}), got {images.dtype} {images.shape}")
+                f"images must be uint8 (n, {IMAGE_SHAPE[0]}, {IMAGE_SHAPE[1]}), got {images.dtype} {images.shape}"
+            )
         if n_images is not None and n_images != len(images):
             raise ValueError(f"n_images ({n_images}) disagrees with the {len(images)} images given")
         n_images = len(images)
@@ -213,8 +231,9 @@ def simulate_scan(n_units: int = 1000, n_images: int | None = None, n_oracle: in
     true_rates = population.rates(images, gains=np.broadcast_to(rest_gain, (n_images, n_units)), filters=filters)
 
     population.fano = _fano_for_target_snr(true_rates, rng)
-    signal_var, noise_var = _oracle_truth(population, filters, images[:n_oracle], reference, eye_rest,
-                                          shift_per_pupil, np.random.default_rng([seed, 2]))
+    signal_var, noise_var = _oracle_truth(
+        population, filters, images[:n_oracle], reference, eye_rest, shift_per_pupil, np.random.default_rng([seed, 2])
+    )
 
     # Trials: oracle images n_repeats times, the rest once, shuffled.
     trial_image = np.concatenate([np.repeat(np.arange(n_oracle), n_repeats), np.arange(n_oracle, n_images)])
@@ -229,16 +248,32 @@ def simulate_scan(n_units: int = 1000, n_images: int | None = None, n_oracle: in
     fano = population.fano.astype(np.float32)
     responses = rng.standard_gamma(np.maximum(rates / fano, 1e-12), dtype=np.float32) * fano
 
-    coordinates = np.stack([
-        population.center_x / PIXELS_PER_DEGREE * 25.0 + rng.normal(0, 40, n_units),  # ~25 um per degree
-        population.center_y / PIXELS_PER_DEGREE * 25.0 + rng.normal(0, 40, n_units),
-        rng.uniform(180, 320, n_units),  # depth below the pia, layer 2/3
-    ], axis=1)
+    coordinates = np.stack(
+        [
+            population.center_x / PIXELS_PER_DEGREE * 25.0 + rng.normal(0, 40, n_units),  # ~25 um per degree
+            population.center_y / PIXELS_PER_DEGREE * 25.0 + rng.normal(0, 40, n_units),
+            rng.uniform(180, 320, n_units),  # depth below the pia, layer 2/3
+        ],
+        axis=1,
+    )
     return SimulatedScan(
-        images=images, n_oracle=n_oracle, trial_image=trial_image, responses=responses, behavior=behavior,
-        pupil_center=pupil_center, trial_shift=trial_shift, true_rates=true_rates, signal_var=signal_var,
-        noise_var=noise_var, true_snr=signal_var / noise_var, population=population,
-        shift_per_pupil=shift_per_pupil, eye_rest=eye_rest, mean_behavior=mean_behavior,
-        unit_ids=np.arange(1, n_units + 1, dtype=np.int64), cell_motor_coordinates=coordinates,
-        seed=seed, image_seed=image_seed,
+        images=images,
+        n_oracle=n_oracle,
+        trial_image=trial_image,
+        responses=responses,
+        behavior=behavior,
+        pupil_center=pupil_center,
+        trial_shift=trial_shift,
+        true_rates=true_rates,
+        signal_var=signal_var,
+        noise_var=noise_var,
+        true_snr=signal_var / noise_var,
+        population=population,
+        shift_per_pupil=shift_per_pupil,
+        eye_rest=eye_rest,
+        mean_behavior=mean_behavior,
+        unit_ids=np.arange(1, n_units + 1, dtype=np.int64),
+        cell_motor_coordinates=coordinates,
+        seed=seed,
+        image_seed=image_seed,
     )

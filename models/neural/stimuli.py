@@ -15,8 +15,22 @@ from scipy import ndimage
 IMAGE_SHAPE = (36, 64)
 POOL_SIGMA_PX = 6.0  # Gaussian sigma of the normalization pool (about 11 degrees)
 SOURCE_PHOTOS = (
-    "camera", "astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
-    "gravel", "brick", "grass", "coins", "moon", "clock", "retina", "cell", "stereo_motorcycle",
+    "camera",
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "gravel",
+    "brick",
+    "grass",
+    "coins",
+    "moon",
+    "clock",
+    "retina",
+    "cell",
+    "stereo_motorcycle",
 )  # photographs that ship inside scikit-image (no download); text, logos and binary shapes left out
 
 

@@ -10,6 +10,9 @@ inputs the table must fetch for it:
 - ``"images"``: the images themselves (uint8, n x H x W);
 - nothing: only their number.
 
+``condition`` is what a network regularized toward the method's target is called in every table and
+figure, ``rank`` its place among the conditions there (``models.conditions``).
+
 A builder returns a :class:`Target`: the matrix, the per-scan matrices it averaged (each compared with
 the target in ``SimilarityTarget.Agreement``), and extra columns. Adding a method is one function here
 plus its test; nothing else changes.
@@ -17,14 +20,14 @@ plus its test; nothing else changes.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..digests import file_digest
 from ..registry import NonNegativeInt, OpenUnit, PositiveInt, Registry, UnitInterval
-from . import similarity as sim
+from . import similarity
 from .images import downsample
 
 TARGETS = Registry("similarity method", key="method")
@@ -51,10 +54,10 @@ class Target:
 
     def agreement(self) -> list[float]:
         """r(each scan's matrix, the target): how consistently the scans say the same thing."""
-        return [sim.similarity_agreement(s, self.matrix) for s in self.per_scan]
+        return [similarity.similarity_agreement(s, self.matrix) for s in self.per_scan]
 
 
-@TARGETS.register(reads="model")
+@TARGETS.register(reads="model", condition="Neural (model)", rank=8)
 def neural_model(inputs: TargetInputs, predictor_hash: str = "", predictor_seed: NonNegativeInt = 0) -> Target:
     """The paper's target: S^model (w_a * v_a weighted) averaged over the member scans.
 
@@ -63,19 +66,20 @@ def neural_model(inputs: TargetInputs, predictor_hash: str = "", predictor_seed:
     return Target(np.mean(inputs.per_scan, axis=0), inputs.image_scale, list(inputs.per_scan))
 
 
-@TARGETS.register(reads="model")
-def shuffle(inputs: TargetInputs, predictor_hash: str = "", predictor_seed: NonNegativeInt = 0,
-            shuffle_seed: NonNegativeInt = 0) -> Target:
+@TARGETS.register(reads="model", condition="Shuffle", rank=1)
+def shuffle(
+    inputs: TargetInputs, predictor_hash: str = "", predictor_seed: NonNegativeInt = 0, shuffle_seed: NonNegativeInt = 0
+) -> Target:
     """The Shuffle control: the neural_model target with its images permuted (same statistics, no meaning).
 
     The agreement compares like with like: each scan's matrix under the same permutation, so it measures
     scan-to-target consistency, as for neural_model.
     """
-    matrix, perm = sim.shuffled(np.mean(inputs.per_scan, axis=0), shuffle_seed)
+    matrix, perm = similarity.shuffled(np.mean(inputs.per_scan, axis=0), shuffle_seed)
     return Target(matrix, inputs.image_scale, [s[np.ix_(perm, perm)] for s in inputs.per_scan], {"permutation": perm})
 
 
-@TARGETS.register(reads="data")
+@TARGETS.register(reads="data", condition="Neural (data)", rank=7)
 def neural_data(inputs: TargetInputs, image_scale: UnitInterval = 1.0) -> Target:
     """Single-trial S^data averaged over the scans: the target without the predictive model.
 
@@ -85,46 +89,56 @@ def neural_data(inputs: TargetInputs, image_scale: UnitInterval = 1.0) -> Target
     return Target(np.mean(inputs.per_scan, axis=0), image_scale, list(inputs.per_scan))
 
 
-@TARGETS.register(reads="images")
+@TARGETS.register(reads="images", condition="Pixel", rank=3)
 def pixel(inputs: TargetInputs, image_scale: UnitInterval = 1.0) -> Target:
     """The pixel-similarity control: centered cosine of the pixels, at the resolution the networks see."""
-    return Target(sim.pixel_similarity(downsample(inputs.images, image_scale)), image_scale)
+    return Target(similarity.pixel_similarity(downsample(inputs.images, image_scale)), image_scale)
 
 
-@TARGETS.register(reads="images")
+@TARGETS.register(reads="images", condition="Pixel threshold", rank=4)
 def pixel_threshold(inputs: TargetInputs, threshold: OpenUnit = 0.8, image_scale: UnitInterval = 1.0) -> Target:
     """S^Th: pixel similarity thresholded to -1 / 0 / 1 (the paper's sparser pixel control)."""
-    pixels = sim.pixel_similarity(downsample(inputs.images, image_scale))
-    return Target(sim.threshold_similarity(pixels, threshold), image_scale)
+    pixels = similarity.pixel_similarity(downsample(inputs.images, image_scale))
+    return Target(similarity.threshold_similarity(pixels, threshold), image_scale)
 
 
 def _check_vgg(config: dict) -> None:
     path = config["vgg_weights"]
     if not path:
-        raise ValueError("the 'vgg' method needs vgg_weights: the path to torchvision's ImageNet VGG19 "
-                         f"state_dict ({sim.VGG19_URL})")
+        raise ValueError(
+            "the 'vgg' method needs vgg_weights: the path to torchvision's ImageNet VGG19 "
+            f"state_dict ({similarity.VGG19_URL})"
+        )
     if not Path(path).is_file():
-        raise ValueError(f"vgg_weights: no file at {path} (download {sim.VGG19_URL} there)")
+        raise ValueError(f"vgg_weights: no file at {path} (download {similarity.VGG19_URL} there)")
 
 
-@TARGETS.register(reads="images", check=_check_vgg)
+@TARGETS.register(reads="images", check=_check_vgg, condition="VGG", rank=5)
 def vgg(inputs: TargetInputs, vgg_weights: str = "", image_scale: UnitInterval = 1.0) -> Target:
     """VGG19 conv3_1 feature similarity: an ImageNet network's view of the same images."""
-    matrix = sim.vgg_similarity(downsample(inputs.images, image_scale), vgg_weights)
-    return Target(matrix, image_scale,
-                  extra={"weights_sha256": hashlib.sha256(Path(vgg_weights).read_bytes()).hexdigest()})
+    matrix = similarity.vgg_similarity(downsample(inputs.images, image_scale), vgg_weights)
+    return Target(matrix, image_scale, extra={"weights_sha256": file_digest(vgg_weights)})
 
 
-@TARGETS.register(reads=None)
-def random(inputs: TargetInputs, random_seed: NonNegativeInt = 0, random_dim: PositiveInt = 1000,
-           image_scale: UnitInterval = 1.0) -> Target:
+@TARGETS.register(reads=None, condition="Random", rank=2)
+def random(
+    inputs: TargetInputs,
+    random_seed: NonNegativeInt = 0,
+    random_dim: PositiveInt = 1000,
+    image_scale: UnitInterval = 1.0,
+) -> Target:
     """A valid similarity matrix with no image structure: the control for 'any target at all'."""
-    return Target(sim.random_similarity(inputs.n_images, random_seed, dim=random_dim), image_scale)
+    return Target(similarity.random_similarity(inputs.n_images, random_seed, dim=random_dim), image_scale)
 
 
 def reads(config: dict) -> str | None:
     """Which inputs a target config's method needs fetched: "model", "data", "images" or None."""
     return TARGETS[config["method"]].info["reads"]
+
+
+def methods_reading(what: str | None) -> list[str]:
+    """The registered methods whose targets are built from ``what`` ("model": they name a predictor)."""
+    return [name for name in TARGETS if TARGETS[name].info["reads"] == what]
 
 
 def build_target(config: dict, inputs: TargetInputs) -> Target:

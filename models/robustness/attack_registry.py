@@ -10,7 +10,7 @@ attack gave up. ``starts`` are starting adversarials, used by the attacks regist
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -41,47 +41,68 @@ def _check_pgd(config: dict) -> None:
 
 def _check_bb(config: dict) -> None:
     if config["lr_num_decay"] > config["steps"]:
-        raise ValueError(f"{config['attack']}: lr_num_decay ({config['lr_num_decay']}) must not exceed steps "
-                         f"({config['steps']}): the trust region decays every steps/lr_num_decay")
+        raise ValueError(
+            f"{config['attack']}: lr_num_decay ({config['lr_num_decay']}) must not exceed steps "
+            f"({config['steps']}): the trust region decays every steps/lr_num_decay"
+        )
 
 
 @ATTACKS.register(norm="linf", check=_check_pgd)
-def linf_pgd(steps: PositiveInt = 40, rel_stepsize: PositiveFloat | None = None, random_start: bool = True,
-             init_epsilon: PositiveFloat = 1 / 255, max_epsilon: UnitInterval = 0.5,
-             search_steps: PositiveInt = 10) -> Attack:
+def linf_pgd(
+    steps: PositiveInt = 40,
+    rel_stepsize: PositiveFloat | None = None,
+    random_start: bool = True,
+    init_epsilon: PositiveFloat = 1 / 255,
+    max_epsilon: UnitInterval = 0.5,
+    search_steps: PositiveInt = 10,
+) -> Attack:
     """PGD has no minimal mode: an epsilon search per image (the cross-check of the minimal-norm attacks).
 
     ``rel_stepsize`` None is Madry et al.'s rule, 2.5 / steps.
     """
     from .pgd_search import minimal_linf_pgd
 
-    settings = dict(steps=steps, rel_stepsize=rel_stepsize or 2.5 / steps, random_start=random_start,
-                    init_epsilon=init_epsilon, max_epsilon=max_epsilon, search_steps=search_steps)
+    settings = dict(
+        steps=steps,
+        rel_stepsize=rel_stepsize or 2.5 / steps,
+        random_start=random_start,
+        init_epsilon=init_epsilon,
+        max_epsilon=max_epsilon,
+        search_steps=search_steps,
+    )
     return lambda fmodel, x, y, starts=None: minimal_linf_pgd(fmodel, x, y, **settings)
 
 
-@ATTACKS.register(norm="linf")
-def linf_fmn(steps: PositiveInt = 100, max_stepsize: PositiveFloat = 1.0, gamma: Fraction = 0.05,
-             binary_search_steps: PositiveInt = 10) -> Attack:
-    """Fast Minimum Norm (Pintor et al. 2021): the minimal Linf perturbation in one run, no search."""
-    import foolbox as fb
+def _fast_minimum_norm(norm: str, foolbox_name: str, max_stepsize_default: float, doc: str) -> None:
+    """Register Foolbox's Fast Minimum Norm attack of one norm (Pintor et al. 2021): one keyword set, the
+    step size's default per norm."""
 
-    return _foolbox(fb.attacks.LInfFMNAttack(steps=steps, max_stepsize=max_stepsize, gamma=gamma,
-                                             binary_search_steps=binary_search_steps))
+    def builder(
+        steps: PositiveInt = 100,
+        max_stepsize: PositiveFloat = max_stepsize_default,
+        gamma: Fraction = 0.05,
+        binary_search_steps: PositiveInt = 10,
+    ) -> Attack:
+        import foolbox as fb
+
+        settings = dict(steps=steps, max_stepsize=max_stepsize, gamma=gamma, binary_search_steps=binary_search_steps)
+        return _foolbox(getattr(fb.attacks, foolbox_name)(**settings))
+
+    builder.__name__ = builder.__qualname__ = f"{norm}_fmn"
+    builder.__doc__ = doc
+    ATTACKS.register(norm=norm)(builder)
 
 
-@ATTACKS.register(norm="l2")
-def l2_fmn(steps: PositiveInt = 100, max_stepsize: PositiveFloat = 0.1, gamma: Fraction = 0.05,
-           binary_search_steps: PositiveInt = 10) -> Attack:
-    """Fast Minimum Norm in L2.
-
-    Foolbox's max_stepsize 1.0 pins the result at the first step's norm whenever the minimal distance is
-    smaller (measured on 32x32 grayscale networks: every image at exactly 1.0); 0.1 does not.
-    """
-    import foolbox as fb
-
-    return _foolbox(fb.attacks.L2FMNAttack(steps=steps, max_stepsize=max_stepsize, gamma=gamma,
-                                           binary_search_steps=binary_search_steps))
+_fast_minimum_norm(
+    "linf", "LInfFMNAttack", 1.0, "Fast Minimum Norm: the minimal Linf perturbation in one run, no search."
+)
+_fast_minimum_norm(
+    "l2",
+    "L2FMNAttack",
+    0.1,
+    "Fast Minimum Norm in L2. Foolbox's max_stepsize 1.0 pins the result at the first step's norm whenever the "
+    "minimal distance is smaller (every image at exactly 1.0 on 32x32 grayscale networks); 0.1 does not.",
+)
 
 
 @ATTACKS.register(norm="l2")
@@ -93,14 +114,25 @@ def l2_ddn(steps: PositiveInt = 300, init_epsilon: PositiveFloat = 1.0, gamma: F
 
 
 @ATTACKS.register(norm="l2")
-def l2_cw(steps: PositiveInt = 1000, binary_search_steps: PositiveInt = 9, stepsize: PositiveFloat = 1e-2,
-          confidence: NonNegativeFloat = 0.0, initial_const: PositiveFloat = 1e-3, abort_early: bool = True) -> Attack:
+def l2_cw(
+    steps: PositiveInt = 1000,
+    binary_search_steps: PositiveInt = 9,
+    stepsize: PositiveFloat = 1e-2,
+    confidence: NonNegativeFloat = 0.0,
+    initial_const: PositiveFloat = 1e-3,
+    abort_early: bool = True,
+) -> Attack:
     """Carlini-Wagner L2, the slow reference attack of the minimal-perturbation literature."""
     import foolbox as fb
 
-    attack = fb.attacks.L2CarliniWagnerAttack(steps=steps, binary_search_steps=binary_search_steps,
-                                              stepsize=stepsize, confidence=confidence,
-                                              initial_const=initial_const, abort_early=abort_early)
+    attack = fb.attacks.L2CarliniWagnerAttack(
+        steps=steps,
+        binary_search_steps=binary_search_steps,
+        stepsize=stepsize,
+        confidence=confidence,
+        initial_const=initial_const,
+        abort_early=abort_early,
+    )
 
     def run(fmodel, x, y, starts=None):
         adv = attack.run(fmodel, x, fb.criteria.Misclassification(y))
@@ -113,46 +145,69 @@ def l2_cw(steps: PositiveInt = 1000, binary_search_steps: PositiveInt = 9, steps
     return run
 
 
-def _brendel_bethge(attack_class, steps, lr, lr_decay, lr_num_decay, momentum, binary_search_steps,
-                    overshoot) -> Attack:
-    return _foolbox(attack_class(steps=steps, lr=lr, lr_decay=lr_decay, lr_num_decay=lr_num_decay,
-                                 momentum=momentum, binary_search_steps=binary_search_steps,
-                                 overshoot=overshoot), with_starts=True)
+def _brendel_bethge(norm: str, foolbox_name: str, doc: str) -> None:
+    """Register Foolbox's Brendel-Bethge attack of one norm: both norms take the same keyword arguments."""
+
+    def builder(
+        steps: PositiveInt = 1000,
+        lr: PositiveFloat = 1e-3,
+        lr_decay: UnitInterval = 0.5,
+        lr_num_decay: PositiveInt = 20,
+        momentum: Fraction = 0.8,
+        binary_search_steps: PositiveInt = 10,
+        overshoot: PositiveFloat = 1.1,
+    ) -> Attack:
+        import foolbox as fb
+
+        settings = dict(
+            steps=steps,
+            lr=lr,
+            lr_decay=lr_decay,
+            lr_num_decay=lr_num_decay,
+            momentum=momentum,
+            binary_search_steps=binary_search_steps,
+            overshoot=overshoot,
+        )
+        return _foolbox(getattr(fb.attacks, foolbox_name)(**settings), with_starts=True)
+
+    builder.__name__ = builder.__qualname__ = f"{norm}_bb"
+    builder.__doc__ = doc
+    ATTACKS.register(norm=norm, starting_points=True, check=_check_bb)(builder)
 
 
-@ATTACKS.register(norm="l2", starting_points=True, check=_check_bb)
-def l2_bb(steps: PositiveInt = 1000, lr: PositiveFloat = 1e-3, lr_decay: UnitInterval = 0.5,
-          lr_num_decay: PositiveInt = 20, momentum: Fraction = 0.8, binary_search_steps: PositiveInt = 10,
-          overshoot: PositiveFloat = 1.1) -> Attack:
-    """Brendel-Bethge L2: walks the decision boundary from a starting adversarial (strongest known)."""
-    import foolbox as fb
-
-    return _brendel_bethge(fb.attacks.L2BrendelBethgeAttack, steps, lr, lr_decay, lr_num_decay, momentum,
-                           binary_search_steps, overshoot)
-
-
-@ATTACKS.register(norm="linf", starting_points=True, check=_check_bb)
-def linf_bb(steps: PositiveInt = 1000, lr: PositiveFloat = 1e-3, lr_decay: UnitInterval = 0.5,
-            lr_num_decay: PositiveInt = 20, momentum: Fraction = 0.8, binary_search_steps: PositiveInt = 10,
-            overshoot: PositiveFloat = 1.1) -> Attack:
-    """Brendel-Bethge Linf: the boundary walk in the paper's main norm."""
-    import foolbox as fb
-
-    return _brendel_bethge(fb.attacks.LinfinityBrendelBethgeAttack, steps, lr, lr_decay, lr_num_decay,
-                           momentum, binary_search_steps, overshoot)
+_brendel_bethge(
+    "l2",
+    "L2BrendelBethgeAttack",
+    "Brendel-Bethge L2: walks the decision boundary from a starting adversarial (strongest known).",
+)
+_brendel_bethge(
+    "linf", "LinfinityBrendelBethgeAttack", "Brendel-Bethge Linf: the boundary walk in the paper's main norm."
+)
 
 
 @ATTACKS.register(norm="l2", starting_points=True)
-def boundary(steps: PositiveInt = 5000, spherical_step: PositiveFloat = 1e-2, source_step: PositiveFloat = 1e-2,
-             source_step_convergance: PositiveFloat = 1e-7, step_adaptation: PositiveFloat = 1.5,
-             update_stats_every_k: PositiveInt = 10) -> Attack:
+def boundary(
+    steps: PositiveInt = 5000,
+    spherical_step: PositiveFloat = 1e-2,
+    source_step: PositiveFloat = 1e-2,
+    source_step_convergance: PositiveFloat = 1e-7,
+    step_adaptation: PositiveFloat = 1.5,
+    update_stats_every_k: PositiveInt = 10,
+) -> Attack:
     """Decision-based (black-box) Boundary attack: a view that gradient masking cannot fool."""
     import foolbox as fb
 
-    return _foolbox(fb.attacks.BoundaryAttack(
-        steps=steps, spherical_step=spherical_step, source_step=source_step,
-        source_step_convergance=source_step_convergance, step_adaptation=step_adaptation,
-        update_stats_every_k=update_stats_every_k), with_starts=True)
+    return _foolbox(
+        fb.attacks.BoundaryAttack(
+            steps=steps,
+            spherical_step=spherical_step,
+            source_step=source_step,
+            source_step_convergance=source_step_convergance,
+            step_adaptation=step_adaptation,
+            update_stats_every_k=update_stats_every_k,
+        ),
+        with_starts=True,
+    )
 
 
 def validate_attack_config(config: dict) -> dict:
@@ -161,8 +216,9 @@ def validate_attack_config(config: dict) -> dict:
 
 
 def attack_norm(config: dict) -> str:
-    """"linf" or "l2": the norm in which the attack minimises and its distances are reported."""
-    return ATTACKS[validate_attack_config(config)["attack"]].info["norm"]
+    """ "linf" or "l2": the norm in which the attack minimises and its distances are reported (the config
+    need only name its attack)."""
+    return ATTACKS[config["attack"]].info["norm"]
 
 
 def needs_starting_points(config: dict) -> bool:
@@ -200,4 +256,3 @@ def default_attack_configs(quick: bool = False) -> list[dict]:
             {"attack": "boundary", "steps": 5000},
         ]
     return [validate_attack_config(config) for config in configs]
-

@@ -26,26 +26,28 @@ Conventions of the result (see :class:`MinimalPerturbations`):
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..runtime import evaluation_mode, resolve_device
+from ..runtime import as_image_tensor, as_label_tensor, evaluation_mode, predict_labels, resolve_device
 from .attack_registry import ATTACKS, attack_norm, default_attack_configs, needs_starting_points, validate_attack_config
-from .evaluation import (
-    as_image_tensor,
-    as_label_tensor,
-    attackable_model,
-    predict_labels,
-    seeded_torch,
-)
+from .evaluation import attackable_model, seeded_torch
 
 NORMS = ("linf", "l2")
-__all__ = ["ATTACKS", "attack_norm", "default_attack_configs", "validate_attack_config", "minimal_perturbations",
-           "MinimalPerturbations", "median_perturbation", "perturbation_norm"]
+__all__ = [
+    "ATTACKS",
+    "attack_norm",
+    "default_attack_configs",
+    "validate_attack_config",
+    "minimal_perturbations",
+    "MinimalPerturbations",
+    "median_perturbation",
+    "perturbation_norm",
+]
 
 #: Float slack when comparing a recomputed distance with a reported one.
 DISTANCE_TOLERANCE = 1e-6
@@ -156,12 +158,19 @@ class MinimalPerturbations:
                 row[f"{norm}_attack"] = attack_ids[index[i]] if index[i] >= 0 else ""
             images.append(row)
         correct = np.asarray(self.clean_correct, dtype=bool)
-        attacks = [{"median_distance": finite(median_perturbation(self.distances[c])),
-                    "success_rate": float(np.isfinite(self.distances[c][correct]).mean()) if correct.any() else 0.0}
-                   for c in range(len(self.configs))]
-        return {"clean_accuracy": float(correct.mean()) if correct.size else 0.0,
-                "medians": {f"median_{norm}": finite(self.median(norm)) for norm in best},
-                "images": images, "attacks": attacks}
+        attacks = [
+            {
+                "median_distance": finite(median_perturbation(self.distances[c])),
+                "success_rate": float(np.isfinite(self.distances[c][correct]).mean()) if correct.any() else 0.0,
+            }
+            for c in range(len(self.configs))
+        ]
+        return {
+            "clean_accuracy": float(correct.mean()) if correct.size else 0.0,
+            "medians": {f"median_{norm}": finite(self.median(norm)) for norm in best},
+            "images": images,
+            "attacks": attacks,
+        }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -188,7 +197,8 @@ def minimal_perturbations(
     those with another label that the model also assigns to a class other than the image's label;
     by default the attacked images themselves are the pool. That start is then moved along the
     segment towards the clean image as far as it stays adversarial (10 bisections). Images with no
-    such pool image get inf for those attacks. ``eot_samples`` attacks a stochastic model through its EoT average (required
+    such pool image get inf for those attacks. ``eot_samples`` attacks a stochastic model through its EoT average
+    (required
     for stochastic models). ``seed`` fixes foolbox's random starts and proposals (torch's global
     generator is restored afterwards). ``progress`` receives a short message after every batch.
     """
@@ -234,8 +244,10 @@ def minimal_perturbations(
                 adversarials[c, index[ok]] = adv_np[ok]
                 if progress is not None:
                     done = min(start + batch_size, len(to_attack))
-                    progress(f"{config['attack']} (config {c + 1}/{len(configs)}): "
-                             f"{done}/{len(to_attack)} correctly classified images attacked")
+                    progress(
+                        f"{config['attack']} (config {c + 1}/{len(configs)}): "
+                        f"{done}/{len(to_attack)} correctly classified images attacked"
+                    )
     return MinimalPerturbations(configs, norms, distances, adversarials, clean_correct)
 
 
@@ -273,8 +285,9 @@ def _verify_by_vote(model: nn.Module, x: torch.Tensor, y: torch.Tensor, adv: tor
 
 
 def _run_attack(fmodel, model, x, y, config, pool, stochastic) -> torch.Tensor:
-    """One batch through one attack; returns candidate adversarials (NaN where the attack gave up)."""
-    attack = ATTACKS.build(config)
+    """One batch through one attack (its config validated at the entry); candidate adversarials (NaN where
+    the attack gave up)."""
+    attack = ATTACKS.build_completed(config)
     if not needs_starting_points(config):
         return attack(fmodel, x, y)
     starts, has_start = _starting_points(x, y, pool, attack_norm(config))
@@ -298,8 +311,10 @@ def _run_attack(fmodel, model, x, y, config, pool, stochastic) -> torch.Tensor:
             if not stochastic:
                 raise
             if attempt == 2:
-                warnings.warn(f"{config['attack']}: batch skipped, starting points not adversarial under EoT "
-                              f"in three tries: {error}")
+                warnings.warn(  # noqa: B028 - the attack's name says where
+                    f"{config['attack']}: batch skipped, starting points not adversarial under EoT "
+                    f"in three tries: {error}"
+                )
     return adv
 
 

@@ -17,9 +17,8 @@ import logging
 import torch
 from torch import nn
 
-from .evaluation import (DEFAULT_BATCH_SIZE, attackable_model, fixed_epsilon_inputs, predict_labels,
-                         seeded_torch)
-from ..runtime import evaluation_mode, resolve_device
+from ..runtime import DEFAULT_BATCH_SIZE, evaluation_mode, predict_labels, resolve_device
+from .evaluation import attackable_model, fixed_epsilon_inputs, seeded_torch
 
 VERSIONS = ("standard", "rand")
 _NORM_NAMES = {"linf": "Linf", "l2": "L2"}
@@ -27,10 +26,18 @@ _NORM_NAMES = {"linf": "Linf", "l2": "L2"}
 EPSILON_SLACK = 1e-5
 
 
-def autoattack_robust_accuracy(model: nn.Module, images, labels, norm: str, epsilon: float | None = None,
-                               version: str = "standard", eot_samples: int | None = None,
-                               batch_size: int = DEFAULT_BATCH_SIZE, device: str | torch.device | None = None,
-                               seed: int | None = 0) -> float:
+def autoattack_robust_accuracy(
+    model: nn.Module,
+    images,
+    labels,
+    norm: str,
+    epsilon: float | None = None,
+    version: str = "standard",
+    eot_samples: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str | torch.device | None = None,
+    seed: int | None = 0,
+) -> float:
     """Fraction of images that AutoAttack at ``epsilon`` (default: the leaderboard budget) cannot flip.
 
     ``eot_samples`` (stochastic models) sets how many draws the final robust/clean check averages over.
@@ -47,8 +54,7 @@ def autoattack_robust_accuracy(model: nn.Module, images, labels, norm: str, epsi
         clean_ok = predict_labels(judge, x, batch_size, device) == y.numpy()
         if epsilon == 0:
             return float(clean_ok.mean())
-        attack = AutoAttack(model, device=device, eps=epsilon, norm=_NORM_NAMES[norm], version=version,
-                            seed=seed)
+        attack = AutoAttack(model, device=device, eps=epsilon, norm=_NORM_NAMES[norm], version=version, seed=seed)
         attack.verbose = False
         # The standard version targets the 9 runner-up classes: fewer when the task has fewer classes.
         with torch.no_grad():
@@ -61,6 +67,8 @@ def autoattack_robust_accuracy(model: nn.Module, images, labels, norm: str, epsi
     size = delta.abs().amax(dim=1) if norm == "linf" else delta.norm(dim=1)
     valid = (size <= epsilon + EPSILON_SLACK) & (x_adv >= 0).flatten(1).all(1) & (x_adv <= 1).flatten(1).all(1)
     if not bool(valid.all()):
-        raise RuntimeError(f"AutoAttack returned {int((~valid).sum())} adversarial(s) outside the "
-                           f"{norm} ball of {epsilon} or the [0, 1] box")
+        raise RuntimeError(
+            f"AutoAttack returned {int((~valid).sum())} adversarial(s) outside the "
+            f"{norm} ball of {epsilon} or the [0, 1] box"
+        )
     return float((clean_ok & adv_ok).mean())

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-BASELINE = "None"
+from ..conditions import BASELINE
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,11 @@ def compare_with_baseline(rows: list[dict], metrics: list[str], baseline: str = 
     found = []
     for metric in metrics:
         base = {r["seed"]: r[metric] for r in by_condition[baseline] if metric in r}
-        tests = [paired_difference(c, metric, {r["seed"]: r[metric] for r in group if metric in r}, base)
-                 for c, group in by_condition.items() if c != baseline]
+        tests = [
+            paired_difference(c, metric, {r["seed"]: r[metric] for r in group if metric in r}, base)
+            for c, group in by_condition.items()
+            if c != baseline
+        ]
         adjusted = holm([t.p for t in tests])
         found += [Difference(**{**t.__dict__, "p_holm": float(a)}) for t, a in zip(tests, adjusted)]
     return found

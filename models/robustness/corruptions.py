@@ -27,13 +27,13 @@ triple always gives the same images.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from scipy import ndimage
 
-from .evaluation import DEFAULT_BATCH_SIZE, accuracy, as_image_tensor
+from ..runtime import DEFAULT_BATCH_SIZE, accuracy, as_image_tensor
 
 SEVERITIES = (1, 2, 3, 4, 5)
 
@@ -132,14 +132,7 @@ def corrupt(images, corruption: str, severity: int, seed: int) -> np.ndarray:
 
 
 def corruption_accuracy(
-    model,
-    images,
-    labels,
-    corruption: str,
-    severity: int,
-    seed: int,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    device=None,
+    model, images, labels, corruption: str, severity: int, seed: int, batch_size: int = DEFAULT_BATCH_SIZE, device=None
 ) -> float:
     """Accuracy of ``model`` on the images corrupted by one of :data:`CORRUPTIONS` at ``severity``."""
     return accuracy(model, corrupt(images, corruption, severity, seed), labels, batch_size, device)
@@ -161,8 +154,10 @@ def load_cifar10c(path, corruption: str, severity: int) -> tuple[np.ndarray, np.
     severity = _check_severity(severity)
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"CIFAR-10-C folder {folder} does not exist (download CIFAR-10-C from "
-                                f"zenodo.org/record/2535967 and point to the extracted folder)")
+        raise FileNotFoundError(
+            f"CIFAR-10-C folder {folder} does not exist (download CIFAR-10-C from "
+            f"zenodo.org/record/2535967 and point to the extracted folder)"
+        )
     data_file, label_file = folder / f"{corruption}.npy", folder / "labels.npy"
     for needed in (data_file, label_file):
         if not needed.is_file():
@@ -171,13 +166,15 @@ def load_cifar10c(path, corruption: str, severity: int) -> tuple[np.ndarray, np.
     data = np.load(data_file, mmap_mode="r")
     labels = np.load(label_file, mmap_mode="r")
     if data.ndim != 4 or data.shape[1:] != (32, 32, 3) or data.shape[0] % len(SEVERITIES):
-        raise ValueError(f"{data_file} has shape {data.shape}; expected (5 * n, 32, 32, 3), "
-                         f"(50000, 32, 32, 3) for CIFAR-10-C")
+        raise ValueError(
+            f"{data_file} has shape {data.shape}; expected (5 * n, 32, 32, 3), (50000, 32, 32, 3) for CIFAR-10-C"
+        )
     if data.dtype != np.uint8:
         raise ValueError(f"{data_file} has dtype {data.dtype}; expected uint8")
     if labels.shape != (data.shape[0],):
-        raise ValueError(f"{label_file} has shape {labels.shape}; expected ({data.shape[0]},) to match "
-                         f"{data_file.name}")
+        raise ValueError(
+            f"{label_file} has shape {labels.shape}; expected ({data.shape[0]},) to match {data_file.name}"
+        )
     block = data.shape[0] // len(SEVERITIES)
     rows = slice((severity - 1) * block, severity * block)
     gray = np.empty((block, 1, 32, 32), dtype=np.float32)

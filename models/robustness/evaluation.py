@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..runtime import (DEFAULT_BATCH_SIZE, accuracy, as_image_tensor, as_label_tensor, evaluation_mode,
-                       predict_labels, resolve_device)
+from ..runtime import DEFAULT_BATCH_SIZE, as_image_tensor, as_label_tensor, evaluation_mode, resolve_device
 
 #: The perturbation budgets the field's leaderboards (RobustBench) report for CIFAR-10.
 LEADERBOARD_EPSILONS = {"linf": 8 / 255, "l2": 0.5}
@@ -188,12 +187,11 @@ def robust_accuracy(
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | torch.device | None = None,
     seed: int | None = 0,
-    method: str = "pgd",
 ) -> float:
     """Fraction of images still correctly classified after a PGD attack of size ``epsilon``.
 
-    ``method="autoattack"`` runs AutoAttack instead (``autoattack.py``: version standard, or rand for a
-    stochastic model, i.e. when ``eot_samples`` is given); ``steps`` and ``restarts`` then don't apply.
+    AutoAttack, the leaderboards' ensemble, is ``autoattack.autoattack_robust_accuracy`` (the robustness
+    protocol chooses between the two by its ``method``).
 
     ``norm`` is "linf" or "l2"; ``epsilon`` defaults to the leaderboard budget (Linf 8/255, L2 0.5).
     The attack is foolbox's PGD with a random start, ``steps`` steps of ``rel_stepsize * epsilon``
@@ -206,13 +204,6 @@ def robust_accuracy(
     """
     import foolbox as fb
 
-    if method == "autoattack":
-        from .autoattack import autoattack_robust_accuracy
-
-        return autoattack_robust_accuracy(model, images, labels, norm, epsilon, "rand" if eot_samples else "standard",
-                                          eot_samples, batch_size, device, seed)
-    if method != "pgd":
-        raise ValueError(f"method must be 'pgd' or 'autoattack', got {method!r}")
     x, y, epsilon = fixed_epsilon_inputs(images, labels, norm, epsilon)
     if int(steps) != steps or steps < 1 or int(restarts) != restarts or restarts < 1:
         raise ValueError(f"steps and restarts must be positive integers, got {steps}, {restarts}")

@@ -12,8 +12,9 @@ import math
 import torch
 
 
-def minimal_linf_pgd(fmodel, x, y, *, steps, rel_stepsize, random_start, init_epsilon, max_epsilon,
-                     search_steps) -> torch.Tensor:
+def minimal_linf_pgd(
+    fmodel, x, y, *, steps, rel_stepsize, random_start, init_epsilon, max_epsilon, search_steps
+) -> torch.Tensor:
     """Smallest Linf epsilon at which PGD fools the model, searched per image (batched).
 
     Phase 1 (bracket): try ``init_epsilon``, doubling (capped at ``max_epsilon``) for the images

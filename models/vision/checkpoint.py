@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..digests import feed_array
 from .datasets import ClassificationData, dataset_checksum
 
 CHECKPOINT_FORMAT = 1
@@ -25,9 +26,7 @@ def run_fingerprint(configs: dict, seed: int, dataset: ClassificationData, stimu
     digest.update(dataset_checksum(dataset).encode())
     for array in (stimuli, target):
         if array is not None:
-            array = array.detach().cpu().contiguous()
-            digest.update(f"{array.dtype}:{tuple(array.shape)};".encode())
-            digest.update(array.numpy().tobytes())
+            feed_array(digest, array.detach().cpu().numpy(), "{dtype}:{shape};")
     return digest.hexdigest()
 
 

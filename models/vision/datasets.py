@@ -20,6 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ...errors import DatasetError
+from ..digests import feed_array
+
 IMAGE_SIZE = 32
 #: ITU-R BT.601 luma weights for R, G, B (the grayscale of PIL's "L" mode, kept in float here).
 LUMA_601 = np.array([0.299, 0.587, 0.114], dtype=np.float64)
@@ -34,10 +37,6 @@ MNIST_DEMO_TEST_PER_CLASS = 100
 MNIST_DEMO_SPLIT_SEED = 0
 
 DATASET_NAMES = ("cifar10", "cifar100", "mnist_demo")
-
-
-class DatasetError(ValueError):
-    """A dataset is missing or not in the expected format; the message names the file and the fault."""
 
 
 @dataclass(frozen=True)
@@ -180,7 +179,5 @@ def dataset_checksum(dataset: ClassificationData) -> str:
     """
     digest = hashlib.sha256(f"n_classes={dataset.n_classes};".encode())
     for field in ("train_x", "train_y", "test_x", "test_y"):
-        array = np.ascontiguousarray(getattr(dataset, field))
-        digest.update(f"{field}:{array.dtype.str}:{array.shape};".encode())
-        digest.update(array.tobytes())
+        feed_array(digest, getattr(dataset, field), f"{field}:{{dtype}}:{{shape}};")
     return digest.hexdigest()

@@ -1,9 +1,8 @@
 """A whole training step captured as one CUDA graph (``NEUREG_CUDA_GRAPHS=1``; CUDA only).
 
 Why: at the paper's batch of 64 a ResNet18 step is a few hundred small kernels, and launching them one
-by one from Python leaves an H200 ~80% idle (profiler: 18-22% busy in eager mode). Replaying the
-captured step launches them all at once: 4.5x (plain) to 5.2x (regularized) faster per step, with the
-GPU ~96% busy (bench/gpu_bench.py, docs/gpu.md).
+by one from Python leaves a large GPU mostly idle. Replaying the captured step launches them all at once
+(docs/gpu.md has the measured speed-up and how busy the GPU then is).
 
 How: the step (forward, similarity term, backward, SGD) is recorded once per epoch on static input
 buffers; each step copies its batch into those buffers and replays. The epoch's learning rate is a
@@ -30,11 +29,15 @@ class GraphedStep:
         self.x, self.y = x.clone(), y.clone()
         self.pair_batch = None
         if pair_batch is not None:
-            self.pair_batch = type(pair_batch)(pair_batch.images.clone(), pair_batch.pairs.clone(),
-                                               pair_batch.target.clone())
+            self.pair_batch = type(pair_batch)(
+                pair_batch.images.clone(), pair_batch.pairs.clone(), pair_batch.target.clone()
+            )
         saved = [copy.deepcopy(m.state_dict()) for m in modules]
-        momentum = {p: state["momentum_buffer"].clone() for p, state in optimizer.state.items()
-                    if state.get("momentum_buffer") is not None}
+        momentum = {
+            p: state["momentum_buffer"].clone()
+            for p, state in optimizer.state.items()
+            if state.get("momentum_buffer") is not None
+        }
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

@@ -21,8 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..registry import NonNegativeInt, PositiveFloat, PositiveInt, Registry, UnitInterval
-
+from ..registry import NonNegativeInt, PositiveFloat, PositiveInt, Registry, UnitInterval, complete_kwargs
 from ..runtime import evaluation_mode
 
 STAGE_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
@@ -148,22 +147,33 @@ def resnet34(width: PositiveFloat = 1.0, n_classes: PositiveInt = 10, in_channel
     return _resnet(STAGE_BLOCKS["resnet34"], width, n_classes, in_channels)
 
 
-@ARCHITECTURES.register()
-def vone_resnet18(width: PositiveFloat = 1.0, n_classes: PositiveInt = 10, in_channels: PositiveInt = 1,
-                  simple_channels: NonNegativeInt = 256, complex_channels: NonNegativeInt = 256,
-                  visual_degrees: PositiveFloat = 8.0, image_size: PositiveInt = 32,
-                  sf_max: PositiveFloat | None = None, sf_corr: UnitInterval = 0.75, ksize: PositiveInt = 7,
-                  stride: PositiveInt = 1, k_exc: PositiveFloat = 25.0, noise: bool = True,
-                  noise_scale: PositiveFloat = 0.35, noise_level: PositiveFloat = 0.07,
-                  gabor_seed: NonNegativeInt = 0) -> TappedClassifier:
+@ARCHITECTURES.register(condition="VOne", rank=9)
+def vone_resnet18(
+    width: PositiveFloat = 1.0,
+    n_classes: PositiveInt = 10,
+    in_channels: PositiveInt = 1,
+    simple_channels: NonNegativeInt = 256,
+    complex_channels: NonNegativeInt = 256,
+    visual_degrees: PositiveFloat = 8.0,
+    image_size: PositiveInt = 32,
+    sf_max: PositiveFloat | None = None,
+    sf_corr: UnitInterval = 0.75,
+    ksize: PositiveInt = 7,
+    stride: PositiveInt = 1,
+    k_exc: PositiveFloat = 25.0,
+    noise: bool = True,
+    noise_scale: PositiveFloat = 0.35,
+    noise_level: PositiveFloat = 0.07,
+    gabor_seed: NonNegativeInt = 0,
+) -> TappedClassifier:
     """VOneNet's control (Dapello et al. 2020): a fixed Gabor-and-noise V1 front replaces the stem.
 
-    The keyword arguments after ``in_channels`` are the VOneBlock's (docs/science.md §8, ``VOneBlock.build``).
+    The keyword arguments after ``n_classes`` are the VOneBlock's (docs/science.md §8, ``VOneBlock.build``).
     """
+    vone = {name: value for name, value in locals().items() if name not in ("width", "n_classes")}
     from .vonenet import VOneBlock
 
-    front = VOneBlock.build(simple_channels, complex_channels, visual_degrees, image_size, sf_max, sf_corr,
-                            ksize, stride, k_exc, noise, noise_scale, noise_level, gabor_seed, in_channels)
+    front = VOneBlock.build(**vone)
     base = stem_channels(width)
     # VOneNet's bottleneck: a bias-free 1x1 conv from the V1 channels into the backend, no BN.
     adapter = nn.Conv2d(front.out_channels, base, 1, bias=False)
@@ -188,3 +198,9 @@ def tap_feature_sizes(model: nn.Module, image_shape: tuple[int, int, int]) -> li
     with evaluation_mode(model), torch.no_grad():
         taps = model.taps(torch.zeros((1, *image_shape), device=next(model.parameters()).device))
     return [int(t[0].numel()) for t in taps]
+
+
+def vone_config(**overrides) -> dict:
+    """A VOneBlock's keyword arguments: ``vone_resnet18``'s after ``n_classes``, defaults filled and checked."""
+    full = complete_kwargs(vone_resnet18, overrides, "VOneBlock")
+    return {name: value for name, value in full.items() if name not in ("width", "n_classes")}

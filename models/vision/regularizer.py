@@ -29,7 +29,7 @@ def layer_similarities(taps: list[torch.Tensor], centres: list[torch.Tensor], pa
 
     Computed through the Gram matrix of the centred features, G = D D^T (n x n for the n images of the
     step): one matrix product forward and one backward, instead of normalising, gathering and multiplying
-    n x D arrays element by element (about 3x faster on a CPU, and the similarity term's main own cost).
+    n x D arrays element by element (faster on a CPU, and the similarity term's main own cost).
     """
     rows = []
     for features, centre in zip(taps, centres, strict=True):

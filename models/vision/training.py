@@ -30,64 +30,23 @@ import contextlib
 import hashlib
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Callable
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..registry import complete_kwargs
+from ..runtime import Runtime, accuracy, as_runtime, synchronize
 from .checkpoint import load_checkpoint, run_fingerprint, save_checkpoint
 from .datasets import ClassificationData
 from .graphs import GraphedStep
 from .networks import build_network, tap_feature_sizes
 from .regularizer import PairSampler, SimilarityRegularizer
-from ..registry import (Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, UnitInterval, complete_kwargs,
-                        one_of, open_interval)
-from ..runtime import Runtime, accuracy, as_runtime, synchronize
-
-AUGMENTATIONS = ("crop_flip", "crop", "none")
-
-
-def train_settings(epochs: PositiveInt = 40, batch_size: PositiveInt = 64, lr: PositiveFloat = 0.1,
-                   momentum: Fraction = 0.9, nesterov: bool = False, weight_decay: NonNegativeFloat = 5e-4,
-                   lr_decay: UnitInterval = 0.3, lr_step_epochs: PositiveInt = 4,
-                   lr_reset_epochs: NonNegativeInt | None = 20,
-                   augment: Annotated[str, one_of(*AUGMENTATIONS)] = "crop_flip",
-                   max_train_images: PositiveInt | None = None) -> None:
-    """A training schedule's config: Li et al.'s SGD, 40 epochs, batch 64, lr 0.1 x0.3 every 4 epochs, back
-    to 0.1 after 20 (``lr_reset_epochs`` None or 0: no reset).
-
-    ``augment`` crop_flip is a random 32x32 crop of the 4-px zero-padded image and a horizontal flip;
-    ``max_train_images`` a fixed, seed-independent subset of the training set, for demos. How a run
-    executes (device, bf16, channels_last, cuDNN determinism) is a Runtime, never part of this config.
-    """
-
-
-def regularizer_settings(alpha: NonNegativeFloat = 0.0, pairs_per_step: PositiveInt = 32,
-                         eps: Annotated[float, open_interval(0, 0.5)] = 1e-3,
-                         centre_momentum: UnitInterval = 0.05) -> None:
-    """The similarity loss's config: alpha = 0 is the 'None' condition; 32 pairs = 64 images a step, as many
-    as the CIFAR batch (Li et al.); ``eps`` keeps Fisher's z finite; ``centre_momentum`` the running centres'."""
-
-
-def default_train_config() -> dict:
-    """Every training-schedule key with its default."""
-    return complete_kwargs(train_settings, {})
-
-
-def default_regularizer_config() -> dict:
-    """Every regularizer key with its default."""
-    return complete_kwargs(regularizer_settings, {})
-
-
-def learning_rate(epoch: int, config: dict) -> float:
-    """lr for a 0-based epoch: lr * decay^(e // step), with e counted from the last reset."""
-    reset = config["lr_reset_epochs"]
-    since_reset = epoch % reset if reset else epoch
-    return config["lr"] * config["lr_decay"] ** (since_reset // config["lr_step_epochs"])
+from .schedule import learning_rate, regularizer_settings, train_settings
 
 
 def derived_seed(seed: int, epoch: int, stream: str) -> int:
@@ -145,8 +104,16 @@ class EpochPlan:
     pair_images: torch.Tensor | None  # (steps, 2P) indices into the stimulus images
 
 
-def plan_epoch(seed: int, epoch: int, n_train: int, batch_size: int, mode: str,
-               sampler: "PairSampler | None", device: torch.device, pad: int = 4) -> EpochPlan:
+def plan_epoch(
+    seed: int,
+    epoch: int,
+    n_train: int,
+    batch_size: int,
+    mode: str,
+    sampler: PairSampler | None,
+    device: torch.device,
+    pad: int = 4,
+) -> EpochPlan:
     """Draw the epoch's order, augmentation and pairs from (seed, epoch) streams on the host; copy once."""
     steps = n_train // batch_size
     order_rng = torch.Generator().manual_seed(derived_seed(seed, epoch, "order"))
@@ -159,7 +126,11 @@ def plan_epoch(seed: int, epoch: int, n_train: int, batch_size: int, mode: str,
     else:
         dy = torch.randint(0, 2 * pad + 1, shape, generator=augment_rng)
         dx = torch.randint(0, 2 * pad + 1, shape, generator=augment_rng)
-        flip = torch.rand(shape, generator=augment_rng) < 0.5 if mode == "crop_flip" else torch.zeros(shape, dtype=torch.bool)
+        flip = (
+            torch.rand(shape, generator=augment_rng) < 0.5
+            if mode == "crop_flip"
+            else torch.zeros(shape, dtype=torch.bool)
+        )
     pair_images = None
     if sampler is not None:
         sampler.reseed(derived_seed(seed, epoch, "pairs"))
@@ -168,8 +139,9 @@ def plan_epoch(seed: int, epoch: int, n_train: int, batch_size: int, mode: str,
     return EpochPlan(move(order), move(dy), move(dx), move(flip), move(pair_images))
 
 
-def augment_batch(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, mode: str,
-                  pad: int = 4) -> torch.Tensor:
+def augment_batch(
+    x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, mode: str, pad: int = 4
+) -> torch.Tensor:
     """Random crop of the zero-padded images (and horizontal flip) as one gather on x's device."""
     if mode == "none":
         return x
@@ -193,9 +165,7 @@ def training_step(
     amp_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """One SGD step on CE(batch) + alpha * L_sim(pairs); returns device tensors (no host sync)."""
-    autocast = (
-        torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-    )
+    autocast = torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
     with autocast:
         logits = model(x)
     task_loss = F.cross_entropy(logits.float(), y)
@@ -261,8 +231,16 @@ class TrainingRun:
         return len(self.train_y) // self.configs["train"]["batch_size"]
 
 
-def build_run(net_config: dict, train_config: dict, reg_config: dict, dataset: ClassificationData, target_images=None,
-              target_similarity=None, seed: int = 0, runtime: Runtime | str | None = None) -> TrainingRun:
+def build_run(
+    net_config: dict,
+    train_config: dict,
+    reg_config: dict,
+    dataset: ClassificationData,
+    target_images=None,
+    target_similarity=None,
+    seed: int = 0,
+    runtime: Runtime | str | None = None,
+) -> TrainingRun:
     """A fresh run: seeded network and optimizer, target on the device, training data on the device."""
     runtime = as_runtime(runtime)
     net_cfg = {**net_config, "n_classes": dataset.n_classes}
@@ -287,13 +265,23 @@ def build_run(net_config: dict, train_config: dict, reg_config: dict, dataset: C
     groups = [{"params": list(model.parameters()), "weight_decay": train_cfg["weight_decay"]}]
     if regularizer is not None:
         groups.append({"params": [regularizer.gamma_logits], "weight_decay": 0.0})
-    optimizer = torch.optim.SGD(groups, lr=train_cfg["lr"], momentum=train_cfg["momentum"],
-                                nesterov=train_cfg["nesterov"])
+    optimizer = torch.optim.SGD(
+        groups, lr=train_cfg["lr"], momentum=train_cfg["momentum"], nesterov=train_cfg["nesterov"]
+    )
     train_x, train_y = _training_subset(dataset, train_cfg["max_train_images"])
-    run = TrainingRun(model, optimizer, regularizer, sampler, stimuli, target,
-                      torch.from_numpy(np.ascontiguousarray(train_x)).to(device),
-                      torch.from_numpy(np.ascontiguousarray(train_y)).to(device),
-                      {"network": net_cfg, "train": train_cfg, "regularizer": reg_cfg}, seed, runtime)
+    run = TrainingRun(
+        model,
+        optimizer,
+        regularizer,
+        sampler,
+        stimuli,
+        target,
+        torch.from_numpy(np.ascontiguousarray(train_x)).to(device),
+        torch.from_numpy(np.ascontiguousarray(train_y)).to(device),
+        {"network": net_cfg, "train": train_cfg, "regularizer": reg_cfg},
+        seed,
+        runtime,
+    )
     if run.steps == 0:
         raise ValueError(f"{len(train_y)} training images make no full batch of {train_cfg['batch_size']}")
     return run
@@ -319,17 +307,26 @@ def run_epoch(run: TrainingRun, epoch: int) -> dict:
     lr = learning_rate(epoch, train_cfg)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    plan = plan_epoch(run.seed, epoch, len(run.train_y), train_cfg["batch_size"], train_cfg["augment"],
-                      run.sampler, runtime.torch_device)
+    plan = plan_epoch(
+        run.seed,
+        epoch,
+        len(run.train_y),
+        train_cfg["batch_size"],
+        train_cfg["augment"],
+        run.sampler,
+        runtime.torch_device,
+    )
     torch.manual_seed(derived_seed(run.seed, epoch, "noise"))
     totals = torch.zeros(4, device=runtime.torch_device)  # loss, task loss, similarity loss, correct
-    pairs = None if run.sampler is None else torch.arange(2 * run.sampler.pairs_per_step,
-                                                         device=runtime.torch_device).view(-1, 2)
+    pairs = (
+        None
+        if run.sampler is None
+        else torch.arange(2 * run.sampler.pairs_per_step, device=runtime.torch_device).view(-1, 2)
+    )
     run.model.train()
 
     def step_fn(x, y, pair_batch):
-        return training_step(run.model, run.optimizer, x, y, run.alpha, run.regularizer, pair_batch,
-                             runtime.amp_dtype)
+        return training_step(run.model, run.optimizer, x, y, run.alpha, run.regularizer, pair_batch, runtime.amp_dtype)
 
     graphed = None
     for step in range(run.steps):
@@ -347,9 +344,14 @@ def run_epoch(run: TrainingRun, epoch: int) -> dict:
             out = graphed(x, run.train_y[index], pair_batch)
         else:
             out = step_fn(x, run.train_y[index], pair_batch)
-        totals += torch.stack([out["loss"], out["task_loss"],
-                               out["sim_loss"] if out["sim_loss"] is not None else out["loss"] * 0,
-                               out["correct"].float()]).float()
+        totals += torch.stack(
+            [
+                out["loss"],
+                out["task_loss"],
+                out["sim_loss"] if out["sim_loss"] is not None else out["loss"] * 0,
+                out["correct"].float(),
+            ]
+        ).float()
     synchronize(runtime.torch_device)
     loss, task, sim, correct = (float(v) for v in totals.cpu())
     return {
@@ -387,16 +389,14 @@ def train_network(
     runtime = as_runtime(runtime)
     checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
     with runtime.kernels():
-        run = build_run(net_config, train_config, reg_config, dataset, target_images, target_similarity,
-                        seed, runtime)
+        run = build_run(net_config, train_config, reg_config, dataset, target_images, target_similarity, seed, runtime)
         fingerprint = run_fingerprint(run.configs, seed, dataset, run.stimuli, run.target)
         resumed_from = resume(run, checkpoint_path, fingerprint)
         for epoch in range(resumed_from, run.configs["train"]["epochs"]):
             record = run_epoch(run, epoch)
             run.history.append(record)
             if checkpoint_path is not None:
-                save_checkpoint(checkpoint_path, fingerprint, run.model, run.optimizer, run.regularizer,
-                                run.history)
+                save_checkpoint(checkpoint_path, fingerprint, run.model, run.optimizer, run.regularizer, run.history)
             if progress is not None:
                 progress(record)
         eval_started = time.perf_counter()

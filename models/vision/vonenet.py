@@ -51,14 +51,7 @@ SF_EDGES_CPD = np.array([0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0, 11.2])
 SF_COUNTS = np.array([4, 4, 8, 25, 32, 26, 28, 12, 8], dtype=float)  # De Valois, Albrecht & Thorell 1982
 ENVELOPE_EDGES = np.logspace(-1, 0.2, 6)  # nx, ny bins (cycles)
 ENVELOPE_JOINT_COUNTS = np.array(  # Ringach 2002: rows nx bins, columns ny bins
-    [
-        [2, 0, 1, 0, 0],
-        [8, 9, 4, 1, 0],
-        [1, 2, 19, 17, 3],
-        [0, 0, 1, 7, 4],
-        [0, 0, 0, 0, 0],
-    ],
-    dtype=float,
+    [[2, 0, 1, 0, 0], [8, 9, 4, 1, 0], [1, 2, 19, 17, 3], [0, 0, 1, 7, 4], [0, 0, 0, 0, 0]], dtype=float
 )
 
 
@@ -94,9 +87,7 @@ def sample_gabor_parameters(n: int, seed: int, sf_max_cpd: float, sf_corr: float
     sf = _sample_binned(copula[:, 1], sf_edges, sf_counts, log=True)
     nx_bin = np.clip(np.searchsorted(ENVELOPE_EDGES, nx, side="right") - 1, 0, len(nx_counts) - 1)
     u_ny = rng.random(n)
-    ny = np.array(
-        [_sample_binned(u, ENVELOPE_EDGES, ENVELOPE_JOINT_COUNTS[b], log=True) for u, b in zip(u_ny, nx_bin)]
-    )
+    ny = np.array([_sample_binned(u, ENVELOPE_EDGES, ENVELOPE_JOINT_COUNTS[b], log=True) for u, b in zip(u_ny, nx_bin)])
     return {"sf": sf, "theta": np.deg2rad(theta_deg), "phase": np.deg2rad(phase_deg), "nx": nx, "ny": ny}
 
 
@@ -132,7 +123,7 @@ def neuronal_noise(x: torch.Tensor, scale: float, level: float) -> torch.Tensor:
     shift and the scale, which is where the division by s comes from (docs/science.md §8).
     """
     # Drawn in logical (N, C, H, W) order, not the tensor's memory order: the same noise whatever the layout
-    # (and randn_like on a channels_last tensor takes a slow path on the CPU, 9x slower measured here).
+    # (and randn_like on a channels_last tensor takes a much slower path on the CPU).
     noise = torch.randn(x.shape, dtype=x.dtype, device=x.device)
     return x + noise * torch.sqrt(F.relu(x * scale + level) + NOISE_EPS) / scale
 
@@ -198,19 +189,28 @@ class VOneBlock(nn.Module):
         self.register_buffer("weight", kernels.repeat(1, in_channels, 1, 1) / in_channels)
 
     @classmethod
-    def build(cls, simple_channels: int = 256, complex_channels: int = 256, visual_degrees: float = 8.0,
-              image_size: int = 32, sf_max: float | None = None, sf_corr: float = 0.75, ksize: int = 7,
-              stride: int = 1, k_exc: float = 25.0, noise: bool = True, noise_scale: float = 0.35,
-              noise_level: float = 0.07, gabor_seed: int = 0, in_channels: int = 1) -> "VOneBlock":
-        """The block VOneNet's parameters describe (``sf_max`` None: the Nyquist limit ppd / 2).
+    def build(cls, **vone) -> VOneBlock:
+        """The block a VOne config describes: ``networks.vone_config()``'s keyword arguments, where their
+        defaults (VOneNet's) are written once (``sf_max`` None: the Nyquist limit ppd / 2).
 
         The Gabor bank is drawn from ``gabor_seed`` alone, so every training seed shares it, as in VOneNet.
         """
-        ppd = image_size / visual_degrees
-        params = sample_gabor_parameters(simple_channels + complex_channels, gabor_seed,
-                                         sf_max if sf_max is not None else ppd / 2, sf_corr)
-        return cls(params, simple_channels, complex_channels, ppd, ksize, stride, k_exc, noise, noise_scale,
-                   noise_level, in_channels=in_channels)
+        ppd = vone["image_size"] / vone["visual_degrees"]
+        sf_max = vone["sf_max"] if vone["sf_max"] is not None else ppd / 2
+        n = vone["simple_channels"] + vone["complex_channels"]
+        params = sample_gabor_parameters(n, vone["gabor_seed"], sf_max, vone["sf_corr"])
+        block = (
+            "simple_channels",
+            "complex_channels",
+            "ksize",
+            "stride",
+            "k_exc",
+            "noise",
+            "noise_scale",
+            "noise_level",
+            "in_channels",
+        )
+        return cls(params, pixels_per_degree=ppd, **{name: vone[name] for name in block})
 
     def cell_responses(self, x: torch.Tensor) -> torch.Tensor:
         """Noise-free simple and complex cell activity, (N, simple + complex, H / stride, W / stride)."""

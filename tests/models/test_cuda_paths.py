@@ -13,13 +13,15 @@ import pytest
 import torch
 from torch import nn
 
+from neureg.models.neural.predictions import predict_responses, unit_correlations
+from neureg.models.neural.predictive import fit_predictor
 from neureg.models.robustness.attacks import minimal_perturbations, perturbation_norm
 from neureg.models.robustness.autoattack import autoattack_robust_accuracy
+from neureg.models.robustness.evaluation import robust_accuracy
+from neureg.models.runtime import Runtime, accuracy
 from neureg.models.vision.datasets import ClassificationData
-from neureg.models.neural.predictive import fit_predictor, predict_responses, unit_correlations
+from neureg.models.vision.networks import vone_config
 from neureg.models.vision.regularizer import similarity_loss
-from neureg.models.robustness.evaluation import accuracy, robust_accuracy
-from neureg.models.runtime import Runtime
 from neureg.models.vision.training import train_network
 from neureg.models.vision.vonenet import VOneBlock
 
@@ -84,8 +86,9 @@ def test_bf16_channels_last_run_learns():
     """The float32 CPU run of this config reaches 100% test accuracy; bf16 must still learn the task."""
     data = toy_dataset(n_train=512)
     config = {**TINY_TRAIN, "epochs": 4, "augment": "none"}
-    result = train_network(TINY_NET, config, {"alpha": 0.0}, data,
-                           runtime=Runtime(device=DEVICE, amp=True, channels_last=True))
+    result = train_network(
+        TINY_NET, config, {"alpha": 0.0}, data, runtime=Runtime(device=DEVICE, amp=True, channels_last=True)
+    )
     assert np.isfinite(result.history[-1]["train_loss"]) and result.test_accuracy > 0.8
 
 
@@ -128,7 +131,7 @@ def test_resume_on_device_replays_the_uninterrupted_run(tmp_path):
 
 
 def test_vone_block_on_device_matches_cpu_without_noise():
-    block = VOneBlock.build(simple_channels=8, complex_channels=8, noise=False)
+    block = VOneBlock.build(**vone_config(simple_channels=8, complex_channels=8, noise=False))
     x = torch.rand(4, 1, 32, 32)
     expected = block.eval()(x)
     got = block.to(DEVICE).eval()(x.to(DEVICE)).cpu()
@@ -137,7 +140,7 @@ def test_vone_block_on_device_matches_cpu_without_noise():
 
 def test_vone_noise_on_device_has_the_published_variance():
     """Noise on: the spread over draws matches sqrt(relu(s*x + l) + 1e-4) / s (see docs) at the device."""
-    block = VOneBlock.build(simple_channels=8, complex_channels=8).to(DEVICE).eval()
+    block = VOneBlock.build(**vone_config(simple_channels=8, complex_channels=8)).to(DEVICE).eval()
     x = torch.rand(2, 1, 32, 32, device=DEVICE)
     with torch.no_grad():
         draws = torch.stack([block(x) for _ in range(400)])
@@ -154,8 +157,9 @@ def test_similarity_loss_on_device_matches_cpu_and_has_gradients():
     logits = torch.zeros(2)
     expected = similarity_loss(taps, centres, pairs, target, logits, 1e-3)
     moved = [t.to(DEVICE).requires_grad_() for t in taps]
-    got = similarity_loss(moved, [c.to(DEVICE) for c in centres], pairs.to(DEVICE), target.to(DEVICE),
-                          logits.to(DEVICE), 1e-3)
+    got = similarity_loss(
+        moved, [c.to(DEVICE) for c in centres], pairs.to(DEVICE), target.to(DEVICE), logits.to(DEVICE), 1e-3
+    )
     got.backward()
     assert float(got.detach()) == pytest.approx(float(expected), rel=1e-5)
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in moved)
@@ -164,8 +168,9 @@ def test_similarity_loss_on_device_matches_cpu_and_has_gradients():
 class TinyCNN(nn.Module):
     def __init__(self):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(1, 8, 5, 2, 2), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-                                  nn.Linear(128, 4))
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 8, 5, 2, 2), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(128, 4)
+        )
 
     def forward(self, x):
         return self.body(x)
@@ -187,8 +192,11 @@ def toy_classifier():
 
 def test_fmn_attacks_on_device_find_verified_minimal_perturbations(toy_classifier):
     model, x, y = toy_classifier
-    configs = [{"attack": "linf_fmn", "steps": 30}, {"attack": "l2_fmn", "steps": 30},
-               {"attack": "linf_pgd", "steps": 10, "search_steps": 6}]
+    configs = [
+        {"attack": "linf_fmn", "steps": 30},
+        {"attack": "l2_fmn", "steps": 30},
+        {"attack": "linf_pgd", "steps": 10, "search_steps": 6},
+    ]
     result = minimal_perturbations(model, x[:16], y[:16], configs, device=DEVICE)
     for index, norm in enumerate(("linf", "l2", "linf")):
         found = np.isfinite(result.distances[index])
@@ -224,11 +232,13 @@ def test_eot_attacks_on_device_handle_a_stochastic_network(toy_classifier):
     with pytest.raises(ValueError, match="stochastic"):
         robust_accuracy(noisy, x[:16], y[:16], "linf", 0.03, steps=5, device=DEVICE)
     pgd = robust_accuracy(noisy, x[:16], y[:16], "linf", 0.03, steps=5, eot_samples=4, device=DEVICE)
-    auto = autoattack_robust_accuracy(noisy, x[:16], y[:16], "linf", 0.03, version="rand", eot_samples=4,
-                                      device=DEVICE, batch_size=16)
+    auto = autoattack_robust_accuracy(
+        noisy, x[:16], y[:16], "linf", 0.03, version="rand", eot_samples=4, device=DEVICE, batch_size=16
+    )
     assert 0.0 <= auto <= 1.0 and 0.0 <= pgd <= 1.0
-    result = minimal_perturbations(noisy, x[:8], y[:8], [{"attack": "l2_ddn", "steps": 50}], device=DEVICE,
-                                   eot_samples=4)
+    result = minimal_perturbations(
+        noisy, x[:8], y[:8], [{"attack": "l2_ddn", "steps": 50}], device=DEVICE, eot_samples=4
+    )
     # Near the boundary a noisy network's verdict flips between draws, so the EoT-verified success rate
     # varies; what must hold is that every reported distance is that of its stored adversarial.
     found = np.isfinite(result.distances[0])
@@ -253,10 +263,18 @@ def test_predictive_fit_on_device_recovers_a_linear_nonlinear_population():
     drive = np.einsum("thw,nhw->tn", (images - 128.0) / 40, rfs)
     rates = 3.0 * np.log1p(np.exp(2.0 * drive / drive.std(axis=0) - 0.5))
     responses = g.poisson(rates).astype(np.float32)
-    config = {"hidden_channels": 6, "max_epochs": 12, "batch_size": 32, "input_kernel": 5, "hidden_kernel": 3,
-              "shifter": False, "modulator": False}
-    fit = fit_predictor(images, responses, None, None, np.arange(340), np.arange(340, 400), config, seed=0,
-                        device=DEVICE)
+    config = {
+        "hidden_channels": 6,
+        "max_epochs": 12,
+        "batch_size": 32,
+        "input_kernel": 5,
+        "hidden_kernel": 3,
+        "shifter": False,
+        "modulator": False,
+    }
+    fit = fit_predictor(
+        images, responses, None, None, np.arange(340), np.arange(340, 400), config, seed=0, runtime=DEVICE
+    )
     assert np.isfinite(fit.best_val_corr) and fit.device.startswith(DEVICE)
     predicted = predict_responses(fit.to_model(DEVICE), images[340:])
     r = unit_correlations(predicted, rates[340:])

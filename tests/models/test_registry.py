@@ -5,19 +5,39 @@ from typing import Annotated
 import numpy as np
 import pytest
 
-from neureg.models.registry import (Fraction, PositiveInt, Registry, complete_kwargs, config_parameters, one_of,
-                                    open_interval)
+from neureg.models.registry import (
+    Fraction,
+    PositiveInt,
+    Registry,
+    complete_kwargs,
+    config_parameters,
+    one_of,
+    open_interval,
+)
 
 
-def settings(inputs, steps: PositiveInt = 10, rate: Fraction = 0.5, mode: Annotated[str, one_of("a", "b")] = "a",
-             eps: Annotated[float, open_interval(0, 0.5)] = 0.1, limit: PositiveInt | None = None, flag: bool = False):
+def settings(
+    inputs,
+    steps: PositiveInt = 10,
+    rate: Fraction = 0.5,
+    mode: Annotated[str, one_of("a", "b")] = "a",
+    eps: Annotated[float, open_interval(0, 0.5)] = 0.1,
+    limit: PositiveInt | None = None,
+    flag: bool = False,
+):
     """A config: every keyword argument with a default; ``inputs`` (no default) is not config."""
 
 
 def test_defaults_fill_what_a_config_leaves_out_in_signature_order():
     assert list(config_parameters(settings)) == ["steps", "rate", "mode", "eps", "limit", "flag"]
     assert complete_kwargs(settings, {"rate": 0.25}) == {
-        "steps": 10, "rate": 0.25, "mode": "a", "eps": 0.1, "limit": None, "flag": False}
+        "steps": 10,
+        "rate": 0.25,
+        "mode": "a",
+        "eps": 0.1,
+        "limit": None,
+        "flag": False,
+    }
 
 
 def test_numpy_scalars_become_plain_values_so_hashes_are_stable():
@@ -25,20 +45,23 @@ def test_numpy_scalars_become_plain_values_so_hashes_are_stable():
     assert type(full["steps"]) is int and type(full["rate"]) is float
 
 
-@pytest.mark.parametrize("given, fault", [
-    ({"stepz": 3}, "unknown config key"),
-    ({"inputs": 3}, "unknown config key"),  # an input is never config
-    ({"steps": 0}, "'steps' must be a positive integer"),
-    ({"steps": 2.0}, "'steps' must be a positive integer"),
-    ({"steps": True}, "'steps' must be a positive integer"),
-    ({"rate": 1.0}, "'rate' must be a number in \\[0, 1\\)"),
-    ({"rate": float("nan")}, "'rate'"),
-    ({"mode": "c"}, "'mode' must be one of"),
-    ({"eps": 0.5}, "'eps' must be a number in \\(0, 0.5\\)"),
-    ({"eps": "x"}, "'eps'"),
-    ({"limit": 0}, "'limit'"),
-    ({"flag": 1}, "'flag' must be True or False"),
-])
+@pytest.mark.parametrize(
+    "given, fault",
+    [
+        ({"stepz": 3}, "unknown config key"),
+        ({"inputs": 3}, "unknown config key"),  # an input is never config
+        ({"steps": 0}, "'steps' must be a positive integer"),
+        ({"steps": 2.0}, "'steps' must be a positive integer"),
+        ({"steps": True}, "'steps' must be a positive integer"),
+        ({"rate": 1.0}, "'rate' must be a number in \\[0, 1\\)"),
+        ({"rate": float("nan")}, "'rate'"),
+        ({"mode": "c"}, "'mode' must be one of"),
+        ({"eps": 0.5}, "'eps' must be a number in \\(0, 0.5\\)"),
+        ({"eps": "x"}, "'eps'"),
+        ({"limit": 0}, "'limit'"),
+        ({"flag": 1}, "'flag' must be True or False"),
+    ],
+)
 def test_bad_values_are_refused_with_the_key_named(given, fault):
     with pytest.raises(ValueError, match=fault):
         complete_kwargs(settings, given, "test config")

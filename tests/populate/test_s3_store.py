@@ -17,10 +17,8 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -28,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from neureg.scanfolder import read_scan_folder
+from neureg.ingestion.folder import read_scan_folder
 
 s3fs = pytest.importorskip("s3fs", reason="the S3 tests need s3fs and moto (pip install -e '.[test]')")
 
@@ -39,140 +37,6 @@ _spec.loader.exec_module(faults)
 toy = faults.toy
 NEUREG, clean_env, wait_for = faults.NEUREG, faults.clean_env, faults.wait_for
 
-ACCESS_KEY, SECRET_KEY = "neureg-test-key", "neureg-test-secret"
-
-
-class StoreLink:
-    """A TCP link to the S3 server that can be cut (connections refused, open ones dropped) and restored."""
-
-    def __init__(self, target_port: int):
-        self.target, self.port = ("127.0.0.1", target_port), faults._free_port()
-        self._open: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._listener = None
-        self.restore()
-
-    def restore(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def cut(self) -> None:
-        listener, self._listener = self._listener, None
-        try:
-            listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked in the other thread (close alone does not)
-        except OSError:
-            pass
-        listener.close()
-        with self._lock:
-            for conn in self._open:
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                conn.close()
-            self._open.clear()
-
-    def _accept(self, listener) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return  # cut
-            try:
-                server = socket.create_connection(self.target)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._open.update((client, server))
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, source, sink) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for conn in (source, sink):
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-
-S3_VARIABLE = "NEUREG_TEST_S3_PORT"  # .ci/run starts moto's S3 server on 127.0.0.1 and sets this
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """The S3-protocol server: the one .ci/run started (its port in NEUREG_TEST_S3_PORT), else moto's server
-    started here for the session. Yields its port on 127.0.0.1."""
-    def up(port):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return True
-        except OSError:
-            return False
-
-    if os.environ.get(S3_VARIABLE):
-        port = int(os.environ[S3_VARIABLE])
-        if not up(port):
-            pytest.fail(f"{S3_VARIABLE}={port} but no S3 server answers on 127.0.0.1:{port}")
-        yield port
-        return
-    port = faults._free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    wait_for(lambda: up(port) or proc.poll() is not None, 60, "moto's S3 server")
-    assert proc.poll() is None, "moto's S3 server did not start (see moto.log)"
-    yield port
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
-@pytest.fixture
-def s3_lab(pipeline, s3_server, tmp_path):
-    """A fresh bucket behind a cuttable link, and the environment of a worker host that uses it."""
-    link = StoreLink(s3_server)
-    bucket = f"neureg-{uuid.uuid4().hex[:10]}"
-    fs = s3fs.S3FileSystem(key=ACCESS_KEY, secret=SECRET_KEY,
-                           client_kwargs={"endpoint_url": f"http://127.0.0.1:{s3_server}"})
-    fs.mkdir(bucket)
-    store = {"protocol": "s3", "endpoint": f"127.0.0.1:{link.port}", "bucket": bucket, "location": "lab",
-             "access_key": ACCESS_KEY, "secret_key": SECRET_KEY, "secure": False}
-    prefix = f"s{uuid.uuid4().hex[:8]}_"
-    host_home = tmp_path / "host"
-    env = clean_env({"NEUREG_PREFIX": prefix, "DJ_STORES": json.dumps({"neureg": store}),
-                     "NEUREG_HOME": str(pipeline.home if pipeline.backend == "postgres" else host_home)})
-    env.update(toy.dj_env() if pipeline.backend == "mysql" else {"NEUREG_BACKEND": "embedded"})
-    if pipeline.backend == "mysql":
-        env["NEUREG_BACKEND"] = "server"
-    lab = type("S3Lab", (), {})()
-    lab.env, lab.fs, lab.bucket, lab.link, lab.prefix, lab.store = env, fs, bucket, link, prefix, store
-    yield lab
-    link.cut()
-    _drop_schemas(pipeline, prefix)
-
-
-def _drop_schemas(pipeline, prefix: str) -> None:
-    import datajoint as dj
-
-    conn = dj.conn()
-    names = [n for n in conn.query("SELECT schema_name FROM information_schema.schemata").fetchall()]
-    for (name,) in names:
-        if name.startswith(prefix):
-            try:
-                dj.Schema(name, create_schema=False).drop(prompt=False)
-            except Exception:  # noqa: BLE001 - a dependent schema drops with its upstream one
-                pass
-
 
 def run(command, env, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
@@ -180,7 +44,9 @@ def run(command, env, timeout=300) -> subprocess.CompletedProcess:
 
 def count(status: dict, prefix: str, table: str) -> int:
     """A row count from `neureg status --json` (keys are quoted full table names, `db`.`table` or "db"."table")."""
-    [value] = [v for k, v in status.items() if prefix in k and k.replace('"', "").replace("`", "").endswith(f".{table}")]
+    [value] = [
+        v for k, v in status.items() if prefix in k and k.replace('"', "").replace("`", "").endswith(f".{table}")
+    ]
     return value
 
 
@@ -217,8 +83,9 @@ def test_hosts_share_scans_and_results_through_the_bucket(pipeline, s3_lab, scan
         assert np.array_equal(np.asarray(row["responses"], dtype=np.float32), data.responses), folder
         labels = np.asarray(data.trial_images)
         names, counts = np.unique(labels, return_counts=True)
-        noise = np.mean([data.responses[labels == h].astype(np.float64).var(axis=0, ddof=1)
-                         for h in names[counts > 1]], axis=0)
+        noise = np.mean(
+            [data.responses[labels == h].astype(np.float64).var(axis=0, ddof=1) for h in names[counts > 1]], axis=0
+        )
         stored = dict(zip(row["unit_ids"], row["noise_var"]))
         np.testing.assert_allclose([stored[u] for u in data.unit_ids.tolist()], noise, rtol=1e-5, atol=1e-9)
 
@@ -231,7 +98,7 @@ def test_hosts_share_scans_and_results_through_the_bucket(pipeline, s3_lab, scan
 READER = r"""
 import json, sys
 import neureg
-from neureg.scanfolder import read_scan_folder
+from neureg.ingestion.folder import read_scan_folder
 
 pipe = neureg.connect()
 rows = []
@@ -286,8 +153,9 @@ def stored_toy(pipeline, s3_lab, tmp_path):
     stage = toy.toy_stage(f"{s3_lab.prefix}toy", stored=True)
     stage.log = tmp_path / "toy.log"
     stage.database = stage.schema.database
-    stage.env = clean_env({**toy.dj_env(), "DJ_STORES": s3_lab.env["DJ_STORES"], toy.TOY_LOG: str(stage.log),
-                           toy.TOY_STORED: "1"})
+    stage.env = clean_env(
+        {**toy.dj_env(), "DJ_STORES": s3_lab.env["DJ_STORES"], toy.TOY_LOG: str(stage.log), toy.TOY_STORED: "1"}
+    )
     yield stage
     stage.schema.drop(prompt=False)
 
@@ -326,18 +194,24 @@ def test_a_host_that_loses_the_bucket_fails_its_job_cleanly_and_retries(stored_t
     stored_toy.Item.insert(dict(item=i) for i in range(3))
     s3_lab.link.cut()
     group = workers(stored_toy.env)
-    group.toy(stored_toy.database, "--retry-delay", "1", "--max-retries", "8", "--idle-sleep", "0.2",
-              "--time-limit", "240")
+    group.toy(
+        stored_toy.database, "--retry-delay", "1", "--max-retries", "8", "--idle-sleep", "0.2", "--time-limit", "240"
+    )
     jobs = stored_toy.Square().jobs
 
     def failed():
         return {r["item"]: r["error_message"] for r in (jobs & "status = 'error'").proj("error_message").to_dicts()}
+
     failures = wait_for(failed, 120, "a job to fail on the lost bucket", interval=0.5)
     assert len(stored_toy.Square()) == 0 and len(stored_toy.Square.Digit()) == 0  # nothing half-written
     assert any(re.search(r"connect|endpoint|refused", m, re.I) for m in failures.values()), failures
     s3_lab.link.restore()
-    wait_for(lambda: len(stored_toy.Square.Digit()) and toy.toy_events(stored_toy.log, "end").keys() == {0, 1, 2},
-             180, "the retries to succeed", interval=0.5)
+    wait_for(
+        lambda: len(stored_toy.Square.Digit()) and toy.toy_events(stored_toy.log, "end").keys() == {0, 1, 2},
+        180,
+        "the retries to succeed",
+        interval=0.5,
+    )
     assert group.stop() == [0], group.output()
     report = toy_report(stored_toy)
     assert report["squares"] == [0, 1, 2] and report["complete"] and report["pictures"] == {0: True, 1: True, 2: True}
@@ -367,13 +241,17 @@ def readme_recipe() -> str:
     return section.split("```bash\n", 1)[1].split("```", 1)[0]
 
 
-def test_the_lab_recipe_in_the_readme(pipeline, s3_server, scan_folder_factory, tmp_path):
+def test_the_lab_recipe_in_the_readme(pipeline, s3_kit, scan_folder_factory, tmp_path):
     """The README's "Running at lab scale" commands, in their order, against MariaDB and an S3 server; only
     host names, paths, the prefix and the array size are replaced."""
     if pipeline.backend != "mysql":
         pytest.skip("the recipe is for a lab's MySQL server (the mysql run executes it)")
-    link = StoreLink(s3_server)
-    fs = s3fs.S3FileSystem(key=ACCESS_KEY, secret=SECRET_KEY, client_kwargs={"endpoint_url": f"http://127.0.0.1:{s3_server}"})
+    link = s3_kit.link()
+    fs = s3fs.S3FileSystem(
+        key=s3_kit.access_key,
+        secret=s3_kit.secret_key,
+        client_kwargs={"endpoint_url": f"http://127.0.0.1:{s3_kit.port}"},
+    )
     if fs.exists("neureg"):  # left by an earlier run on a long-lived server: the recipe creates it
         fs.rm("neureg", recursive=True)
     home, logs, scans = tmp_path / "home", tmp_path / "logs", tmp_path / "scans"
@@ -381,24 +259,37 @@ def test_the_lab_recipe_in_the_readme(pipeline, s3_server, scan_folder_factory, 
     logs.mkdir()
     db = toy.dj_env()
     (home / ".neureg" / "worker-password").write_text(db["DJ_PASS"])
-    (home / ".neureg" / "s3-secret").write_text(SECRET_KEY)
+    (home / ".neureg" / "s3-secret").write_text(s3_kit.secret_key)
     for i in (1, 2):
         scan_folder_factory(scans / f"scan{i}", mouse="recipe", scan=i, seed=20 + i)
     prefix = f"r{uuid.uuid4().hex[:8]}_"
     recipe = readme_recipe()
-    for old, new in [("db.lab.org", db["DJ_HOST"]), ("DJ_USER=neureg_worker", f"DJ_USER={db['DJ_USER']}"),
-                     ("s3.lab.org:9000", f"127.0.0.1:{link.port}"), ("neureg-store", ACCESS_KEY),
-                     ("NEUREG_PREFIX=neureg_", f"NEUREG_PREFIX={prefix}"),
-                     ("/scratch/$USER/neureg-checkpoints", str(tmp_path / "checkpoints")),
-                     ("/data/lab/scans/*", f"{scans}/*"), ("--array=0-7", "--array=0-1")]:
+    for old, new in [
+        ("db.lab.org", db["DJ_HOST"]),
+        ("DJ_USER=neureg_worker", f"DJ_USER={db['DJ_USER']}"),
+        ("s3.lab.org:9000", f"127.0.0.1:{link.port}"),
+        ("neureg-store", s3_kit.access_key),
+        ("NEUREG_PREFIX=neureg_", f"NEUREG_PREFIX={prefix}"),
+        ("/scratch/$USER/neureg-checkpoints", str(tmp_path / "checkpoints")),
+        ("/data/lab/scans/*", f"{scans}/*"),
+        ("--array=0-7", "--array=0-1"),
+    ]:
         assert old in recipe, f"the README recipe no longer says {old!r}"
         recipe = recipe.replace(old, new)
     script = tmp_path / "recipe.sh"
     script.write_text("set -euo pipefail\n" + SBATCH_HERE + recipe)
-    env = clean_env({"HOME": str(home), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-                     "NEUREG_HOME": str(tmp_path / "neureg-home"), "NEUREG_TIME_LIMIT": "25",
-                     "NEUREG_WORKER_ENV": str(home / "none.env"), "NEUREG_TEST_LOGS": str(logs),
-                     "DJ_PORT": db["DJ_PORT"], "DJ_USE_TLS": "false"})
+    env = clean_env(
+        {
+            "HOME": str(home),
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            "NEUREG_HOME": str(tmp_path / "neureg-home"),
+            "NEUREG_TIME_LIMIT": "25",
+            "NEUREG_WORKER_ENV": str(home / "none.env"),
+            "NEUREG_TEST_LOGS": str(logs),
+            "DJ_PORT": db["DJ_PORT"],
+            "DJ_USE_TLS": "false",
+        }
+    )
     try:
         proc = subprocess.run(["bash", str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         tasks = "".join(p.read_text() for p in sorted(logs.glob("task*.log")))
@@ -406,16 +297,33 @@ def test_the_lab_recipe_in_the_readme(pipeline, s3_server, scan_folder_factory, 
         assert "bucket neureg created" in proc.stdout
         assert "0 damaged" in proc.stderr  # neureg verify's summary
         assert tasks.count("time limit of 25 s reached") == 2 and tasks.count("worker: stopped:") == 2, tasks
-        status = json.loads(run([sys.executable, "-m", "neureg.cli", "status", "--json"],
-                                {**env, **{k: v for k, v in db.items()}, "NEUREG_PREFIX": prefix,
-                                 "NEUREG_BACKEND": "server",
-                                 "DJ_STORES": json.dumps({"neureg": {"protocol": "s3", "endpoint": f"127.0.0.1:{link.port}",
-                                                                     "bucket": "neureg", "location": "neureg_",
-                                                                     "access_key": ACCESS_KEY, "secret_key": SECRET_KEY,
-                                                                     "secure": False}})}).stdout)
+        status = json.loads(
+            run(
+                [sys.executable, "-m", "neureg.cli", "status", "--json"],
+                {
+                    **env,
+                    **{k: v for k, v in db.items()},
+                    "NEUREG_PREFIX": prefix,
+                    "NEUREG_BACKEND": "server",
+                    "DJ_STORES": json.dumps(
+                        {
+                            "neureg": {
+                                "protocol": "s3",
+                                "endpoint": f"127.0.0.1:{link.port}",
+                                "bucket": "neureg",
+                                "location": "neureg_",
+                                "access_key": s3_kit.access_key,
+                                "secret_key": s3_kit.secret_key,
+                                "secure": False,
+                            }
+                        }
+                    ),
+                },
+            ).stdout
+        )
         assert count(status, prefix, "__oracle_stats") == 2 and count(status, prefix, "scan_set") == 1, status
         fs.invalidate_cache()
         assert fs.find("neureg/neureg_"), "nothing reached the bucket"
     finally:
         link.cut()
-        _drop_schemas(pipeline, prefix)
+        s3_kit.drop_schemas(pipeline, prefix)

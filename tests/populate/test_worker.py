@@ -21,13 +21,13 @@ import datajoint as dj
 import numpy as np
 import pytest
 
-from neureg.populate.worker import Worker, WorkerOptions, select_tables
-from neureg.populate.worker_cli import add_worker_arguments, options_from_args
+from neureg.cli.worker import add_worker_arguments, options_from_args
+from neureg.database.store import load_array
+from neureg.database.store import stored as toy_stored
 from neureg.populate.devices import select_device
 from neureg.populate.stages import pipeline_tables, stage_tables
+from neureg.populate.worker import Worker, WorkerOptions, select_tables
 from neureg.populate.worker_jobs import HOST, attempts_recorded, release, retry_failed, tag_message
-from neureg.schemas._store import load_array
-from neureg.schemas._store import stored as toy_stored
 
 TOY_LOG = "NEUREG_TOY_LOG"  # file each toy make() appends "start ITEM PID" / "end ITEM PID" to
 TOY_STORED = "NEUREG_TOY_STORED"  # "1": the toy stage keeps an array per item in the object store
@@ -54,7 +54,7 @@ def toy_events(path, event: str = "start") -> dict[int, int]:
 
 def toy_picture(item: int) -> np.ndarray:
     """The array a stored toy make() keeps for ``item`` (64 KB, content unique to the item)."""
-    return (np.arange(128 * 128, dtype=np.float32).reshape(128, 128) + item * 1e4)
+    return np.arange(128 * 128, dtype=np.float32).reshape(128, 128) + item * 1e4
 
 
 def toy_stage(database: str, stored: bool = False) -> SimpleNamespace:
@@ -76,12 +76,12 @@ def toy_stage(database: str, stored: bool = False) -> SimpleNamespace:
     Item = schema(Item)
 
     class Square(dj.Computed):
-        definition = """
+        definition = f"""
         -> Item
         ---
         square               : int64
-        %s
-        """ % picture
+        {picture}
+        """
 
         class Digit(dj.Part):
             definition = """
@@ -125,9 +125,10 @@ def toy_report(stage) -> dict:
         "messages": {r["item"]: r["error_message"] for r in jobs.proj("error_message").to_dicts()},
     }
     if stage.stored:  # every array read back through neureg's verified path, compared with what was written
-        report["pictures"] = {k["item"]: bool(np.array_equal(load_array(stage.Square, k, "picture"),
-                                                               toy_picture(k["item"])))
-                              for k in stage.Square().keys()}
+        report["pictures"] = {
+            k["item"]: bool(np.array_equal(load_array(stage.Square, k, "picture"), toy_picture(k["item"])))
+            for k in stage.Square().keys()
+        }
     return report
 
 
@@ -135,8 +136,12 @@ def dj_env() -> dict:
     """The current DataJoint connection as DJ_* variables, for toy worker subprocesses."""
     info = dj.conn().conn_info
     return {
-        "DJ_BACKEND": dj.conn().adapter.backend, "DJ_HOST": str(info["host"]), "DJ_PORT": str(info["port"]),
-        "DJ_USER": info["user"], "DJ_PASS": info["passwd"], "DJ_USE_TLS": "false",
+        "DJ_BACKEND": dj.conn().adapter.backend,
+        "DJ_HOST": str(info["host"]),
+        "DJ_PORT": str(info["port"]),
+        "DJ_USER": info["user"],
+        "DJ_PASS": info["passwd"],
+        "DJ_USE_TLS": "false",
     }
 
 
@@ -145,7 +150,7 @@ def main(argv=None) -> int:
     ``DATABASE worker [neureg worker options]``."""
     import logging
 
-    from neureg.connection import quiet_datajoint
+    from neureg.database.settings import quiet_datajoint
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(message)s", stream=sys.stderr)
     quiet_datajoint()
@@ -318,7 +323,9 @@ def test_table_and_stage_selection(toy, pipeline):
     oracle = select_tables(pipeline, stages=["oracle"])
     assert oracle == [t for t in stage_tables(pipeline) if t.database == pipeline.oracle.schema.database]
     assert select_tables(pipeline, tables=["oracle.ScanStability", "OracleStats"]) == [
-        pipeline.oracle.OracleStats, pipeline.oracle.ScanStability]
+        pipeline.oracle.OracleStats,
+        pipeline.oracle.ScanStability,
+    ]
 
 
 def _computed_classes(pipeline) -> set:
@@ -327,8 +334,12 @@ def _computed_classes(pipeline) -> set:
     for module in vars(pipeline).values():
         schema = getattr(module, "schema", None)
         for obj in vars(module).values() if schema is not None else ():
-            if (isinstance(obj, type) and issubclass(obj, (dj.Computed, dj.Imported)) and not issubclass(obj, dj.Part)
-                    and getattr(obj, "database", None) == schema.database):
+            if (
+                isinstance(obj, type)
+                and issubclass(obj, (dj.Computed, dj.Imported))
+                and not issubclass(obj, dj.Part)
+                and getattr(obj, "database", None) == schema.database
+            ):
                 found.add(obj)
     return found
 
@@ -339,8 +350,10 @@ def test_stage_order_puts_every_table_after_its_upstream_tables(pipeline):
     names = [e.table.full_table_name for e in entries]
     assert len(names) == len(set(names))
     position = {name: i for i, name in enumerate(names)}
-    master = {e.table.full_table_name: (e.table.master if issubclass(e.table, dj.Part) else e.table).full_table_name
-              for e in entries}
+    master = {
+        e.table.full_table_name: (e.table.master if issubclass(e.table, dj.Part) else e.table).full_table_name
+        for e in entries
+    }
     checked = 0
     for entry in entries:
         name = entry.table.full_table_name
@@ -406,7 +419,7 @@ def test_options_are_checked():
 def test_device_comes_from_the_environment(monkeypatch):
     import torch
 
-    from neureg.connection import ConfigurationError
+    from neureg.errors import ConfigurationError
 
     monkeypatch.setenv("NEUREG_DEVICE", "cpu")
     assert select_device(None) == "cpu"

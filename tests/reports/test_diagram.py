@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 from neureg.populate.stages import pipeline_tables
@@ -15,10 +13,9 @@ def _node_names(mermaid: str) -> set[str]:
     return set(re.findall(r"\[(?:[\w.]+\.)?(\w+)\]\)?:::", mermaid))
 
 
-def test_diagram_names_every_table_and_the_readme_shows_it(pipeline, subprocess_env, tmp_path):
+def test_diagram_names_every_table_and_the_readme_shows_it(pipeline, tmp_path, neureg_cli):
     out = tmp_path / "pipe.mmd"
-    run = subprocess.run([sys.executable, "-m", "neureg", "diagram", str(out)], env=subprocess_env,
-                         capture_output=True, text=True, timeout=300)
+    run = neureg_cli("diagram", str(out), timeout=300)
     assert run.returncode == 0, run.stderr
     text = out.read_text()
     assert text.startswith("flowchart")
@@ -30,13 +27,12 @@ def test_diagram_names_every_table_and_the_readme_shows_it(pipeline, subprocess_
     assert shown and tables <= _node_names(shown.group(1)), "README's diagram is stale: run `neureg diagram`"
 
 
-def test_unknown_or_unrenderable_format_is_a_clear_error(pipeline, subprocess_env, tmp_path):
-    run = subprocess.run([sys.executable, "-m", "neureg", "diagram", str(tmp_path / "pipe.gif")], env=subprocess_env,
-                         capture_output=True, text=True, timeout=300)
+def test_unknown_or_unrenderable_format_is_a_clear_error(pipeline, tmp_path, neureg_cli):
+    run = neureg_cli("diagram", str(tmp_path / "pipe.gif"), timeout=300)
     assert run.returncode == 2 and "unknown diagram format '.gif'" in run.stderr and "Traceback" not in run.stderr
 
 
-def test_svg_diagram_draws_every_table_with_graphviz(pipeline, subprocess_env, tmp_path):
+def test_svg_diagram_draws_every_table_with_graphviz(pipeline, tmp_path, neureg_cli):
     """SVG through Graphviz's dot (.ci/run installs it); the README's picture is one such file."""
     import os
     import shutil
@@ -48,8 +44,7 @@ def test_svg_diagram_draws_every_table_with_graphviz(pipeline, subprocess_env, t
 
         pytest.skip("Graphviz's dot is not installed here (apt install graphviz)")
     out = tmp_path / "pipe.svg"
-    run = subprocess.run([sys.executable, "-m", "neureg", "diagram", str(out), "--json"], env=subprocess_env,
-                         capture_output=True, text=True, timeout=300)
+    run = neureg_cli("diagram", str(out), "--json", timeout=300)
     assert run.returncode == 0, run.stderr
     svg = out.read_text()
     assert svg.lstrip().startswith("<svg") and svg.rstrip().endswith("</svg>")

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from neureg.errors import ScanExistsError
-from neureg.populate.ingest import ingest_folder
-from neureg.populate.status import table_counts
-from neureg.scanfolder import image_hash, read_scan_folder
+from neureg.ingestion import ingest_folder, insert_scan
+from neureg.ingestion.folder import read_scan_folder
+from neureg.models.digests import image_hash
+from neureg.upkeep.status import table_counts
 
 
 def test_round_trip_is_bitwise_equal(pipeline, tmp_path, unique_mouse, scan_folder_factory):
@@ -65,7 +66,7 @@ def test_ingestion_seals_the_scan_and_records_who_and_when(pipeline, tmp_path, u
     key = ingest_folder(scan_folder_factory(tmp_path / "scan", mouse=unique_mouse), pipeline)
     who, when, version = (exp.Ingestion & key).fetch1("ingested_by", "ingested_at", "neureg_version")
     assert who == exp.Scan.connection.conn_info["user"] and version == neureg.__version__
-    assert abs((datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None) - when).total_seconds()) < 600
+    assert abs((datetime.datetime.now(datetime.UTC).replace(tzinfo=None) - when).total_seconds()) < 600
     # The same scan without its ingestion row (rows written by hand, bypassing ingest) is not computed on.
     assert pipeline.oracle.OracleStats.key_source & key
     (exp.Ingestion & key).delete_quick()
@@ -104,7 +105,7 @@ def test_failure_inside_the_transaction_rolls_back(pipeline, tmp_path, unique_mo
     exp.Responses.insert1 = failing_insert
     try:
         with pytest.raises(RuntimeError, match="disk full"):
-            exp.insert_scan(data)
+            insert_scan(data)
     finally:
         exp.Responses.insert1 = original
     assert table_counts(pipeline) == before
@@ -116,7 +117,9 @@ def test_cli_ingest_status_and_errors(pipeline, tmp_path, unique_mouse, scan_fol
     (bad / "data/behavior/0.npy").unlink()
 
     def neureg(*args):
-        return subprocess.run([sys.executable, "-m", "neureg.cli", *args], env=subprocess_env, capture_output=True, text=True)
+        return subprocess.run(
+            [sys.executable, "-m", "neureg.cli", *args], env=subprocess_env, capture_output=True, text=True
+        )
 
     run = neureg("ingest", str(good))
     assert run.returncode == 0, run.stderr
@@ -135,15 +138,24 @@ def test_cli_ingest_status_and_errors(pipeline, tmp_path, unique_mouse, scan_fol
 # ------------------------------------------------------------------------------------------ concurrency
 def _ingest_together(folders, env, copies=1):
     """Start one `neureg ingest` per folder (x copies) at the same moment; return (exit codes, stderr)."""
-    procs = [subprocess.Popen([sys.executable, "-m", "neureg.cli", "ingest", str(f)], env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for f in folders for _ in range(copies)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "neureg.cli", "ingest", str(f)],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for f in folders
+        for _ in range(copies)
+    ]
     outputs = [p.communicate(timeout=300) for p in procs]
     return [p.returncode for p in procs], [err for _, err in outputs]
 
 
-def test_concurrent_ingests_of_scans_sharing_a_mouse_and_images_all_land(pipeline, tmp_path, unique_mouse,
-                                                                         scan_folder_factory, subprocess_env):
+def test_concurrent_ingests_of_scans_sharing_a_mouse_and_images_all_land(
+    pipeline, tmp_path, unique_mouse, scan_folder_factory, subprocess_env
+):
     """Same mouse, same session, same images (same seed), different scans: every ingest lands."""
     scans = range(1, 7)
     folders = [scan_folder_factory(tmp_path / f"s{i}", mouse=unique_mouse, scan=i, seed=0) for i in scans]
@@ -156,8 +168,9 @@ def test_concurrent_ingests_of_scans_sharing_a_mouse_and_images_all_land(pipelin
         assert len(pipeline.experiment.Trial & {"mouse": unique_mouse, "scan_idx": i}) == 39
 
 
-def test_concurrent_ingests_of_one_scan_land_it_once(pipeline, tmp_path, unique_mouse, scan_folder_factory,
-                                                     subprocess_env):
+def test_concurrent_ingests_of_one_scan_land_it_once(
+    pipeline, tmp_path, unique_mouse, scan_folder_factory, subprocess_env
+):
     folder = scan_folder_factory(tmp_path / "scan", mouse=unique_mouse)
     before = table_counts(pipeline)
     codes, errors = _ingest_together([folder], subprocess_env, copies=3)
@@ -175,7 +188,15 @@ def test_concurrent_first_commands_on_a_new_home_all_succeed(tmp_path):
     for attempt in range(2):
         env = dict(base, NEUREG_HOME=str(tmp_path / f"home{attempt}"))
         commands = [["init"], ["status", "--json"], ["status"]]
-        procs = [subprocess.Popen([sys.executable, "-m", "neureg.cli", *c], env=env, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for c in commands]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "neureg.cli", *c],
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for c in commands
+        ]
         outputs = [p.communicate(timeout=300) for p in procs]
         assert [p.returncode for p in procs] == [0, 0, 0], [err[-1500:] for _, err in outputs]

@@ -6,14 +6,16 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from neureg.populate.simulate import load_ground_truth
+from neureg.experiments.simulate import load_ground_truth
 from neureg.models.neural.rsa import centered_cosine
 
 
 def folder_arrays(folder):
     """Responses and image ids read straight from the scan folder files (not through the database)."""
     frame_ids = np.load(folder / "meta/trials/frame_image_id.npy")
-    responses = np.stack([np.load(folder / f"data/responses/{t}.npy") for t in range(frame_ids.size)]).astype(np.float64)
+    responses = np.stack([np.load(folder / f"data/responses/{t}.npy") for t in range(frame_ids.size)]).astype(
+        np.float64
+    )
     return responses, frame_ids
 
 
@@ -34,8 +36,12 @@ def test_oracle_stats_match_a_direct_computation(pipeline, oracle_populated):
     responses, frame_ids = folder_arrays(folder)
     signal, noise = naive_eq1(responses, frame_ids)
     unit_ids = np.load(folder / "meta/neurons/unit_ids.npy")
-    stored = {u: (s, n, w) for u, s, n, w in zip(*(pipeline.oracle.OracleStats.Unit & key).to_arrays(
-        "unit_id", "signal_var", "noise_var", "snr_weight"))}
+    stored = {
+        u: (s, n, w)
+        for u, s, n, w in zip(
+            *(pipeline.oracle.OracleStats.Unit & key).to_arrays("unit_id", "signal_var", "noise_var", "snr_weight")
+        )
+    }
     got = np.array([stored[u] for u in unit_ids])
     np.testing.assert_allclose(got[:, 0], signal, rtol=1e-5)
     np.testing.assert_allclose(got[:, 1], noise, rtol=1e-5)
@@ -57,8 +63,11 @@ def test_snr_weights_track_true_snr(pipeline, oracle_populated):
 def test_data_similarity_matches_equation_2(pipeline, oracle_populated):
     folder, key = oracle_populated[1]
     responses, frame_ids = folder_arrays(folder)
-    weights = np.asarray((pipeline.oracle.OracleStats.Unit * pipeline.experiment.Scan.Unit & key).to_arrays(
-        "snr_weight", order_by="unit_index"))
+    weights = np.asarray(
+        (pipeline.oracle.OracleStats.Unit * pipeline.experiment.Scan.Unit & key).to_arrays(
+            "snr_weight", order_by="unit_index"
+        )
+    )
     hashes, matrix = (pipeline.oracle.DataSimilarity & key).labeled()
     ids, counts = np.unique(frame_ids, return_counts=True)
     single = np.isin(frame_ids, ids[counts == 1])
@@ -76,7 +85,9 @@ def test_oracle_similarity_is_closer_to_truth_than_single_trials(pipeline, oracl
         truth = load_ground_truth(folder)
         labeled = (orc.OracleSimilarity & key).labeled()
         rows = [int(np.flatnonzero(truth["image_hash"] == h)[0]) for h in labeled.labels]
-        weights = np.asarray((orc.OracleStats.Unit * exp.Scan.Unit & key).to_arrays("snr_weight", order_by="unit_index"))
+        weights = np.asarray(
+            (orc.OracleStats.Unit * exp.Scan.Unit & key).to_arrays("snr_weight", order_by="unit_index")
+        )
         order = {u: i for i, u in enumerate(truth["unit_ids"])}
         columns = [order[u] for u in exp.unit_ids(key)]
         true_sim = centered_cosine(truth["true_rates"][rows][:, columns] * weights)
@@ -100,7 +111,9 @@ def test_scan_fluctuations_are_narrower_than_repeat_fluctuations(pipeline, oracl
     assert row["n_scans"] == 4 and row["n_images"] == 40
     assert row["scan_std"] < row["repeat_std"] and row["width_ratio"] < 1
     assert row["scan_hist"].sum() == 4 * 40 * 39 // 2
-    assert row["repeat_hist"].sum() == sum(len(f) for f in [(orc.OracleSimilarity & k).fetch1("repeat_fluctuations") for k in keys])
+    assert row["repeat_hist"].sum() == sum(
+        len(f) for f in [(orc.OracleSimilarity & k).fetch1("repeat_fluctuations") for k in keys]
+    )
 
 
 def test_scan_set_hash_is_order_free_and_checked(pipeline, oracle_populated):

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from neureg.models.neural import predictive as fit
+
+
 def test_one_model_per_scan_with_units_and_history(pipeline, oracle_populated, predictive_populated):
     pred = pipeline.predictive
     for _, scan_key in oracle_populated:
@@ -38,8 +40,9 @@ def test_model_corr_is_the_held_out_correlation(pipeline, oracle_populated, pred
     model = (pred.PredictiveModel & key).load_model()
     trials, responses = exp.load_trials(scan_key), exp.load_responses(scan_key)
     test = np.flatnonzero(trials["tier"] == "oracle")
-    predicted = fit.predict_responses(model, exp.load_images(trials["image_hash"][test]),
-                                      trials["behavior"][test], trials["pupil_center"][test])
+    predicted = fit.predict_responses(
+        model, exp.load_images(trials["image_hash"][test]), trials["behavior"][test], trials["pupil_center"][test]
+    )
     expected = [np.corrcoef(predicted[:, a], responses[test, a])[0, 1] for a in range(responses.shape[1])]
     stored = (pred.PredictiveModel.Unit * exp.Scan.Unit & key).to_arrays("model_corr", order_by="unit_index")
     np.testing.assert_allclose(stored, np.nan_to_num(expected), atol=1e-4)
@@ -60,6 +63,8 @@ def test_predictor_config_rejects_bad_input_and_changes_nothing(pipeline):
 def test_config_hash_is_stable_and_distinct(pipeline):
     table = pipeline.predictive.PredictorConfig
     a = table.add(dict(hidden_channels=7))
-    assert table.add(dict(hidden_channels=7)) == a == table.add({**fit.default_predictor_config(), "hidden_channels": 7})
+    assert (
+        table.add(dict(hidden_channels=7)) == a == table.add({**fit.default_predictor_config(), "hidden_channels": 7})
+    )
     assert table.add(dict(hidden_channels=9)) != a
     assert table.config_of(a)["hidden_channels"] == 7

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from neureg.models.robustness.protocols import evaluation_subset
 from neureg.reports.robustness import per_network_metrics, results_table, robustness_figures
-from neureg.schemas.robustness import evaluation_images
 
 
 def test_noise_accuracy_levels_match_a_direct_computation(pipeline, trained, evaluated):
@@ -17,7 +17,9 @@ def test_noise_accuracy_levels_match_a_direct_computation(pipeline, trained, eva
     levels = (rb.NoiseAccuracy.Level & key).to_dicts(order_by="level")
     assert [lv["sigma"] for lv in levels] == [0.0, 0.1, 0.3] and row["n_images"] == 60
     assert levels[0]["accuracy"] == pytest.approx(row["clean_accuracy"])
-    images, labels = evaluation_images(key, 60, 0)
+    test = tr.Dataset.load(key)
+    pick = evaluation_subset(len(test.test_y), 60, 0)
+    images, labels = test.test_x[pick], test.test_y[pick]
     model = (tr.TrainedNetwork & key).load_model()
     z = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -76,7 +78,12 @@ def test_results_table_is_mean_and_sem_over_seeds(pipeline, trained, evaluated, 
         assert "median Linf perturbation" in table[condition] and "corruption accuracy" in table[condition]
     paths = robustness_figures(pipeline, tmp_path)
     names = {p.name for p in paths}
-    assert {"robustness_results.csv", "robustness_results.md", "robustness_noise.png", "robustness_perturbation.png"} <= names
+    assert {
+        "robustness_results.csv",
+        "robustness_results.md",
+        "robustness_noise.png",
+        "robustness_perturbation.png",
+    } <= names
     markdown = (tmp_path / "robustness_results.md").read_text()
     assert "| None |" in markdown and "±" in markdown
 

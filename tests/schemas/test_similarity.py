@@ -67,9 +67,12 @@ def test_neural_model_target_is_equation_6_averaged_over_scans(pipeline, targets
         rows, predicted = (pipeline.predictive.ModelResponses & model_key).labeled()
         pos = {h: i for i, h in enumerate(rows)}
         order = "unit_index"
-        w = (pipeline.oracle.OracleStats.Unit * pipeline.experiment.Scan.Unit & member).to_arrays("snr_weight", order_by=order)
+        w = (pipeline.oracle.OracleStats.Unit * pipeline.experiment.Scan.Unit & member).to_arrays(
+            "snr_weight", order_by=order
+        )
         v = (pipeline.predictive.PredictiveModel.Unit * pipeline.experiment.Scan.Unit & model_key).to_arrays(
-            "model_corr", order_by=order)
+            "model_corr", order_by=order
+        )
         stack.append(centered_cosine(predicted[[pos[h] for h in hashes]] * w * np.clip(v, 0, None)))
     np.testing.assert_allclose(target, np.mean(stack, axis=0), atol=1e-5)
     agreement = (pipeline.similarity.SimilarityTarget.Agreement & key).to_arrays("scan_target_r")
@@ -104,7 +107,9 @@ def test_model_agreement_per_scan(pipeline, oracle_populated, predictive_populat
     for _, scan_key in oracle_populated:
         row = (agreement & dict(scan_key, **predictive_populated)).fetch1()
         assert row["n_images"] == 40 and -1 <= row["model_oracle_r"] <= 1
-        assert row["data_oracle_r"] == pytest.approx((pipeline.oracle.OracleSimilarity & scan_key).fetch1("data_oracle_r"))
+        assert row["data_oracle_r"] == pytest.approx(
+            (pipeline.oracle.OracleSimilarity & scan_key).fetch1("data_oracle_r")
+        )
 
 
 def test_bad_target_configs_are_refused_and_change_nothing(pipeline, targets, tmp_path):

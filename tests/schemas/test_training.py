@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from neureg.hashing import stable_hash
+from neureg.models.digests import stable_hash
 from neureg.models.runtime import accuracy
 from neureg.models.vision import datasets, training
+
+
 def test_each_plan_and_seed_is_one_trained_network(pipeline, trained):
     tr = pipeline.training
     for condition, plan in trained.items():
@@ -77,6 +79,7 @@ def test_killed_run_resumes_from_its_checkpoint(pipeline, trained):
     key = dict(trained["None"], seed=7)
     net, train, reg, _ = tr.TrainedNetwork().make_fetch(key)
     checkpoint = tr.checkpoint_dir() / f"{stable_hash({k: str(v) for k, v in key.items()})}.pt"
+
     # what a worker killed after epoch 1 leaves behind: its checkpoint, no row
     class Killed(Exception):
         pass
@@ -85,8 +88,9 @@ def test_killed_run_resumes_from_its_checkpoint(pipeline, trained):
         raise Killed
 
     with pytest.raises(Killed):
-        training.train_network(net, train, reg, tr.Dataset.load(key), seed=7, checkpoint_path=checkpoint,
-                               progress=kill_after_first_epoch)
+        training.train_network(
+            net, train, reg, tr.Dataset.load(key), seed=7, checkpoint_path=checkpoint, progress=kill_after_first_epoch
+        )
     assert checkpoint.exists() and not (tr.TrainedNetwork & key)
     populate_stage(pipeline, ["training"], keys=[key])
     row = (tr.TrainedNetwork & key).fetch1()

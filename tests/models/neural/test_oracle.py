@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from scipy.stats import pearsonr, spearmanr
 
+from neureg.experiments import simulate as simulated_cohort
+from neureg.ingestion.folder import read_scan_folder
 from neureg.models.neural import oracle as orc
 from neureg.models.neural import simulator as sim
-from neureg.populate import simulate as simulated_cohort
 from neureg.models.neural.rsa import centered_cosine
-from neureg.scanfolder import read_scan_folder
 
 
 # ------------------------------------------------------------------------------ naive references
@@ -64,8 +64,12 @@ def naive_oracle_similarity(responses, labels, weights):
     out = np.zeros((len(images), len(images)))
     for i, a in enumerate(images):
         for j, b in enumerate(images):
-            values = [trial_sim[p, q] for p, t in enumerate(trials) for q, u in enumerate(trials)
-                      if labels[t] == a and labels[u] == b and p != q]
+            values = [
+                trial_sim[p, q]
+                for p, t in enumerate(trials)
+                for q, u in enumerate(trials)
+                if labels[t] == a and labels[u] == b and p != q
+            ]
             out[i, j] = sum(values) / len(values)
     return images, out
 
@@ -138,8 +142,12 @@ def test_trial_oracle_agreement_leaves_the_compared_pair_out(ragged):
             a, b = labels[trials[p]], labels[trials[q]]
             if a == b:
                 continue
-            others = [trial_sim[u, v] for u, tu in enumerate(trials) for v, tv in enumerate(trials)
-                      if labels[tu] == a and labels[tv] == b and (u, v) != (p, q)]
+            others = [
+                trial_sim[u, v]
+                for u, tu in enumerate(trials)
+                for v, tv in enumerate(trials)
+                if labels[tu] == a and labels[tv] == b and (u, v) != (p, q)
+            ]
             single.append(trial_sim[p, q])
             reference.append(sum(others) / len(others))
     expected = np.corrcoef(single, reference)[0, 1]
@@ -147,9 +155,12 @@ def test_trial_oracle_agreement_leaves_the_compared_pair_out(ragged):
     # Including the pair in its own average gives a larger (inflated) agreement on this data.
     _, oracle = naive_oracle_similarity(responses.astype(np.float64), labels, weights)
     index = {im: k for k, im in enumerate(images)}
-    inflated = [oracle[index[labels[trials[p]]], index[labels[trials[q]]]]
-                for p in range(len(trials)) for q in range(p + 1, len(trials))
-                if labels[trials[p]] != labels[trials[q]]]
+    inflated = [
+        oracle[index[labels[trials[p]]], index[labels[trials[q]]]]
+        for p in range(len(trials))
+        for q in range(p + 1, len(trials))
+        if labels[trials[p]] != labels[trials[q]]
+    ]
     assert np.corrcoef(single, inflated)[0, 1] > expected
 
 
@@ -158,8 +169,12 @@ def test_repeat_fluctuations_match_loops(ragged):
     values = orc.repeat_fluctuations(responses, labels, weights)
     images, trials, trial_sim = naive_trial_similarity(responses.astype(np.float64), labels, weights)
     _, oracle = naive_oracle_similarity(responses.astype(np.float64), labels, weights)
-    expected = [trial_sim[p, q] - oracle[images.index(labels[t]), images.index(labels[t])]
-                for p, t in enumerate(trials) for q, u in enumerate(trials) if p < q and labels[t] == labels[u]]
+    expected = [
+        trial_sim[p, q] - oracle[images.index(labels[t]), images.index(labels[t])]
+        for p, t in enumerate(trials)
+        for q, u in enumerate(trials)
+        if p < q and labels[t] == labels[u]
+    ]
     assert len(values) == 1 + 3 + 3 + 6  # pairs of 2, 3, 3 and 4 repeats
     np.testing.assert_allclose(np.sort(values), np.sort(expected), atol=1e-6)
 
@@ -168,8 +183,9 @@ def test_scan_fluctuations_match_loops():
     rng = np.random.default_rng(1)
     mats = [np.corrcoef(rng.normal(size=(5, 12))) for _ in range(3)]
     values = orc.scan_fluctuations(mats)
-    expected = [[mats[h][i, j] - sum(m[i, j] for m in mats) / 3 for i in range(5) for j in range(i + 1, 5)]
-                for h in range(3)]
+    expected = [
+        [mats[h][i, j] - sum(m[i, j] for m in mats) / 3 for i in range(5) for j in range(i + 1, 5)] for h in range(3)
+    ]
     np.testing.assert_allclose(values, expected, atol=1e-12)
 
 
@@ -223,8 +239,9 @@ def test_bad_weights_and_scan_counts_raise(ragged):
     with pytest.raises(ValueError, match="at least 2 scans"):
         orc.scan_fluctuations([np.eye(3)])
     with pytest.raises(ValueError, match="share 1 image"):
-        orc.align_similarities([orc.LabeledSimilarity(np.array([1, 2]), np.eye(2)),
-                                orc.LabeledSimilarity(np.array([2, 3]), np.eye(2))])
+        orc.align_similarities(
+            [orc.LabeledSimilarity(np.array([1, 2]), np.eye(2)), orc.LabeledSimilarity(np.array([2, 3]), np.eye(2))]
+        )
 
 
 # ------------------------------------------------------------------------- against the simulator
@@ -255,8 +272,9 @@ def test_oracle_similarity_is_closer_to_truth_than_single_trials(scan):
 
 def test_scan_fluctuations_are_narrower_than_repeat_fluctuations(tmp_path):
     """The paper's Fig. 1C on a small cohort written to disk and read back as scan folders."""
-    folders = simulated_cohort.simulate_cohort(tmp_path, n_mice=3, n_days=1, scans_per_day=1, n_units=250, n_images=45,
-                                  n_oracle=40, n_repeats=5, seed=1)
+    folders = simulated_cohort.simulate_cohort(
+        tmp_path, n_mice=3, n_days=1, scans_per_day=1, n_units=250, n_images=45, n_oracle=40, n_repeats=5, seed=1
+    )
     similarities, repeats = [], []
     for folder in folders:
         data = read_scan_folder(folder)

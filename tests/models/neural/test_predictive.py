@@ -16,33 +16,43 @@ from scipy import ndimage
 from torch.nn import functional as F
 
 from neureg.models.neural import predictive
-from neureg.models.neural.predictive import (build_predictor, default_predictor_config, fit_predictor,
-                                      load_predictor, poisson_loss, predict_gain, predict_responses,
-                                      predict_shift, resolve_config, unit_correlations)
+from neureg.models.neural.predictions import predict_gain, predict_responses, predict_shift, unit_correlations
+from neureg.models.neural.predictive import (
+    build_predictor,
+    default_predictor_config,
+    fit_predictor,
+    load_predictor,
+    poisson_loss,
+    resolve_config,
+)
 from neureg.models.neural.predictive_mapping import receptive_field_positions
-from neureg.models.neural.predictive_modules import (FactorizedReadout, GaussianReadout, laplace_smoothness,
-                                              translate_feature_map)
+from neureg.models.neural.predictive_modules import (
+    FactorizedReadout,
+    GaussianReadout,
+    laplace_smoothness,
+    translate_feature_map,
+)
 
-TINY = {"hidden_channels": 6, "input_kernel": 5, "hidden_kernel": 3, "batch_size": 32, "lr": 0.01,
-        "max_epochs": 20}
+TINY = {"hidden_channels": 6, "input_kernel": 5, "hidden_kernel": 3, "batch_size": 32, "lr": 0.01, "max_epochs": 20}
 
 
 # -- a tiny linear-nonlinear scan with eye shift and behavioural gain -------------------------------------
 @dataclass
 class LNScan:
-    images: np.ndarray        # (n, H, W) uint8, one per trial
-    responses: np.ndarray     # (n, n_units) Poisson counts
-    behavior: np.ndarray      # (n, 3) pupil dilation, derivative (pure noise), running speed
+    images: np.ndarray  # (n, H, W) uint8, one per trial
+    responses: np.ndarray  # (n, n_units) Poisson counts
+    behavior: np.ndarray  # (n, 3) pupil dilation, derivative (pure noise), running speed
     pupil_center: np.ndarray  # (n, 2)
-    true_rates: np.ndarray    # (n, n_units) at mean behaviour (gain 1) and centred eye
-    expected: np.ndarray      # (n, n_units) noise-free per trial: shift and gain applied
-    true_shift: np.ndarray    # (n, 2) (dx, dy) pixels each receptive field moved on that trial
-    true_gain: np.ndarray     # (n, n_units)
-    rf_center: np.ndarray     # (n_units, 2) receptive-field centre (x, y) in pixels at the resting eye
+    true_rates: np.ndarray  # (n, n_units) at mean behaviour (gain 1) and centred eye
+    expected: np.ndarray  # (n, n_units) noise-free per trial: shift and gain applied
+    true_shift: np.ndarray  # (n, 2) (dx, dy) pixels each receptive field moved on that trial
+    true_gain: np.ndarray  # (n, n_units)
+    rf_center: np.ndarray  # (n_units, 2) receptive-field centre (x, y) in pixels at the resting eye
 
 
-def ln_scan(n_units=12, n_trials=400, height=16, width=26, seed=0, shift_px=1.5, gain_strength=0.5,
-            mean_rate=3.0) -> LNScan:
+def ln_scan(
+    n_units=12, n_trials=400, height=16, width=26, seed=0, shift_px=1.5, gain_strength=0.5, mean_rate=3.0
+) -> LNScan:
     """Gabor LN units on smooth noise images. The RF shift is ``shift_px * pupil_center`` (a unit at c
     sees the pixel at c + shift, the simulator's convention); log gain is linear in running and dilation
     with a per-unit slope."""
@@ -63,8 +73,12 @@ def ln_scan(n_units=12, n_trials=400, height=16, width=26, seed=0, shift_px=1.5,
     running = np.abs(rng.standard_normal(n_trials)) * 5
     true_shift = shift_px * pupil
     pix = (images.astype(float) - 128) / 40
-    seen = np.stack([ndimage.shift(pix[t], (-true_shift[t, 1], -true_shift[t, 0]), order=1, mode="nearest")
-                     for t in range(n_trials)])
+    seen = np.stack(
+        [
+            ndimage.shift(pix[t], (-true_shift[t, 1], -true_shift[t, 0]), order=1, mode="nearest")
+            for t in range(n_trials)
+        ]
+    )
     drive_rest = np.einsum("thw,nhw->tn", pix, rfs)
     scale = drive_rest.std(axis=0)
 
@@ -74,9 +88,17 @@ def ln_scan(n_units=12, n_trials=400, height=16, width=26, seed=0, shift_px=1.5,
     log_gain = gain_strength * (0.6 * (running - running.mean()) / running.std() + 0.4 * dilation)
     true_gain = np.exp(np.outer(log_gain, rng.uniform(0.5, 1.5, n_units)))
     expected = nonlinearity(np.einsum("thw,nhw->tn", seen, rfs)) * true_gain
-    return LNScan(images, rng.poisson(expected).astype(np.float32),
-                  np.stack([dilation, derivative, running], 1), pupil, nonlinearity(drive_rest), expected,
-                  true_shift, true_gain, np.stack([cx.ravel(), cy.ravel()], 1))
+    return LNScan(
+        images,
+        rng.poisson(expected).astype(np.float32),
+        np.stack([dilation, derivative, running], 1),
+        pupil,
+        nonlinearity(drive_rest),
+        expected,
+        true_shift,
+        true_gain,
+        np.stack([cx.ravel(), cy.ravel()], 1),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -139,11 +161,11 @@ def test_smoothness_penalty_zero_for_constant_positive_otherwise():
     noisy = torch.randn(4, 1, 7, 7)
     assert laplace_smoothness(noisy).item() > 1.0
     smooth = torch.exp(-((torch.arange(7.0) - 3) ** 2) / 8)
-    assert 0 < laplace_smoothness((smooth[:, None] * smooth[None]).reshape(1, 1, 7, 7)) < \
-        laplace_smoothness(noisy)
+    assert 0 < laplace_smoothness((smooth[:, None] * smooth[None]).reshape(1, 1, 7, 7)) < laplace_smoothness(noisy)
     model = build_predictor(TINY, 3, (16, 26))
     assert model.core.smoothness_penalty().item() == pytest.approx(
-        laplace_smoothness(model.core.blocks[0][0].weight).item())
+        laplace_smoothness(model.core.blocks[0][0].weight).item()
+    )
 
 
 def _position(row, col, height, width):
@@ -189,8 +211,8 @@ def test_unit_correlations_match_numpy_and_are_nan_safe():
     obs[:, 1] += 2 * pred[:, 1]
     expected = [np.corrcoef(pred[:, k], obs[:, k])[0, 1] for k in range(4)]
     assert np.allclose(unit_correlations(pred, obs), expected)
-    pred[:, 2] = 1.0          # constant prediction: no evidence, 0 not NaN
-    obs[7, 3] = np.nan        # a missing sample is left out for that unit only
+    pred[:, 2] = 1.0  # constant prediction: no evidence, 0 not NaN
+    obs[7, 3] = np.nan  # a missing sample is left out for that unit only
     r = unit_correlations(pred, obs)
     assert r[2] == 0.0
     keep = np.arange(50) != 7
@@ -262,8 +284,14 @@ def test_trial_image_indexing_equals_per_trial_images(scan):
     distinct = scan.images[:120]
     trial_image = np.concatenate([np.arange(120), np.arange(30)])  # 30 images shown twice
     rows = slice(0, len(trial_image))
-    data = (scan.responses[rows], scan.behavior[rows], scan.pupil_center[rows], np.arange(120),
-            np.arange(120, 150), dict(TINY, max_epochs=1))
+    data = (
+        scan.responses[rows],
+        scan.behavior[rows],
+        scan.pupil_center[rows],
+        np.arange(120),
+        np.arange(120, 150),
+        dict(TINY, max_epochs=1),
+    )
     a = fit_predictor(distinct, *data, seed=1, trial_image=trial_image)
     b = fit_predictor(distinct[trial_image], *data, seed=1)
     assert a.history[0]["val_corr"] == pytest.approx(b.history[0]["val_corr"], abs=1e-6)
@@ -309,15 +337,18 @@ def test_shifter_tracks_true_shift_and_modulator_tracks_gain(scan, full_fit):
 def test_mean_behaviour_is_the_default(scan, full_fit):
     model = full_fit.to_model()
     n = 20
-    at_mean = predict_responses(model, scan.images[:n], np.tile(model.behavior_mean.numpy(), (n, 1)),
-                                np.tile(model.pupil_mean.numpy(), (n, 1)))
+    at_mean = predict_responses(
+        model, scan.images[:n], np.tile(model.behavior_mean.numpy(), (n, 1)), np.tile(model.pupil_mean.numpy(), (n, 1))
+    )
     assert np.allclose(predict_responses(model, scan.images[:n]), at_mean, rtol=1e-5)
-    assert np.allclose(predict_responses(model, scan.images[:n], batch_size=7),
-                       predict_responses(model, scan.images[:n]), rtol=1e-5)
+    assert np.allclose(
+        predict_responses(model, scan.images[:n], batch_size=7), predict_responses(model, scan.images[:n]), rtol=1e-5
+    )
 
 
 def test_state_dict_round_trip(scan, full_fit):
     rebuilt = load_predictor(full_fit.state_dict, full_fit.config, full_fit.n_units, full_fit.image_shape)
-    assert np.array_equal(predict_responses(rebuilt, scan.images[:9]),
-                          predict_responses(full_fit.to_model(), scan.images[:9]))
+    assert np.array_equal(
+        predict_responses(rebuilt, scan.images[:9]), predict_responses(full_fit.to_model(), scan.images[:9])
+    )
     assert "response_scale" in full_fit.state_dict and "image_mean" in full_fit.state_dict

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from neureg.experiments import simulate as simulated_cohort
+from neureg.ingestion.folder import read_scan_folder
+from neureg.models.digests import image_hash
 from neureg.models.neural import receptive_fields, stimuli
 from neureg.models.neural import simulator as sim
-from neureg.populate import simulate as simulated_cohort
 from neureg.models.neural.oracle import oracle_stats
-from neureg.scanfolder import image_hash, read_scan_folder
 
 N_UNITS, N_IMAGES, N_ORACLE, N_REPEATS = 300, 140, 40, 5
 
@@ -165,8 +166,7 @@ def test_filters_and_drive_follow_the_definition(scan):
 def test_divisive_normalization_saturates_with_contrast(scan):
     pop = scan.population
     base = stimuli.to_contrast(scan.images[:20])
-    rates = [pop.rates(np.clip(np.rint(127.5 + 127.5 * c * base), 0, 255).astype(np.uint8))
-             for c in (0.25, 0.5, 1.0)]
+    rates = [pop.rates(np.clip(np.rint(127.5 + 127.5 * c * base), 0, 255).astype(np.uint8)) for c in (0.25, 0.5, 1.0)]
     low, mid, high = (r - pop.baseline.astype(np.float32) for r in rates)
     assert np.median(high.sum(0) / mid.sum(0)) < np.median(mid.sum(0) / low.sum(0)) < 2
 
@@ -215,8 +215,9 @@ def test_bad_images_raise():
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     out = tmp_path_factory.mktemp("cohort")
-    folders = simulated_cohort.simulate_cohort(out, n_mice=2, n_days=2, scans_per_day=1, n_units=30, n_images=25,
-                                  n_oracle=8, n_repeats=3, seed=11)
+    folders = simulated_cohort.simulate_cohort(
+        out, n_mice=2, n_days=2, scans_per_day=1, n_units=30, n_images=25, n_oracle=8, n_repeats=3, seed=11
+    )
     return out, folders
 
 

@@ -21,8 +21,14 @@ def scans():
 
 def test_every_method_declares_what_it_reads():
     assert {m: TARGETS[m].info["reads"] for m in TARGETS} == {
-        "neural_model": "model", "shuffle": "model", "neural_data": "data", "pixel": "images",
-        "pixel_threshold": "images", "vgg": "images", "random": None}
+        "neural_model": "model",
+        "shuffle": "model",
+        "neural_data": "data",
+        "pixel": "images",
+        "pixel_threshold": "images",
+        "vgg": "images",
+        "random": None,
+    }
 
 
 def test_neural_model_is_the_mean_of_the_scans_and_agreement_is_pearson_r(scans):
@@ -61,13 +67,16 @@ def test_random_target_depends_on_its_seed_only():
     assert not np.allclose(a.matrix, c.matrix) and np.allclose(np.diag(a.matrix), 1)
 
 
-@pytest.mark.parametrize("config, fault", [
-    ({"method": "fmri"}, "unknown similarity method"),
-    ({"method": "pixel", "threshold": 0.5}, "unknown config key"),
-    ({"method": "pixel_threshold", "threshold": 1.0}, "'threshold'"),
-    ({"method": "random", "random_dim": 0}, "'random_dim'"),
-    ({"method": "vgg"}, "needs vgg_weights"),
-])
+@pytest.mark.parametrize(
+    "config, fault",
+    [
+        ({"method": "fmri"}, "unknown similarity method"),
+        ({"method": "pixel", "threshold": 0.5}, "unknown config key"),
+        ({"method": "pixel_threshold", "threshold": 1.0}, "'threshold'"),
+        ({"method": "random", "random_dim": 0}, "'random_dim'"),
+        ({"method": "vgg"}, "needs vgg_weights"),
+    ],
+)
 def test_bad_configs_are_refused(config, fault):
     with pytest.raises(ValueError, match=fault):
         TARGETS.complete(config)

@@ -120,8 +120,7 @@ def test_minimal_distance_matches_analytic_margin(linear, config, tolerance):
 def test_boundary_attack_is_verified_and_bounded_below(linear):
     """The decision-based attack converges slowly: only check it is valid and improves on its start."""
     model, x, y, analytic, pool = linear
-    result = minimal_perturbations(model, x, y, [{"attack": "boundary", "steps": 300}],
-                                   starting_pool=pool)
+    result = minimal_perturbations(model, x, y, [{"attack": "boundary", "steps": 300}], starting_pool=pool)
     start_distance = perturbation_norm(pool[0].numpy(), x.numpy(), "l2")
     assert np.all(np.isfinite(result.distances[0]))
     assert np.all(result.distances[0] >= analytic["l2"] * (1 - 1e-3))
@@ -133,9 +132,12 @@ def test_boundary_attack_is_verified_and_bounded_below(linear):
 def test_brendel_bethge_matches_analytic_margin(linear):
     """Compiles foolbox's numba optimizers (tens of seconds each, once per process)."""
     model, x, y, analytic, pool = linear
-    configs = [{"attack": "l2_bb", "steps": 100, "lr_num_decay": 10},
-               {"attack": "linf_bb", "steps": 100, "lr_num_decay": 10},
-               {"attack": "l2_ddn", "steps": 100}, {"attack": "linf_pgd", "steps": 20, "search_steps": 8}]
+    configs = [
+        {"attack": "l2_bb", "steps": 100, "lr_num_decay": 10},
+        {"attack": "linf_bb", "steps": 100, "lr_num_decay": 10},
+        {"attack": "l2_ddn", "steps": 100},
+        {"attack": "linf_pgd", "steps": 20, "search_steps": 8},
+    ]
     result = minimal_perturbations(model, x, y, configs, starting_pool=pool)
     for c, norm in enumerate(result.norms[:2]):
         ratio = result.distances[c] / analytic[norm]
@@ -174,8 +176,9 @@ def test_misclassified_images_are_credited_to_no_attack(linear):
     model, x, y, _, _ = linear
     wrong = y.clone()
     wrong[:2] = 1 - wrong[:2]
-    result = minimal_perturbations(model, x, wrong, [{"attack": "l2_ddn", "steps": 20},
-                                                     {"attack": "l2_fmn", "steps": 20}])
+    result = minimal_perturbations(
+        model, x, wrong, [{"attack": "l2_ddn", "steps": 20}, {"attack": "l2_fmn", "steps": 20}]
+    )
     best, index = result.best("l2")
     assert np.all(best[:2] == 0) and np.all(index[:2] == -1)
     assert np.all(index[2:] >= 0)
@@ -200,8 +203,11 @@ def test_failed_attacks_give_inf(linear):
 
 def test_best_takes_the_minimum_per_norm(linear):
     model, x, y, analytic, _ = linear
-    configs = [{"attack": "l2_ddn", "steps": 5}, {"attack": "l2_ddn", "steps": 100},
-               {"attack": "linf_pgd", "steps": 10, "search_steps": 4}]
+    configs = [
+        {"attack": "l2_ddn", "steps": 5},
+        {"attack": "l2_ddn", "steps": 100},
+        {"attack": "linf_pgd", "steps": 10, "search_steps": 4},
+    ]
     result = minimal_perturbations(model, x, y, configs)
     best, index = result.best("l2")
     np.testing.assert_array_equal(best, np.minimum(result.distances[0], result.distances[1]))
@@ -215,14 +221,18 @@ def test_best_takes_the_minimum_per_norm(linear):
 def test_conv_model_batches_are_verified():
     """A small CNN, more images than one batch: every attack's output still verifies."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
-                          nn.Flatten(), nn.Linear(64, 3)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64, 3)
+    ).eval()
     x = torch.rand(10, 1, 32, 32)
     with torch.no_grad():
         y = model(x).argmax(1)
     y[0] = (y[0] + 1) % 3  # one clean error
-    configs = [{"attack": "linf_pgd", "steps": 10, "search_steps": 5}, {"attack": "l2_ddn", "steps": 30},
-               {"attack": "l2_cw", "steps": 30, "binary_search_steps": 3, "initial_const": 1.0}]
+    configs = [
+        {"attack": "linf_pgd", "steps": 10, "search_steps": 5},
+        {"attack": "l2_ddn", "steps": 30},
+        {"attack": "l2_cw", "steps": 30, "binary_search_steps": 3, "initial_const": 1.0},
+    ]
     messages = []
     result = minimal_perturbations(model, x, y, configs, batch_size=4, progress=messages.append)
     assert result.distances.shape == (3, 10) and result.adversarials.shape == (3, 10, 1, 32, 32)

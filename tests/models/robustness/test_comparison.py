@@ -51,7 +51,9 @@ def test_compare_with_baseline_corrects_per_metric_and_flags_significance():
     assert set(found) == {"Better", "Same"}
     assert found["Better"].significant and found["Better"].low > 0
     assert not found["Same"].significant
-    assert found["Same"].p_holm == pytest.approx(min(1.0, 2 * min(found["Same"].p, found["Better"].p))
-                                                 if found["Same"].p < found["Better"].p else
-                                                 max(found["Same"].p, 2 * found["Better"].p))
+    assert found["Same"].p_holm == pytest.approx(
+        min(1.0, 2 * min(found["Same"].p, found["Better"].p))
+        if found["Same"].p < found["Better"].p
+        else max(found["Same"].p, 2 * found["Better"].p)
+    )
     assert compare_with_baseline([r for r in rows if r["condition"] != "None"], ["acc"]) == []

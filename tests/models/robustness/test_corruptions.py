@@ -15,7 +15,7 @@ from neureg.models.robustness.corruptions import (
     load_cifar10c,
     rgb_to_gray,
 )
-from neureg.models.robustness.evaluation import accuracy
+from neureg.models.runtime import accuracy
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +108,7 @@ def write_fake_cifar10c(folder, n_per_severity, name="gaussian_noise"):
     Writing only a few rows keeps the 150 MB full-size file sparse on disk.
     """
     n = 5 * n_per_severity
-    data = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.uint8,
-                                     shape=(n, 32, 32, 3))
+    data = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.uint8, shape=(n, 32, 32, 3))
     labels = np.lib.format.open_memmap(folder / "labels.npy", mode="w+", dtype=np.uint8, shape=(n,))
     for severity in SEVERITIES:
         block = slice((severity - 1) * n_per_severity, severity * n_per_severity)

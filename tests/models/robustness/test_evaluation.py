@@ -7,13 +7,12 @@ from torch import nn
 
 from neureg.models.robustness.evaluation import (
     ExpectationOverTransformation,
-    accuracy,
     default_noise_ladder,
     is_stochastic,
     noise_accuracy,
-    predict_labels,
     robust_accuracy,
 )
+from neureg.models.runtime import accuracy, predict_labels
 
 N_CLASSES = 4
 
@@ -31,8 +30,7 @@ def template_images(n, seed, amplitude=0.08):
 class TinyCNN(nn.Module):
     def __init__(self, n_classes=N_CLASSES):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 8, 5, stride=2, padding=2), nn.ReLU(),
-                                      nn.AdaptiveAvgPool2d(8))
+        self.features = nn.Sequential(nn.Conv2d(1, 8, 5, stride=2, padding=2), nn.ReLU(), nn.AdaptiveAvgPool2d(8))
         self.head = nn.Linear(8 * 8 * 8, n_classes)
 
     def forward(self, x):
@@ -228,10 +226,22 @@ def test_a_stochastic_networks_noise_and_corruption_rows_do_not_depend_on_earlie
     sigmas = [0.0, 0.2, 0.4]
 
     def rows(seed):
-        noise = protocols.noise_evaluation(noisy, x[:64], y[:64], sigmas=sigmas, noise_seed=seed, device="cpu")
-        corrupted = protocols.corruption_evaluation(noisy, x[:64], y[:64], source="builtin", path="",
-                                                    corruptions=["gaussian_noise"], severities=[3], n_images=64,
-                                                    image_seed=0, corruption_seed=seed, device="cpu")
+        noise = protocols.noise_evaluation(
+            noisy, x[:64], y[:64], sigmas=sigmas, n_images=64, noise_seed=seed, device="cpu"
+        )
+        corrupted = protocols.corruption_evaluation(
+            noisy,
+            x[:64],
+            y[:64],
+            source="builtin",
+            path="",
+            corruptions=["gaussian_noise"],
+            severities=[3],
+            n_images=64,
+            image_seed=0,
+            corruption_seed=seed,
+            device="cpu",
+        )
         return noise, corrupted
 
     first = rows(1)

@@ -7,12 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from neureg.models.vision.networks import (
-    TAP_CONV_LAYERS,
-    build_network,
-    stem_channels,
-    tap_feature_sizes,
-)
+from neureg.models.vision.networks import TAP_CONV_LAYERS, build_network, stem_channels, tap_feature_sizes
 
 TINY_VONE = {"simple_channels": 6, "complex_channels": 4, "noise": False}
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from neureg.models.neural.rsa import centered_cosine
 from neureg.models.vision.networks import build_network, tap_feature_sizes
 from neureg.models.vision.regularizer import (
     PairSampler,
@@ -17,7 +18,6 @@ from neureg.models.vision.regularizer import (
     similarity_loss,
     stimulus_centres,
 )
-from neureg.models.neural.rsa import centered_cosine
 
 
 def _taps(n=6, seed=0):

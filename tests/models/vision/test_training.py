@@ -9,18 +9,17 @@ import pytest
 import torch
 from torch import nn
 
+from neureg.models.neural.rsa import centered_cosine
 from neureg.models.runtime import Runtime, accuracy
 from neureg.models.vision.datasets import ClassificationData, load_mnist_demo
 from neureg.models.vision.networks import build_network
 from neureg.models.vision.regularizer import PairSampler, SimilarityRegularizer, evaluate_similarity_loss
-from neureg.models.neural.rsa import centered_cosine
+from neureg.models.vision.schedule import default_train_config, learning_rate
 from neureg.models.vision.training import (
     PairBatch,
     augment_batch,
     build_run,
-    default_train_config,
     frozen_bn_statistics,
-    learning_rate,
     plan_epoch,
     train_network,
     training_step,
@@ -119,7 +118,11 @@ def test_resume_equals_uninterrupted_run(tmp_path, arch, channels_last):
     memory layout (channels_last is the CPU workers' default)."""
     data = tiny_dataset()
     stimuli, target = quadrant_stimuli(n=24)
-    net = {"arch": arch, "width": 0.0625, **({"simple_channels": 4, "complex_channels": 4} if arch == "vone_resnet18" else {})}
+    net = {
+        "arch": arch,
+        "width": 0.0625,
+        **({"simple_channels": 4, "complex_channels": 4} if arch == "vone_resnet18" else {}),
+    }
     train = {"epochs": 3, "batch_size": 32, "lr": 0.05, "lr_step_epochs": 1}
     reg = {"alpha": 2.0, "pairs_per_step": 4}
     args = (net, train, reg, data, stimuli, target)
@@ -188,8 +191,14 @@ def mnist_runs():
     for alpha in (0.0, 4.0):
         records = []
         result = train_network(
-            {"width": 0.125}, train, {"alpha": alpha, "pairs_per_step": 16}, data, stimuli, target,
-            seed=1, progress=records.append,
+            {"width": 0.125},
+            train,
+            {"alpha": alpha, "pairs_per_step": 16},
+            data,
+            stimuli,
+            target,
+            seed=1,
+            progress=records.append,
         )
         runs[alpha] = (result, records)
     return data, stimuli, target, runs

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from neureg.models.vision.networks import vone_config
 from neureg.models.vision.vonenet import (
     ENVELOPE_EDGES,
     ORIENTATION_COUNTS,
@@ -21,7 +22,7 @@ SIMPLE, COMPLEX = 5, 4
 
 
 def tiny_block(**overrides) -> VOneBlock:
-    return VOneBlock.build(**{"simple_channels": SIMPLE, "complex_channels": COMPLEX, **overrides})
+    return VOneBlock.build(**vone_config(**{"simple_channels": SIMPLE, "complex_channels": COMPLEX, **overrides}))
 
 
 def analytic_gabor(f, sx, sy, theta, phase, ksize) -> np.ndarray:
@@ -96,8 +97,9 @@ def test_noise_statistics_match_the_formula():
     assert torch.all(rel <= 5 * math.sqrt(2 / (draws - 1)))
     # Below -level/scale only the 1e-4 floor is left: a standard deviation of 0.01 / scale.
     silent = shifted <= 0
-    torch.testing.assert_close(sample_variance[silent].sqrt(), torch.full_like(sample_variance[silent], 0.01 / scale),
-                               rtol=0.05, atol=0)
+    torch.testing.assert_close(
+        sample_variance[silent].sqrt(), torch.full_like(sample_variance[silent], 0.01 / scale), rtol=0.05, atol=0
+    )
     # At the published defaults a unit at activity 1 is 1 / scale = 2.9x noisier in standard deviation
     # than without the division (the correction this formula carries).
     one = torch.tensor([1.0], dtype=torch.float64)

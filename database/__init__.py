@@ -1,0 +1,1 @@
+"""The database and the object store: settings, the embedded server, connecting, store files and digests."""

@@ -1,0 +1,1 @@
+"""Upkeep of a running pipeline: accounts, scan sets, status, store verification and garbage collection."""
