@@ -230,7 +230,7 @@ def register(sub) -> None:
 
     p = add_command(sub, cmd_simulate, "write a simulated mouse V1 cohort as scan folders (+ ground truth)")
     p.add_argument("out", type=Path, metavar="OUT", help="folder to write the scan folders into")
-    from ..experiments.simulate import COHORT_DEFAULTS
+    from ..experiments.cohort import COHORT_DEFAULTS
 
     for flag, dest, what in COHORT_OPTIONS:
         default = COHORT_DEFAULTS[dest]

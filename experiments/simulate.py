@@ -19,6 +19,7 @@ from ..models.digests import image_hash
 from ..models.neural.receptive_fields import UnitPopulation
 from ..models.neural.simulator import SimulatedScan, check_sizes, simulate_scan
 from ..models.neural.stimuli import natural_image_set
+from .cohort import COHORT_DEFAULTS
 
 GROUND_TRUTH_DIR = "ground_truth"
 FIRST_SESSION = _dt.date(2024, 1, 8)
@@ -28,12 +29,6 @@ def _scan_seed(seed: int, mouse: int, day: int, scan: int) -> int:
     """A scan's own seed, a stable function of the cohort seed and its place in the cohort."""
     digest = hashlib.sha256(f"neureg-sim/{seed}/{mouse}/{day}/{scan}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
-
-
-#: A simulated cohort's sizes and seed: simulate_cohort's keyword arguments and their defaults (``neureg simulate``'s).
-COHORT_DEFAULTS = dict(
-    n_mice=2, n_days=1, scans_per_day=2, n_units=1000, n_images=1100, n_oracle=100, n_repeats=10, seed=0
-)
 
 
 def simulate_cohort(out: Path | str, **sizes: int) -> list[Path]:
