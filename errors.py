@@ -49,3 +49,8 @@ class StoreIntegrityError(RuntimeError):
     def __init__(self, message: str, *, table: str = "", key: dict | None = None, path: str = "", fault: str = ""):
         super().__init__(message)
         self.table, self.key, self.path, self.fault = table, dict(key or {}), path, fault
+
+
+class StoreReferenceError(RuntimeError):
+    """A row's store reference cannot be read: nothing that decides what to delete may go on without it.
+    The message names the table, the row and what is wrong with the reference."""

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import EXIT_BAD_INPUT, EXIT_CONFLICT, EXIT_FAILED, ScanExistsError, ScanFolderError
+from ..errors import EXIT_BAD_INPUT, EXIT_CONFLICT, EXIT_FAILED, ScanExistsError, ScanFolderError, StoreReferenceError
 from .common import add_command, connect_from, print_json, refuse
 
 #: `neureg simulate`'s sizes: option, simulate_cohort's argument (COHORT_DEFAULTS has its default), what it counts.
@@ -145,11 +145,19 @@ def cmd_gc(args) -> int:
     reported: an ingest still running may own them."""
     from ..upkeep.gc import collect_orphans
 
+    def announce(paths, total: int) -> None:
+        for path in paths:
+            print(f"deleting {path}", file=sys.stderr)
+        print(f"deleting {len(paths)} orphaned file(s), {total / 2**20:.1f} MB", file=sys.stderr)
+
     pipeline = connect_from(args)
     try:
-        found = collect_orphans(pipeline, delete=args.delete, min_age_hours=args.min_age_hours)
+        found = collect_orphans(pipeline, delete=args.delete, min_age_hours=args.min_age_hours, announce=announce)
     except ValueError as exc:
         return refuse(exc)
+    except StoreReferenceError as exc:
+        print(f"error: gc deletes nothing while a reference is in doubt: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     if args.json:
         print_json(found)
         return 0

@@ -26,7 +26,7 @@ import numpy as np
 from datajoint.errors import MissingExternalFile
 from datajoint.storage import StorageBackend
 
-from ..errors import ConfigurationError, StoreIntegrityError
+from ..errors import ConfigurationError, StoreIntegrityError, StoreReferenceError
 from ..models.digests import array_digest
 from .settings import STORE, Settings
 
@@ -164,3 +164,47 @@ def verified(ref, digest: str, table, key: dict, attribute: str) -> np.ndarray:
     if array_digest(array) != digest:
         raise damaged("the content does not match its SHA-256 recorded at insert")
     return array
+
+
+def store_references(query, attribute: str) -> dict[str, dict]:
+    """``{path: row key}`` of the store files the rows of ``query`` reference in ``attribute``.
+
+    Read from the column's raw metadata (DataJoint's ``cursor`` and the codec's ``referenced_paths``, as its
+    garbage collector does), so no file is opened. Unlike the collector, which logs a warning and skips the
+    whole column, any value it cannot read as exactly one path in neureg's store raises
+    :class:`StoreReferenceError` naming the row: whoever uses the answer to delete files must stop.
+    """
+    codec = query.heading.attributes[attribute].codec
+    key_names = query.primary_key
+    found: dict[str, dict] = {}
+    for row in query.proj(attribute).cursor(as_dict=True):
+        raw = row[attribute]
+        if raw is None:
+            continue
+        key = {name: row[name] for name in key_names}
+        try:
+            refs = codec.referenced_paths(raw)
+        except Exception as exc:  # noqa: BLE001 - any failure to read it is a doubt
+            refs, fault = [], f"unreadable ({exc})"
+        else:
+            fault = "not a reference DataJoint can read"
+        if len(refs) == 1 and isinstance(refs[0][0], str) and refs[0][0] and refs[0][1] in (None, STORE):
+            found[refs[0][0]] = key
+            continue
+        if len(refs) == 1 and refs[0][1] not in (None, STORE) and isinstance(refs[0][1], str):
+            continue  # another store's file: not ours to judge
+        shown = str(raw)[:120]
+        raise StoreReferenceError(f"{query.full_table_name}.{attribute} {key}: the store reference is {fault}: {shown}")
+    return found
+
+
+def remove_store_paths(paths) -> int:
+    """Delete these store files (paths relative to the store root, as references give them); return how many."""
+    fs, root, _ = store_files()
+    removed = 0
+    for path in paths:
+        full = f"{root}/{path}"
+        if fs.exists(full):
+            fs.rm(full)
+            removed += 1
+    return removed

@@ -36,8 +36,8 @@ def ingest_folder(path: Path | str, pipeline=None) -> dict:
     ``pipeline`` is accepted for the callers that hold one; the tables are the connected ones either way.
     """
     path = Path(path).resolve()
-    with unpacked(path) as (root, name):  # the images are read again while they are inserted
-        data: ScanData = read_scan_folder(root, name)
+    with unpacked(path) as (root, names):  # the images are read again while they are inserted
+        data: ScanData = read_scan_folder(root, names)
         key = insert_scan(data, source_path=str(path))
     withheld = int(data.withheld.sum())
     logger.info(

@@ -41,6 +41,8 @@ from ..models.digests import image_hash
 from .identity import resolve_identity
 from .validation import (
     SMALLINT_LIMIT,
+    as_text,
+    check_memory,
     check_text,
     check_trial_files,
     load_array,
@@ -84,8 +86,9 @@ class ScanData:
     responses: np.ndarray  # (n_trials, n_units) float32
     behavior: np.ndarray  # (n_trials, 3) float64: BEHAVIOR_COLUMNS
     pupil_center: np.ndarray  # (n_trials, 2) float64
+    frame_ids: np.ndarray  # (n_trials,) int64: frame_image_id exactly as the files give it
     trial_labels: np.ndarray  # (n_trials,) str: the recording's own trial_idx ('' when absent)
-    presentation: np.ndarray  # (n_trials,) float64: trial_idx as a number (the real order), NaN when not one
+    presentation: list  # (n_trials,) int trial_idx as the files give it (the real order), None when not an integer
     withheld: np.ndarray  # (n_trials,) bool: responses held out (all zero in a test tier)
     extra: dict = field(default_factory=dict)
 
@@ -146,26 +149,28 @@ def write_scan_folder(
 
 
 # ----------------------------------------------------------------------------------------- reading
-def read_scan_folder(path: Path | str, name: str | None = None) -> ScanData:
+def read_scan_folder(path: Path | str, names: list[tuple[str, str]] | None = None) -> ScanData:
     """Validate a whole scan folder and return it in memory; raise ``ScanFolderError`` on the first fault.
 
-    ``name`` is the name the folder was published under (a zip's stem), for the identity it may carry.
+    ``names`` are the (what, name) pairs it was published under (its folder's, a zip's), for the identity
+    they may carry; by default the folder's own name.
     """
     root = Path(path)
     if not root.is_dir():
         raise ScanFolderError(root, "not a directory (expected a scan folder with data/ and meta/)")
     meta = read_meta(root)
-    mouse, session, scan = resolve_identity(root, name or root.name, meta)
+    mouse, session, scan = resolve_identity(root, names or [("the folder name", root.name)], meta)
     unit_ids, unit_positions, unit_areas = read_units(root, meta["area"])
     n_units = unit_ids.size
     unit_layers = _unit_layers(root, n_units)
     frame_image_id = read_frame_ids(root)
     n_trials = frame_image_id.size
+    check_memory(root, n_trials, n_units)
     check_trial_files(root, n_trials)
 
     tiers_in = optional_trial_array(root / "meta/trials/tiers.npy", n_trials, "tiers")
     if tiers_in is not None:
-        tiers_in = tiers_in.astype(str)
+        tiers_in = as_text(tiers_in, root / "meta/trials/tiers.npy", "tiers")
         bad = sorted(set(tiers_in.tolist()) - set(TIERS))
         if bad:
             raise ScanFolderError(root / "meta/trials/tiers.npy", f"unknown tier(s) {bad}; allowed: {list(TIERS)}")
@@ -204,6 +209,7 @@ def read_scan_folder(path: Path | str, name: str | None = None) -> ScanData:
         images=images,
         image_source_ids=source_ids,
         trial_images=trial_images,
+        frame_ids=frame_image_id,
         tiers=assign_tiers(trial_images, tiers_in),
         start_time=unknown_times if start_time is None else start_time,
         duration=unknown_times if duration is None else duration,
@@ -224,7 +230,7 @@ def _unit_layers(root: Path, n_units: int) -> np.ndarray:
     layers = np.atleast_1d(load_array(path, "unit layers"))
     if layers.shape != (n_units,):
         raise ScanFolderError(path, f"must have one layer per unit ({n_units}), got shape {layers.shape}")
-    layers = layers.astype(str)
+    layers = as_text(layers, path, "unit layers")
     if any(len(layer) > 32 for layer in layers):
         raise ScanFolderError(path, "layer names must be at most 32 characters")
     for layer in set(layers.tolist()):
@@ -232,21 +238,26 @@ def _unit_layers(root: Path, n_units: int) -> np.ndarray:
     return layers
 
 
-def _trial_order(root: Path, n_trials: int) -> tuple[np.ndarray, np.ndarray]:
-    """meta/trials/trial_idx.npy: each trial's own id as text, and as a number when it is one (the real
-    presentation order; competition scans hash it to 32 hex digits, which keep only their text)."""
+def _trial_order(root: Path, n_trials: int) -> tuple[np.ndarray, list]:
+    """meta/trials/trial_idx.npy: each trial's own id as text, and as an exact integer when it is one (the
+    real presentation order; competition scans hash it to 32 hex digits, which keep only their text).
+    Integers never pass through float64, which would merge ids beyond 2^53."""
     path = root / "meta/trials/trial_idx.npy"
     values = optional_trial_array(path, n_trials, "trial ids")
     if values is None:
-        return np.full(n_trials, "", dtype=object).astype(str), np.full(n_trials, np.nan)
-    labels = values.astype(str)
+        return np.full(n_trials, "", dtype=object).astype(str), [None] * n_trials
+    labels = as_text(values, path, "trial ids")
     if any(len(label) > 64 for label in labels) or len(set(labels.tolist())) != n_trials:
         raise ScanFolderError(path, "trial ids must be unique and at most 64 characters each")
-    for label in labels[:1].tolist() + labels[-1:].tolist():
-        check_text(path, "trial id", label)
-    if np.issubdtype(values.dtype, np.integer):
-        return labels, values.astype(np.float64)
-    return labels, np.full(n_trials, np.nan)
+    for trial, label in enumerate(labels.tolist()):
+        check_text(path, f"trial id of trial {trial}", label)
+    if not np.issubdtype(values.dtype, np.integer):
+        return labels, [None] * n_trials
+    numbers = values.tolist()  # Python ints: exact whatever the dtype (uint64 included)
+    int64 = np.iinfo(np.int64)
+    if min(numbers) < int64.min or max(numbers) > int64.max:
+        raise ScanFolderError(path, "trial ids must fit a signed 64-bit integer (|id| < 2^63)")
+    return labels, numbers
 
 
 def _as_uint8(pixels: np.ndarray, path: Path) -> np.ndarray:

@@ -33,6 +33,10 @@ def _constant(path: Path, what: str) -> str | None:
     values = np.atleast_1d(load_array(path, what))
     if values.size == 0:
         raise ScanFolderError(path, f"{what} is empty")
+    if np.issubdtype(values.dtype, np.floating) and not np.all(np.isfinite(values)):
+        raise ScanFolderError(path, f"{what} holds NaN or infinity, not a mouse, session or scan number")
+    if not (np.issubdtype(values.dtype, np.number) or values.dtype.kind in "USb"):
+        raise ScanFolderError(path, f"{what} must hold numbers or text, got dtype {values.dtype}")
     distinct = np.unique(values.astype(str))
     if distinct.size != 1:
         raise ScanFolderError(path, f"{what} names several values {distinct[:4].tolist()}: one folder is one scan")
@@ -42,14 +46,15 @@ def _constant(path: Path, what: str) -> str | None:
     return text
 
 
-def _sources(root: Path, name: str, meta: dict) -> list[tuple[str, tuple]]:
+def _sources(root: Path, names: list[tuple[str, str]], meta: dict) -> list[tuple[str, tuple]]:
     """(source, (mouse, session, scan)) for every source present; an entry of None means 'not given'."""
     found = []
     if any(k in meta for k in ("mouse", "session", "scan")):
         found.append(("scan.json", (meta.get("mouse"), meta.get("session"), meta.get("scan"))))
-    match = FOLDER_NAME.fullmatch(name)
-    if match:
-        found.append((f"the folder name {name!r}", (match[1], match[2], match[3])))
+    for what, name in names:
+        match = FOLDER_NAME.fullmatch(name)
+        if match:
+            found.append((f"{what} {name!r}", (match[1], match[2], match[3])))
     for folder, files in META_FILES.items():
         values = tuple(_constant(root / folder / f, f"{folder}/{f}") for f in files)
         if any(v is not None for v in values):
@@ -64,10 +69,10 @@ def _as_int(value, source: str, what: str, limit: int) -> int:
     return int(text)
 
 
-def resolve_identity(root: Path, name: str, meta: dict) -> tuple[str, int, int]:
-    """(mouse, session, scan) of the folder ``root`` (published as ``name``); ScanFolderError if the sources
-    disagree or none names the scan."""
-    sources = _sources(root, name, meta)
+def resolve_identity(root: Path, names: list[tuple[str, str]], meta: dict) -> tuple[str, int, int]:
+    """(mouse, session, scan) of the folder ``root``; ScanFolderError if the sources disagree or none names
+    the scan. ``names`` are (what, name) pairs it was published under: its folder's name, an archive's."""
+    sources = _sources(root, names, meta)
     chosen: dict[str, tuple[object, str]] = {}
     for source, values in sources:
         for field, value in zip(("mouse", "session", "scan"), values):

@@ -2,8 +2,10 @@
 
 Ingests run concurrently in a lab: two scans of one mouse, or sharing images, both try to add the Mouse,
 Session or Image row, and the later commit fails as a duplicate. The whole transaction is then tried again
-(now seeing the other's rows). If the duplicate is the scan itself, it is already there. A failed insert
-removes the response blocks it had already written to the store (they are written before the commit).
+(now seeing the other's rows). If the duplicate is the scan itself, it is already there; if the other
+transaction holds the rows past the server's lock wait timeout, the scan is being ingested (exit 3 too).
+A failed attempt removes exactly the response blocks it wrote (their paths read back from its own,
+uncommitted rows), never a file of a concurrent ingest of the same scan.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import datajoint as dj
 import numpy as np
 
 from .. import __version__
-from ..database.store import store_files, stored
+from ..database.store import remove_store_paths, store_references, stored
 from ..database.transaction import transaction
-from ..errors import ScanExistsError
+from ..errors import ScanExistsError, ScanFolderError
 from ..schemas.experiment import (
     BEHAVIOR_COLUMNS,
     Behavior,
@@ -47,48 +49,56 @@ def _optional(value: float):
 def insert_scan(data: ScanData, source_path: str = "", tries: int = 5) -> dict:
     """Insert a validated scan in one transaction: everything lands, or nothing does (module notes)."""
     for attempt in range(tries):
+        written: list[str] = []  # the store files this attempt wrote: the only ones it may remove
         try:
-            return _insert_scan_once(data, source_path)
+            return _insert_scan_once(data, source_path, written)
         except dj.errors.DuplicateError:
+            _discard(written, data.key)
             if Scan & data.key:
                 raise _exists(data) from None
-            _discard_scan_blocks(data.key)
             if attempt == tries - 1:
                 raise
             time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
-        except ScanExistsError:
+        except (ScanExistsError, ScanFolderError):
+            _discard(written, data.key)
             raise
-        except BaseException:
-            # The transaction rolled back, but the response blocks already written to the store (or the
-            # partial one a full disk left, ``.npy.saving``) stay there unreferenced: remove them.
-            _discard_scan_blocks(data.key)
+        except BaseException as exc:
+            # The transaction rolled back, but the response blocks this attempt wrote to the store stay
+            # there unreferenced: remove exactly those (never another ingest's).
+            _discard(written, data.key)
+            if _lock_conflict(exc):
+                if Scan & data.key:
+                    raise _exists(data) from None
+                raise ScanExistsError(
+                    f"scan {data.mouse} / {data.session} / scan {data.scan} is being ingested by another process "
+                    "right now (its rows stayed locked past the server's lock wait timeout); it appears when that "
+                    "ingest commits: check with `neureg status`, rerun only if it does not"
+                ) from None
             raise
     raise AssertionError("unreachable")
 
 
-def _discard_scan_blocks(key: dict) -> None:
-    """Delete the store files of a scan whose insert failed, if the scan is not in the database.
+def _lock_conflict(exc: BaseException) -> bool:
+    """A lock wait timeout or deadlock: another transaction holds the rows this one needs (MySQL 1205/1213,
+    PostgreSQL 55P03/40P01), not a lost server."""
+    code = exc.args[0] if getattr(exc, "args", None) else None
+    return code in (1205, 1213) or getattr(exc, "pgcode", None) in ("55P03", "40P01")
 
-    DataJoint lays a store out as ``<root>/<schema_prefix>/<schema>/<table>/<attr>=<value>/...`` (its store
-    spec; the root is a folder or ``bucket/location``); only the failed scan's own folder of
-    Responses.Block is touched, and only while no Scan row claims it (a concurrent ingest of the same scan
-    that won keeps its files). Best effort: a store that cannot be reached keeps them for ``neureg gc``.
+
+def _discard(written: list[str], key: dict) -> None:
+    """Delete the store files this attempt wrote, unless a committed row references them after all.
+
+    Every block file has a random token in its name, so the list names this attempt's files and nobody
+    else's: a concurrent ingest of the same scan, winning or still running, keeps every one of its files.
+    A file whose INSERT failed before its path could be read back is left to ``neureg gc`` (it is an orphan
+    after its age limit). Best effort: a store or server that cannot be reached keeps them for gc too.
     """
-    try:
-        claimed = bool(Scan & key)
-    except Exception:  # noqa: BLE001 - the server is gone: without knowing, delete nothing
-        return
-    if claimed:
+    if not written:
         return
     try:
-        fs, root, spec = store_files()
-        folder = "/".join(
-            [root, spec.get("schema_prefix", "_schema"), Responses.Block.database, Responses.Block.table_name]
-            + [f"{name}={key[name]}" for name in ("mouse", "session", "scan_idx")]
-        )
-        if fs.exists(folder):
-            fs.rm(folder, recursive=True)
-    except Exception as exc:  # noqa: BLE001 - no store configured, or it is unreachable: gc's business
+        committed = set(store_references(Responses.Block & key, "responses")) if Scan & key else set()
+        remove_store_paths(p for p in written if p not in committed)
+    except Exception as exc:  # noqa: BLE001 - no store, or it is unreachable: gc's business
         logger.warning("could not remove the failed ingest's blocks (%s); `neureg gc` lists them", exc)
 
 
@@ -99,7 +109,7 @@ def _exists(data: ScanData) -> ScanExistsError:
     )
 
 
-def _insert_scan_once(data: ScanData, source_path: str) -> dict:
+def _insert_scan_once(data: ScanData, source_path: str, written: list[str]) -> dict:
     key = data.key
     if Scan & key:
         raise _exists(data)
@@ -113,9 +123,10 @@ def _insert_scan_once(data: ScanData, source_path: str) -> dict:
         if known_date is None:  # no skip_duplicates: on MySQL it needs UPDATE, which lab accounts lack
             Session.insert1(dict(session_key, session_date=data.session_date))
         elif data.session_date is not None and known_date[0] not in (None, data.session_date):
-            raise ValueError(
-                f"session {data.mouse} / {data.session} was recorded on {known_date[0]}, "
-                f"this scan says {data.session_date}"
+            raise ScanFolderError(
+                f"{source_path or 'scan.json'}",
+                f"session {data.mouse} / {data.session} is in the database as recorded on {known_date[0]}"
+                f"{_session_origin(session_key)}; this scan says {data.session_date}",
             )
         Scan.insert1(
             dict(
@@ -157,11 +168,11 @@ def _insert_scan_once(data: ScanData, source_path: str) -> dict:
                 key,
                 trial_idx=t,
                 image_hash=data.trial_images[t],
-                frame_image_id=data.image_source_ids[data.trial_images[t]],
+                frame_image_id=int(data.frame_ids[t]),
                 tier=str(data.tiers[t]),
                 withheld=bool(data.withheld[t]),
                 recorded_trial=str(data.trial_labels[t]),
-                presentation=None if np.isnan(data.presentation[t]) else int(data.presentation[t]),
+                presentation=data.presentation[t],
                 start_time=_optional(data.start_time[t]),
                 duration=_optional(data.duration[t]),
             )
@@ -181,7 +192,9 @@ def _insert_scan_once(data: ScanData, source_path: str) -> dict:
         Responses.insert1(dict(key, n_blocks=len(starts)))
         for block, first in enumerate(starts):
             rows = np.ascontiguousarray(data.responses[first : first + RESPONSE_BLOCK_TRIALS], dtype=np.float32)
-            Responses.Block.insert1(dict(key, block_idx=block, first_trial=first, **stored("responses", rows)))
+            block_key = dict(key, block_idx=block)
+            Responses.Block.insert1(dict(block_key, first_trial=first, **stored("responses", rows)))
+            written.extend(store_references(Responses.Block & block_key, "responses"))
         Ingestion.insert1(
             dict(
                 key,
@@ -191,3 +204,12 @@ def _insert_scan_once(data: ScanData, source_path: str) -> dict:
             )
         )
     return key
+
+
+def _session_origin(session_key: dict) -> str:
+    """Who put a session in the database, from its scans' seals: ' (scans 1, 2 ingested by u@h)' or ''."""
+    rows = (Ingestion & session_key).to_dicts()
+    if not rows:
+        return " (by no sealed scan: someone inserted the session row by hand)"
+    who = sorted({r["ingested_by"] for r in rows})
+    return f" (scan(s) {sorted(r['scan_idx'] for r in rows)} ingested by {', '.join(who)})"

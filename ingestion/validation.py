@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +27,24 @@ NOTES_MAX = 4096  # Scan.scan_notes is varchar(4096)
 SESSION_LIMIT = 2**31  # Session.session is int32: numbers 0 .. SESSION_LIMIT - 1
 SMALLINT_LIMIT = 2**15  # Scan.scan_idx, Image.height and width are int16: 0 .. SMALLINT_LIMIT - 1
 AREA_MAX = 32  # Scan.area and Scan.Unit.area are varchar(32)
+META_BYTES_MAX = 1 << 20  # scan.json: a few keys and at most 4096 characters of notes
+
+
+def check_regular(path: Path, what: str) -> None:
+    """``path`` is a regular file (or a link to one): a device, FIFO or socket would block or never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ScanFolderError(path, f"missing ({what})") from None
+    except OSError as exc:
+        raise ScanFolderError(path, f"cannot be read ({what}): {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        raise ScanFolderError(path, f"not a regular file ({what}): a device, FIFO, socket or folder is refused")
 
 
 def load_array(path: Path, what: str) -> np.ndarray:
     """One .npy file, or a ``ScanFolderError`` saying it is missing or unreadable (never a numpy traceback)."""
-    if not path.is_file():
-        raise ScanFolderError(path, f"missing ({what})")
+    check_regular(path, what)
     try:
         return np.load(path, allow_pickle=False)
     except Exception as exc:  # numpy raises several kinds for truncated or foreign files
@@ -50,6 +64,47 @@ def check_text(path: Path, what: str, value: str) -> None:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise ScanFolderError(path, f"{what!r} is not valid Unicode text (a lone surrogate?)") from None
+
+
+def as_text(values: np.ndarray, path: Path, what: str) -> np.ndarray:
+    """An array as text (numpy str); bytes that are not ASCII are a fault naming the file, not a traceback."""
+    try:
+        return values.astype(str)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ScanFolderError(path, f"{what} are not readable as text: {exc}") from None
+
+
+def check_memory(root: Path, n_trials: int, n_units: int) -> None:
+    """Refuse, before reading any response, a scan whose matrix would not fit this machine's free memory.
+
+    Ingestion holds the (n_trials, n_units) float32 matrix once, plus one block being written; the budget is
+    the memory available now (``/proc/meminfo``), or ``NEUREG_INGEST_MEMORY_GB`` where a lab sets a cap.
+    """
+    need = n_trials * n_units * 4 * 1.1 + 64 * 2**20
+    available = available_memory()
+    cap = os.environ.get("NEUREG_INGEST_MEMORY_GB")
+    if cap:
+        try:
+            available = min(available, float(cap) * 2**30)
+        except ValueError:
+            raise ScanFolderError(root, f"NEUREG_INGEST_MEMORY_GB must be a number of GiB, got {cap!r}") from None
+    if need > available:
+        raise ScanFolderError(
+            root,
+            f"the scan is {n_units} units x {n_trials} trials: ingesting it needs about {need / 2**30:.1f} GiB "
+            f"of memory and {available / 2**30:.1f} GiB is available here; ingest it on a larger machine",
+        )
+
+
+def available_memory() -> float:
+    """Bytes of memory available to a new allocation (Linux: MemAvailable; elsewhere: physical memory)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 # ------------------------------------------------------------------------------------------ scan.json
@@ -110,8 +165,11 @@ def read_meta(root: Path) -> dict:
     """scan.json, if there is one, checked key by key: identity (mouse, session, scan) where given, and the
     facts the data files lack (date, area, depth, frame rate, notes). Absent keys are absent or empty."""
     path = root / "scan.json"
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return {"area": "", "depth": float("nan"), "frame_rate": float("nan"), "notes": "", "date": None}
+    check_regular(path, "scan metadata")
+    if path.stat().st_size > META_BYTES_MAX:
+        raise ScanFolderError(path, f"is {path.stat().st_size} bytes; scan metadata is at most {META_BYTES_MAX}")
     meta = _parse_meta(path)
     mouse = meta.get("mouse")
     if mouse is not None and (not isinstance(mouse, str) or not MOUSE_PATTERN.fullmatch(mouse)):
@@ -184,7 +242,7 @@ def read_units(root: Path, default_area: str) -> tuple[np.ndarray, np.ndarray, n
         raise ScanFolderError(coord_path, "contains NaN or infinite values")
     area_path = root / "meta/neurons/area.npy"
     areas = (
-        load_array(area_path, "unit areas").astype(str)
+        as_text(load_array(area_path, "unit areas"), area_path, "unit areas")
         if area_path.exists()
         else np.full(n_units, default_area, dtype=object)
     )

@@ -42,7 +42,7 @@ from datajoint.errors import DuplicateError, LostConnectionError
 from ..database.connect import ensure_embedded_server
 from .heartbeat import Heartbeat
 from .stages import pipeline_tables, stage_tables
-from .worker_jobs import HOST, attempts_recorded, job_key, release, retry_failed, tag_message
+from .worker_jobs import HOST, attempts_recorded, job_key, reclaim_dead, release, retry_failed, tag_message
 
 logger = logging.getLogger("neureg")
 
@@ -288,6 +288,14 @@ class Worker:
 
     # ------------------------------------------------------------------ per-table housekeeping
     def _refresh(self, jobs) -> None:
+        for key, deaths in reclaim_dead(jobs, self.options.orphan_timeout, 1 + self.options.max_retries):
+            logger.warning(
+                "%s %s: its worker stopped beating for %d s (died %d time(s) on it); counted as a failed attempt",
+                jobs.target.__class__.__name__,
+                _describe(key),
+                self.options.orphan_timeout,
+                deaths,
+            )
         try:
             result = jobs.refresh(delay=-1, orphan_timeout=self.options.orphan_timeout)
         except DuplicateError:  # another worker refreshed the same rows at the same moment

@@ -8,6 +8,11 @@ DataJoint's public API (restrictions, fetches and ``Table.update1``, as ``Job.co
 * **Attempts in the error message.** A failure is recorded as ``"[attempt 2 of 3] ValueError: ..."``.
   The count lives in the jobs table itself (durable, shown by ``neureg status``/the jobs table, no extra
   table); a retry resets the row to pending but keeps the message, so the next attempt knows its number.
+* **Deaths count.** A reservation whose worker stopped beating (killed, out of memory, segfault, lost
+  node) is turned into an error, "[attempt n of m] worker died k time(s) ...", by ``reclaim_dead`` before
+  DataJoint's ``refresh`` would reclaim it: ``refresh`` deletes the row and inserts a fresh pending one
+  without its message, so a job that kills every worker that takes it would otherwise be retried forever.
+  As an error it is retried like any failure, and stays in error once its attempts are used.
 * **Retry with backoff** (``retry_failed``), judged on the server's clock.
 * **Release.** A job this process holds goes back to pending (SIGTERM, a lost connection, a restart of
   a container whose new worker has the same host name and pid), with its previous message restored.
@@ -32,6 +37,7 @@ logger = logging.getLogger("neureg")
 # cut by the server (MySQL) or refused (PostgreSQL), so tags are fitted to it here.
 ERROR_MESSAGE_LENGTH = 2047
 ATTEMPT_TAG = re.compile(r"^\[attempt (\d+) of \d+\] ")
+DEATHS = re.compile(r"worker died (\d+) time")
 # Errors that say a job was interrupted, not that it failed: a worker stopped by a signal, or a notebook's
 # populate(reserve_jobs=True) stopped with Ctrl-C. They go back to pending at once and count no attempt.
 INTERRUPTIONS = ("SystemExit", "KeyboardInterrupt", "WorkerStop")
@@ -140,3 +146,40 @@ def retry_failed(jobs, max_retries: int, retry_delay: int) -> list[tuple[dict, i
         if _to_pending(jobs, key, "" if interrupted else message, now):
             reset.append((key, attempts, message))
     return reset
+
+
+def reclaim_dead(jobs, orphan_timeout: int, max_attempts: int) -> list[tuple[dict, int]]:
+    """Turn reservations not refreshed for ``orphan_timeout`` seconds into errors that count an attempt.
+
+    A reserved row keeps the message of its previous attempt (``reserve`` does not clear it), so the count
+    goes on from there. Returns (key, deaths) of the rows reclaimed. Two workers reclaiming the same row at
+    once write the same error (an extra log line, no extra attempt).
+    """
+    now = server_now(jobs.connection)
+    cutoff = now - datetime.timedelta(seconds=orphan_timeout)
+    stale = jobs.reserved.proj("error_message", "reserved_time", "host", "pid")
+    reclaimed = []
+    for row in stale.to_dicts():
+        if row["reserved_time"] is not None and row["reserved_time"] >= cutoff:
+            continue
+        key = job_key(jobs, row)
+        previous = row["error_message"] or ""
+        attempt = attempts_recorded(previous, "pending") + 1
+        died = DEATHS.search(previous)
+        deaths = (int(died.group(1)) if died else 0) + 1
+        message = tag_message(
+            f"worker died {deaths} time(s) running this job: {row['host']} pid {row['pid']} was last seen "
+            f"{row['reserved_time']} (server time) and stopped beating (killed, out of memory, crashed or lost)",
+            attempt,
+            max_attempts,
+        )
+        if not (jobs.reserved & key & {"pid": row["pid"], "host": row["host"]}):
+            continue  # released or reclaimed by someone else meanwhile
+        try:
+            jobs.update1({**key, "status": "error", "error_message": message, "completed_time": now})
+        except DataJointError:
+            if jobs & key:
+                raise
+            continue
+        reclaimed.append((key, deaths))
+    return reclaimed

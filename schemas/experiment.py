@@ -227,20 +227,56 @@ def load_responses(key: dict, include_withheld: bool = False) -> np.ndarray:
     mistake a zero for a measurement; ``load_trials`` leaves out the same rows.
     """
     n_trials, n_units = (Scan & key).fetch1("n_trials", "n_units")
+    blocks = (Responses.Block & key).proj("first_trial").to_dicts(order_by="first_trial")
+    _check_coverage(key, n_trials, blocks)
     matrix = np.empty((n_trials, n_units), dtype=np.float32)
-    for block_key in (Responses.Block & key).keys(order_by="block_idx"):
-        first = (Responses.Block & block_key).fetch1("first_trial")
+    for row in blocks:
+        block_key = {name: row[name] for name in Responses.Block.primary_key}
+        first = row["first_trial"]
         block = load_array(Responses.Block, block_key, "responses")  # one block in memory besides the matrix
-        if block.shape[1] != n_units or first + len(block) > n_trials:
+        if block.ndim != 2 or block.shape[1] != n_units or first + len(block) > n_trials:
             raise StoreIntegrityError(
                 f"{Responses.Block.full_table_name} {block_key}: a block of shape "
                 f"{block.shape} does not fit the scan's {n_trials} x {n_units} matrix"
+            )
+        expected = _block_trials(blocks, row, n_trials)
+        if len(block) != expected:
+            raise StoreIntegrityError(
+                f"{Responses.Block.full_table_name} {block_key}: holds {len(block)} trials where trials "
+                f"{first}..{first + expected - 1} belong; the others have no responses (re-ingest the scan)",
+                key=block_key,
             )
         matrix[first : first + len(block)] = block
     if include_withheld:
         return matrix
     usable = usable_trials(key)
     return matrix if usable.all() else matrix[usable]
+
+
+def _block_trials(blocks: list[dict], row: dict, n_trials: int) -> int:
+    """How many trials a block must hold: up to the next block's first trial (or the scan's end)."""
+    index = blocks.index(row)
+    end = blocks[index + 1]["first_trial"] if index + 1 < len(blocks) else n_trials
+    return end - row["first_trial"]
+
+
+def _check_coverage(key: dict, n_trials: int, blocks: list[dict]) -> None:
+    """The blocks' trial ranges tile 0..n_trials-1 exactly once and their number is the recorded one; else a
+    StoreIntegrityError naming the scan and the trials that have no responses (no stage computes on holes)."""
+    scan = {name: key[name] for name in Scan.primary_key if name in key}
+    recorded = (Responses & key).to_arrays("n_blocks")
+    if len(recorded) == 0:
+        raise StoreIntegrityError(f"scan {scan} has no Responses row: its responses were never stored", key=scan)
+    firsts = [int(b["first_trial"]) for b in blocks]
+    if len(blocks) != int(recorded[0]) or not blocks or firsts[0] != 0 or firsts[-1] >= n_trials:
+        have = f"{len(blocks)} block(s) starting at trials {firsts[:8]}"
+        raise StoreIntegrityError(
+            f"scan {scan}: its responses are incomplete: {int(recorded[0])} block(s) recorded, {have} for "
+            f"{n_trials} trials; the missing trials have no responses (re-ingest the scan)",
+            key=scan,
+        )
+    if len(set(firsts)) != len(firsts):
+        raise StoreIntegrityError(f"scan {scan}: two response blocks start at the same trial {firsts[:8]}", key=scan)
 
 
 def load_trials(key: dict, include_withheld: bool = False) -> dict:

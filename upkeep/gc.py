@@ -1,11 +1,18 @@
-"""Orphaned object-store files: found by DataJoint's garbage collector, removed only when old enough.
+"""Orphaned object-store files: found by DataJoint's garbage collector, removed only when old and never on doubt.
 
 A killed ingest, a full disk or a deleted row can leave files in the store that no row references
-(response blocks, a half-written ``.npy.saving``). ``datajoint.gc.GarbageCollector`` lists exactly those
-for the pipeline's schemas. It cannot tell an orphan from the file of a transaction still running (an
-ingest writes its blocks before it commits), so files younger than ``min_age_hours`` are reported and
-kept; only older ones are deleted, and only when asked. The store is a folder or an S3 bucket: ages come
-from the file's modification time either way.
+(response blocks, a half-written ``.npy.saving``). ``datajoint.gc.GarbageCollector`` lists the files of the
+pipeline's schemas that no reference covers. Its reference scan skips (with a warning) any column holding
+one value it cannot read, and then every file of that column looks unreferenced: one malformed row in a
+lab member's own scan would make every scan's blocks "orphans". So neureg reads every reference itself
+first (``database.store.store_references``), and any it cannot read stops gc naming the row; the
+collector's candidates are kept only where neureg's own scan also finds no reference, and before deleting
+the references are read again, so a row inserted meanwhile keeps its file.
+
+The collector cannot tell an orphan from the file of a transaction still running (an ingest writes its
+blocks before it commits), so files younger than ``min_age_hours`` are reported and kept; only older ones
+are deleted, and only when asked. The store is a folder or an S3 bucket: ages come from the file's
+modification time either way.
 """
 
 from __future__ import annotations
@@ -15,24 +22,69 @@ import time
 import datajoint as dj
 
 from ..database.settings import STORE
-from ..database.store import modified_at, store_files
+from ..database.store import modified_at, store_files, store_references
+from ..errors import StoreReferenceError
 
 
-def collect_orphans(pipeline, delete: bool = False, min_age_hours: float = 24.0) -> dict:
+def pipeline_references(pipeline) -> set[str]:
+    """Every store path any row of the pipeline's schemas references; StoreReferenceError on any doubt."""
+    referenced: set[str] = set()
+    for module in pipeline.modules().values():
+        schema = module.schema
+        for name in schema.list_tables():
+            table = schema.get_table(name)
+            heading = table.heading
+            for attribute in [*heading.schema_objects, *heading.hash_objects]:
+                referenced.update(store_references(table, attribute))
+    return referenced
+
+
+def _covered(path: str, referenced: set[str]) -> bool:
+    """A file is referenced when a reference names it or a folder above it (DataJoint's rule)."""
+    if path.endswith(".manifest.json"):
+        path = path[: -len(".manifest.json")]
+    parts = path.split("/")
+    return any("/".join(parts[:i]) in referenced for i in range(1, len(parts) + 1))
+
+
+def collect_orphans(pipeline, delete: bool = False, min_age_hours: float = 24.0, announce=None) -> dict:
     """Orphaned store files of the pipeline's schemas: ``{"old": [...], "recent": [...], "deleted": n,
-    "bytes": n}`` (paths relative to the store); with ``delete``, the old ones are removed."""
+    "bytes": n}`` (paths relative to the store); with ``delete``, the old ones are removed.
+
+    ``announce(paths, total_bytes)`` is called with what is about to be deleted, before anything is.
+    Raises StoreReferenceError when any reference cannot be read or the collector could not list the store.
+    """
     fs, root, _ = store_files()
+    referenced = pipeline_references(pipeline)  # first: a doubt stops everything before any listing
     collector = dj.gc.GarbageCollector(*(m.schema for m in pipeline.modules().values()), store=STORE)
     report = collector.collect(dry_run=True)
+    if report["scan_errors"]:
+        raise StoreReferenceError(f"the store could not be listed completely: {report['scan_errors'][:3]}")
     cutoff = time.time() - min_age_hours * 3600
-    old, recent, size = [], [], 0
+    old, recent, sizes = [], [], {}
     for path in report["orphaned_schema_paths"]:  # neureg stores <npy@> (schema-addressed) objects only
+        if _covered(str(path), referenced):
+            continue
         try:
             info = fs.info(f"{root}/{path}")  # one stat (one request on S3) for age and size
         except FileNotFoundError:  # gone since the listing
             continue
-        is_old = modified_at(info) < cutoff
-        (old if is_old else recent).append(str(path))
-        size += (info.get("size") or 0) if is_old else 0
-    deleted = sum(bool(collector.delete_schema_path(path)) for path in old) if delete else 0
-    return {"old": old, "recent": recent, "deleted": deleted, "bytes": size, "min_age_hours": min_age_hours}
+        if modified_at(info) < cutoff:
+            old.append(str(path))
+            sizes[str(path)] = info.get("size") or 0
+        else:
+            recent.append(str(path))
+    deleted = 0
+    if delete and old:
+        if announce is not None:
+            announce(old, sum(sizes.values()))
+        again = pipeline_references(pipeline)  # rows inserted since the first scan keep their files
+        old = [path for path in old if not _covered(path, again)]
+        deleted = sum(bool(collector.delete_schema_path(path)) for path in old)
+    return {
+        "old": old,
+        "recent": recent,
+        "deleted": deleted,
+        "bytes": sum(sizes.get(path, 0) for path in old),
+        "min_age_hours": min_age_hours,
+    }

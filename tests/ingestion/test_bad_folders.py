@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -272,6 +273,75 @@ def _(f):
 def _(f):
     (f / "meta/neurons/unit_ids.npy").unlink()
     return "unit_ids.npy: missing (unit ids)"
+
+
+def _n_trials(f) -> int:
+    return np.load(f / "meta/trials/frame_image_id.npy").size
+
+
+@_edit("identity-file-nan")
+def _(f):
+    np.save(f / "meta/trials/session.npy", np.full(_n_trials(f), np.nan))
+    return "meta/trials/session.npy holds NaN or infinity"
+
+
+@_edit("identity-file-infinity")
+def _(f):
+    np.save(f / "meta/neurons/animal_ids.npy", np.full(12, np.inf))
+    return "meta/neurons/animal_ids.npy holds NaN or infinity"
+
+
+def _trial_ids(f, ids):
+    np.save(f / "meta/trials/trial_idx.npy", np.asarray(ids))
+
+
+@_edit("trial-id-nul-in-the-middle")
+def _(f):
+    ids = [f"t{i}" for i in range(_n_trials(f))]
+    ids[len(ids) // 2] = "t\x00x"
+    _trial_ids(f, ids)
+    return f"trial id of trial {len(ids) // 2}' contains a NUL character"
+
+
+@_edit("trial-id-lone-surrogate-in-the-middle")
+def _(f):
+    ids = [f"t{i}" for i in range(_n_trials(f))]
+    ids[5] = "t\ud800"
+    _trial_ids(f, ids)
+    return "'trial id of trial 5' is not valid Unicode text"
+
+
+@_edit("trial-id-beyond-int64")
+def _(f):
+    _trial_ids(f, np.arange(_n_trials(f), dtype=np.uint64) + np.uint64(2**63))
+    return "trial ids must fit a signed 64-bit integer"
+
+
+@_edit("trial-id-bytes-not-text")
+def _(f):
+    _trial_ids(f, np.array([b"\xff%d" % i for i in range(_n_trials(f))]))
+    return "trial ids are not readable as text"
+
+
+@_edit("scan-json-is-a-fifo")
+def _(f):
+    (f / "scan.json").unlink()
+    os.mkfifo(f / "scan.json")
+    return "scan.json: not a regular file (scan metadata)"
+
+
+@_edit("response-file-is-a-fifo")
+def _(f):
+    (f / "data/responses/4.npy").unlink()
+    os.mkfifo(f / "data/responses/4.npy")
+    return "responses/4.npy: not a regular file"
+
+
+@_edit("response-file-links-to-dev-zero")
+def _(f):
+    (f / "data/responses/2.npy").unlink()
+    (f / "data/responses/2.npy").symlink_to("/dev/zero")
+    return "responses/2.npy: not a regular file"
 
 
 @pytest.mark.parametrize("corrupt", BAD_FOLDERS)

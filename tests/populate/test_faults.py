@@ -152,14 +152,37 @@ def test_killed_worker_leaves_no_rows_and_its_job_is_done_by_another(toy_here, w
     victim.wait()
     report = toy.toy_report(toy_here)
     assert 0 not in report["squares"] and report["orphan_digits"] == [] and report["jobs"][0] == "reserved"
-    rescuer = group.toy(toy_here.database, "--orphan-timeout", "2", "--idle-sleep", "0.2", "--time-limit", "90")
+    rescuer = group.toy(
+        toy_here.database, "--orphan-timeout", "2", "--idle-sleep", "0.2", "--time-limit", "90", "--retry-delay", "0"
+    )
     wait_for(lambda: toy.toy_report(toy_here)["squares"] == [0, 1, 2, 3], 60, "the rescuer to finish")
     rescuer.send_signal(signal.SIGTERM)
     assert rescuer.wait(timeout=30) == 0
     report = toy.toy_report(toy_here)
     assert report["complete"] and set(report["jobs"].values()) == {"success"}
     assert toy.toy_events(toy_here.log) == {0: 2, 1: 1, 2: 1, 3: 1}  # only the killed job ran twice
-    assert "reclaimed 1 job(s)" in Path(rescuer.log_path).read_text()
+    assert "its worker stopped beating for 2 s (died 1 time(s) on it)" in Path(rescuer.log_path).read_text()
+
+
+def test_a_job_that_kills_every_worker_gives_up_after_its_attempts(toy_here, workers):
+    """A poisoned job (its make() SIGKILLs the worker: an OOM kill, a segfault) counts an attempt per death,
+    kept in the job's own row where DataJoint's reclaim cannot reset it, and ends in error."""
+    toy_here.Item.insert([dict(item=0, kill_always=True), dict(item=1)])
+    group = workers(toy_here.env)
+    options = ("--once", "--orphan-timeout", "1", "--max-retries", "2", "--retry-delay", "0", "--idle-sleep", "0")
+    codes = []
+    for _ in range(6):
+        codes.append(group.toy(toy_here.database, *options).wait(timeout=120))
+        if codes[-1] == 0:
+            break
+        time.sleep(1.5)  # past the orphan timeout: the dead worker's reservation is stale
+    assert codes == [-signal.SIGKILL] * 3 + [0], group.output()
+    report = toy.toy_report(toy_here)
+    assert report["jobs"] == {0: "error", 1: "success"} and report["squares"] == [1]
+    assert report["messages"][0].startswith("[attempt 3 of 3] worker died 3 time(s) running this job")
+    assert toy.toy_events(toy_here.log)[0] == 3  # three attempts, then it stays in error
+    last = group.toy(toy_here.database, *options)
+    assert last.wait(timeout=120) == 0 and toy.toy_events(toy_here.log)[0] == 3
 
 
 def test_sigterm_puts_the_running_job_back(toy_here, workers):

@@ -71,6 +71,7 @@ def toy_stage(database: str, stored: bool = False) -> SimpleNamespace:
         ---
         first_delay = 0      : float64   # seconds the item's first make() sleeps, after inserting the master row
         fail_first = 0       : int16     # the item's first n make() calls raise
+        kill_always = 0      : bool      # every make() SIGKILLs its own worker (a poisoned job)
         """
 
     Item = schema(Item)
@@ -92,9 +93,11 @@ def toy_stage(database: str, stored: bool = False) -> SimpleNamespace:
             """
 
         def make(self, key):
-            first_delay, fail_first = (Item & key).fetch1("first_delay", "fail_first")
+            first_delay, fail_first, kill = (Item & key).fetch1("first_delay", "fail_first", "kill_always")
             earlier = toy_events(os.environ.get(TOY_LOG, "")).get(key["item"], 0)
             _toy_log("start", key["item"])
+            if kill:
+                os.kill(os.getpid(), signal.SIGKILL)
             square = key["item"] ** 2
             array = toy_stored("picture", toy_picture(key["item"])) if stored else {}
             self.insert1(dict(key, square=square, **array))  # inside make's transaction: gone if the job dies
@@ -249,9 +252,10 @@ def test_job_of_a_dead_worker_is_reclaimed_and_a_live_ones_is_not(toy):
             f"UPDATE {jobs.full_table_name} SET reserved_time=%s, pid=%s, host=%s WHERE item=%s",
             args=(seen, 999999, "elsewhere", item),
         )
-    assert run_once(toy, orphan_timeout=60) == 0
+    assert run_once(toy, orphan_timeout=60, retry_delay=0) == 0
     report = toy_report(toy)
     assert report["squares"] == [1] and report["jobs"][2] == "reserved"
+    assert toy_events(toy.log) == {1: 1}
 
 
 def test_jobs_this_process_left_reserved_are_released_at_start(toy):
