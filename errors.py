@@ -54,3 +54,17 @@ class StoreIntegrityError(RuntimeError):
 class StoreReferenceError(RuntimeError):
     """A row's store reference cannot be read: nothing that decides what to delete may go on without it.
     The message names the table, the row and what is wrong with the reference."""
+
+
+#: Server error codes that mean "this account may not": MySQL's database/table/column/privilege denied,
+#: PostgreSQL's insufficient_privilege.
+DENIED_CODES = (1044, 1142, 1143, 1227)
+
+
+def denied_by_server(exc: BaseException) -> bool:
+    """Whether ``exc`` is the database refusing this account a statement (DataJoint's AccessError, or the
+    driver's own error where DataJoint passes it through): a wrong account, not a failed computation."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    code = exc.args[0] if exc.args else None
+    pgcode = getattr(exc, "pgcode", None) or getattr(exc.__cause__, "pgcode", None)
+    return "AccessError" in names or "InsufficientPrivilege" in names or code in DENIED_CODES or pgcode == "42501"

@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-from ..errors import EXIT_CONFIG, EXIT_FAILED, ConfigurationError
+from ..errors import EXIT_BAD_INPUT, EXIT_CONFIG, EXIT_FAILED, ConfigurationError, denied_by_server
 
 #: The modules that declare commands, in the order ``neureg --help`` lists them.
 COMMAND_MODULES = ("data", "compute", "worker", "accounts", "completion")
@@ -60,11 +60,34 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except Exception as exc:  # noqa: BLE001 - the faults a lab meets get one line, not a traceback
+        denied = permission_message(exc)
+        if denied is not None:
+            print(f"error: {denied}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         message = fault_message(exc)
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def permission_message(exc: BaseException) -> str | None:
+    """One line for a command this database account may not run (a lab account starting a worker, say),
+    or None. The transaction was rolled back by the server: nothing was written."""
+    if not denied_by_server(exc):
+        return None
+    import datajoint as dj
+
+    try:
+        user = dj.config["database.user"] or "this account"
+    except Exception:  # noqa: BLE001 - the message is still right without the name
+        user = "this account"
+    detail = " ".join(str(part) for part in exc.args[1:2] or exc.args[:1]).strip().splitlines()
+    detail = detail[0][:200] if detail else type(exc).__name__
+    return (
+        f"the database account {user!r} may not do this ({detail}); nothing was written. Lab accounts ingest "
+        "and read; workers and `neureg plan` need the worker or administrator account (README: Running at lab scale)"
+    )
 
 
 def fault_message(exc: BaseException) -> str | None:

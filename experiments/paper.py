@@ -43,6 +43,9 @@ PAPER_RUNS = (
 DATASET = "cifar10"
 
 
+MAX_SEEDS = 1000  # each seed is one network per condition: 1000 is weeks of GPU time, more is a typo
+
+
 def plan_paper(pipeline, cifar_root, seeds: int = 5, dry_run: bool = False) -> list[dict]:
     """Register Li et al. 2019's experiment on every ingested scan, so the workers can run it unattended.
 
@@ -50,8 +53,8 @@ def plan_paper(pipeline, cifar_root, seeds: int = 5, dry_run: bool = False) -> l
     row says about itself) and ``status`` ("new" or "exists"). ``dry_run`` writes nothing. Raises
     PlanError for fewer than two usable scans, ``seeds`` < 1, or an unreadable CIFAR-10 folder.
     """
-    if int(seeds) < 1:
-        raise PlanError(f"--seeds must be at least 1, got {seeds}")
+    if not 1 <= int(seeds) <= MAX_SEEDS:
+        raise PlanError(f"--seeds must be 1..{MAX_SEEDS} (networks per condition), got {seeds}")
     scans, left_out = usable_scans(pipeline.experiment)
     if len(scans) < 2:
         unusable = f" ({len(left_out)} more without usable repeats: see neureg status)" if left_out else ""

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 import datajoint as dj
+from datajoint.errors import DuplicateError
 
 from ..database.connect import stage_modules
 
@@ -192,11 +193,16 @@ def populate_stage(
             continue
         before = len(table())
         start = time.perf_counter()
-        result = table.populate(
-            *restriction, reserve_jobs=reserve_jobs, display_progress=display_progress, suppress_errors=suppress_errors
+        result = populate_beside_others(
+            table,
+            restriction,
+            reserve_jobs=reserve_jobs,
+            display_progress=display_progress,
+            suppress_errors=suppress_errors,
         )
         seconds = time.perf_counter() - start
         errors = result.get("error_list", []) if isinstance(result, dict) else []
+        errors = [e for e in errors if not _done_by_another(table, e)]
         summary[table.full_table_name] = {
             "new_rows": len(table()) - before,
             "seconds": round(seconds, 2),
@@ -204,3 +210,24 @@ def populate_stage(
         }
         logger.info("%s: %d new rows in %.1f s", table.__name__, len(table()) - before, seconds)
     return summary
+
+
+def populate_beside_others(table, restriction, **options):
+    """``table.populate`` that yields to a concurrent ``neureg populate`` of the same table.
+
+    Without job reservation two processes may compute one key at once; the later insert then fails as a
+    duplicate once the other commits, and DataJoint stops the whole populate. The key is done, by the
+    other process: populate again, which skips it, until a run ends without such a collision.
+    """
+    for _ in range(max(1, len(table.key_source)) + 1):
+        try:
+            return table.populate(*restriction, **options)
+        except DuplicateError:
+            logger.info("%s: a key was filled by another process meanwhile; going on with the rest", table.__name__)
+    return table.populate(*restriction, **options)
+
+
+def _done_by_another(table, error) -> bool:
+    """A suppressed error that is only another process having filled the key first."""
+    key, message = (error[0], str(error[1])) if isinstance(error, tuple) and len(error) == 2 else (None, "")
+    return message.startswith("DuplicateError") and key is not None and bool(table & key)

@@ -40,6 +40,7 @@ import datajoint as dj
 from datajoint.errors import DuplicateError, LostConnectionError
 
 from ..database.connect import ensure_embedded_server
+from ..errors import denied_by_server
 from .heartbeat import Heartbeat
 from .stages import pipeline_tables, stage_tables
 from .worker_jobs import HOST, attempts_recorded, job_key, reclaim_dead, release, retry_failed, tag_message
@@ -143,6 +144,8 @@ class Worker:
             except Exception as exc:
                 if self._stop.is_set():
                     break
+                if denied_by_server(exc):  # this account may not compute: retrying cannot help
+                    raise
                 if isinstance(exc, LostConnectionError) or not self._alive():
                     self._reconnect(exc)
                     continue

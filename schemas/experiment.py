@@ -14,7 +14,7 @@ import re
 import datajoint as dj
 import numpy as np
 
-from ..database.store import load_array, stored_columns
+from ..database.store import stored_columns, verified
 from ..database.transaction import transaction
 from ..errors import StoreIntegrityError
 from ..models.digests import stable_hash
@@ -223,60 +223,69 @@ def usable_trials(key: dict) -> np.ndarray:
 def load_responses(key: dict, include_withheld: bool = False) -> np.ndarray:
     """The scan's float32 response matrix, rows in trial order, columns in unit order.
 
-    Withheld trials (responses published as zeros) are left out unless asked for, so that no stage can
-    mistake a zero for a measurement; ``load_trials`` leaves out the same rows.
+    The blocks must cover every trial exactly once (``response_blocks``): a missing or overlapping block
+    is a StoreIntegrityError naming the scan and the trials, never a matrix with holes. Withheld trials
+    (responses published as zeros) are left out unless asked for, so that no stage can mistake a zero for
+    a measurement; ``load_trials`` leaves out the same rows.
     """
     n_trials, n_units = (Scan & key).fetch1("n_trials", "n_units")
-    blocks = (Responses.Block & key).proj("first_trial").to_dicts(order_by="first_trial")
-    _check_coverage(key, n_trials, blocks)
     matrix = np.empty((n_trials, n_units), dtype=np.float32)
-    for row in blocks:
-        block_key = {name: row[name] for name in Responses.Block.primary_key}
-        first = row["first_trial"]
-        block = load_array(Responses.Block, block_key, "responses")  # one block in memory besides the matrix
-        if block.ndim != 2 or block.shape[1] != n_units or first + len(block) > n_trials:
-            raise StoreIntegrityError(
-                f"{Responses.Block.full_table_name} {block_key}: a block of shape "
-                f"{block.shape} does not fit the scan's {n_trials} x {n_units} matrix"
-            )
-        expected = _block_trials(blocks, row, n_trials)
-        if len(block) != expected:
-            raise StoreIntegrityError(
-                f"{Responses.Block.full_table_name} {block_key}: holds {len(block)} trials where trials "
-                f"{first}..{first + expected - 1} belong; the others have no responses (re-ingest the scan)",
-                key=block_key,
-            )
-        matrix[first : first + len(block)] = block
+    for block_key, first, ref, digest in response_blocks(key, n_trials, n_units):
+        # one block in memory besides the matrix; verified against its recorded shape and SHA-256
+        matrix[first : first + ref.shape[0]] = verified(ref, digest, Responses.Block, block_key, "responses")
     if include_withheld:
         return matrix
     usable = usable_trials(key)
     return matrix if usable.all() else matrix[usable]
 
 
-def _block_trials(blocks: list[dict], row: dict, n_trials: int) -> int:
-    """How many trials a block must hold: up to the next block's first trial (or the scan's end)."""
-    index = blocks.index(row)
-    end = blocks[index + 1]["first_trial"] if index + 1 < len(blocks) else n_trials
-    return end - row["first_trial"]
-
-
-def _check_coverage(key: dict, n_trials: int, blocks: list[dict]) -> None:
-    """The blocks' trial ranges tile 0..n_trials-1 exactly once and their number is the recorded one; else a
-    StoreIntegrityError naming the scan and the trials that have no responses (no stage computes on holes)."""
+def response_blocks(key: dict, n_trials: int, n_units: int) -> list[tuple]:
+    """(block key, first trial, store reference, SHA-256) of a scan's blocks, in trial order, once their
+    recorded shapes are shown to tile trials 0..n_trials-1 exactly once (no file is read to know it)."""
     scan = {name: key[name] for name in Scan.primary_key if name in key}
     recorded = (Responses & key).to_arrays("n_blocks")
     if len(recorded) == 0:
         raise StoreIntegrityError(f"scan {scan} has no Responses row: its responses were never stored", key=scan)
-    firsts = [int(b["first_trial"]) for b in blocks]
-    if len(blocks) != int(recorded[0]) or not blocks or firsts[0] != 0 or firsts[-1] >= n_trials:
-        have = f"{len(blocks)} block(s) starting at trials {firsts[:8]}"
+    rows = (Responses.Block & key).to_dicts(order_by="first_trial")  # lazy references: metadata only
+    blocks, covered = [], np.zeros(n_trials + 1, dtype=np.int64)
+    for row in rows:
+        block_key = {name: row[name] for name in Responses.Block.primary_key}
+        ref, first = row["responses"], int(row["first_trial"])
+        shape = tuple(ref.shape)
+        if len(shape) != 2 or shape[1] != n_units or first < 0 or first + shape[0] > n_trials:
+            raise StoreIntegrityError(
+                f"{Responses.Block.full_table_name} {block_key}: a block of shape {shape} at trial {first} does "
+                f"not fit the scan's {n_trials} x {n_units} matrix",
+                table=Responses.Block.full_table_name,
+                key=block_key,
+            )
+        covered[first] += 1
+        covered[first + shape[0]] -= 1
+        blocks.append((block_key, first, ref, row["responses_sha256"]))
+    times = np.cumsum(covered)[:n_trials]
+    if len(blocks) != int(recorded[0]) or np.any(times != 1):
+        missing, twice = np.flatnonzero(times == 0), np.flatnonzero(times > 1)
         raise StoreIntegrityError(
-            f"scan {scan}: its responses are incomplete: {int(recorded[0])} block(s) recorded, {have} for "
-            f"{n_trials} trials; the missing trials have no responses (re-ingest the scan)",
+            f"scan {scan}: its responses are incomplete ({len(blocks)} of {int(recorded[0])} recorded block(s)): "
+            f"{_ranges(missing)} of {n_trials} trials have no responses"
+            + (f", {_ranges(twice)} have them twice" if twice.size else "")
+            + "; nothing is computed from it (re-ingest the scan)",
+            table=Responses.Block.full_table_name,
             key=scan,
         )
-    if len(set(firsts)) != len(firsts):
-        raise StoreIntegrityError(f"scan {scan}: two response blocks start at the same trial {firsts[:8]}", key=scan)
+    return blocks
+
+
+def _ranges(trials: np.ndarray) -> str:
+    """Trial numbers as ranges, for people: 'trials 10..19, 40' or 'no trials'."""
+    if trials.size == 0:
+        return "no trials"
+    parts, start = [], trials[0]
+    for previous, current in zip(trials, [*trials[1:], None]):
+        if current is None or current != previous + 1:
+            parts.append(f"{start}" if start == previous else f"{start}..{previous}")
+            start = current
+    return "trials " + ", ".join(parts[:6]) + (", ..." if len(parts) > 6 else "")
 
 
 def load_trials(key: dict, include_withheld: bool = False) -> dict:

@@ -292,6 +292,11 @@ def test_lab_member_adds_scans_and_reads_but_cannot_delete_results(
         assert ingest.returncode == 0, ingest.stderr
         key = {"mouse": unique_mouse, "session": 1, "scan_idx": 1}
         assert len(pipeline.experiment.Scan & key) == 1
+        for args in (("populate", "--stage", "oracle"), ("worker", "--once", "--table", "OracleStats")):
+            denied = cli(lab, *args)  # a lab account computing: one line, exit 2, nothing written
+            assert denied.returncode == 2 and "Traceback" not in denied.stderr, (args, denied.stderr)
+            assert f"the database account '{lab}' may not do this" in denied.stderr, denied.stderr
+            assert not (pipeline.oracle.OracleStats & key)
         work = cli(worker, "worker", "--once", "--table", "OracleStats")
         assert work.returncode == 0, work.stderr
         assert len(pipeline.oracle.OracleStats & key) == 1

@@ -180,6 +180,17 @@ def test_scans_without_usable_repeats_do_not_count(tmp_path):
         plan_paper(_stub_pipeline(1, n_unusable=3), tmp_path / "never_read")
 
 
-def test_seeds_must_be_positive(tmp_path):
-    with pytest.raises(PlanError, match="--seeds must be at least 1"):
-        plan_paper(_stub_pipeline(4), tmp_path, seeds=0)
+@pytest.mark.parametrize("seeds", [0, -1, 1001, 3_000_000_000])
+def test_seeds_out_of_range_are_refused_before_anything(tmp_path, seeds):
+    with pytest.raises(PlanError, match=rf"--seeds must be 1\.\.1000 \(networks per condition\), got {seeds}"):
+        plan_paper(_stub_pipeline(4), tmp_path, seeds=seeds)
+
+
+def test_seeds_not_a_whole_number_is_exit_2(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "neureg.cli", "plan", "paper", "--cifar", str(tmp_path), "--seeds", "3e9"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2 and "invalid int value: '3e9'" in run.stderr and "Traceback" not in run.stderr

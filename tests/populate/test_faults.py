@@ -167,7 +167,7 @@ def test_killed_worker_leaves_no_rows_and_its_job_is_done_by_another(toy_here, w
 def test_a_job_that_kills_every_worker_gives_up_after_its_attempts(toy_here, workers):
     """A poisoned job (its make() SIGKILLs the worker: an OOM kill, a segfault) counts an attempt per death,
     kept in the job's own row where DataJoint's reclaim cannot reset it, and ends in error."""
-    toy_here.Item.insert([dict(item=0, kill_always=True), dict(item=1)])
+    toy_here.Item.insert([dict(item=0, kill_always=True), dict(item=1, kill_always=False)])
     group = workers(toy_here.env)
     options = ("--once", "--orphan-timeout", "1", "--max-retries", "2", "--retry-delay", "0", "--idle-sleep", "0")
     codes = []
@@ -183,6 +183,21 @@ def test_a_job_that_kills_every_worker_gives_up_after_its_attempts(toy_here, wor
     assert toy.toy_events(toy_here.log)[0] == 3  # three attempts, then it stays in error
     last = group.toy(toy_here.database, *options)
     assert last.wait(timeout=120) == 0 and toy.toy_events(toy_here.log)[0] == 3
+
+
+def test_two_populates_of_one_table_at_once_both_end_cleanly(toy_here):
+    """Two `neureg populate` runs (no job reservation) compute one key at once: the later insert is a
+    duplicate, which means the key is done; both go on and exit 0, and every key is computed once or twice
+    but stored once."""
+    from neureg.populate.stages import populate_beside_others
+
+    toy_here.Item.insert([dict(item=0, first_delay=4), *(dict(item=i, first_delay=0) for i in range(1, 4))])
+    other = subprocess.Popen([sys.executable, str(HELPER), toy_here.database, "populate"], env=toy_here.env)
+    wait_for(lambda: toy.toy_events(toy_here.log).get(0), 60, "the other populate to start item 0")
+    populate_beside_others(toy_here.Square, (), reserve_jobs=False, display_progress=False, suppress_errors=False)
+    assert other.wait(timeout=120) == 0
+    report = toy.toy_report(toy_here)
+    assert report["squares"] == [0, 1, 2, 3] and report["complete"] and report["orphan_digits"] == []
 
 
 def test_sigterm_puts_the_running_job_back(toy_here, workers):

@@ -150,7 +150,7 @@ def dj_env() -> dict:
 
 def main(argv=None) -> int:
     """Entry point of toy subprocesses: ``DATABASE setup N [--first-delay S]`` | ``DATABASE report`` |
-    ``DATABASE worker [neureg worker options]``."""
+    ``DATABASE populate`` | ``DATABASE worker [neureg worker options]``."""
     import logging
 
     from neureg.database.settings import quiet_datajoint
@@ -170,6 +170,11 @@ def main(argv=None) -> int:
         return 0
     if command == "report":
         print(json.dumps(toy_report(stage)))
+        return 0
+    if command == "populate":  # what `neureg populate` does to each table, without job reservation
+        from neureg.populate.stages import populate_beside_others
+
+        populate_beside_others(stage.Square, (), reserve_jobs=False, display_progress=False, suppress_errors=False)
         return 0
     parser = argparse.ArgumentParser(prog="toy-worker")
     add_worker_arguments(parser)

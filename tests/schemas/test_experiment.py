@@ -200,3 +200,28 @@ def test_concurrent_first_commands_on_a_new_home_all_succeed(tmp_path):
         ]
         outputs = [p.communicate(timeout=300) for p in procs]
         assert [p.returncode for p in procs] == [0, 0, 0], [err[-1500:] for _, err in outputs]
+
+
+def test_responses_with_a_missing_block_are_an_error_naming_the_trials(
+    pipeline, tmp_path, unique_mouse, scan_folder_factory, monkeypatch
+):
+    """A sealed scan whose blocks do not cover every trial (a row deleted, a block lost) is never loaded
+    as a matrix with holes: the error names the scan and the trials, and no oracle statistic is computed."""
+    from neureg.errors import StoreIntegrityError
+
+    monkeypatch.setattr("neureg.ingestion.insert.RESPONSE_BLOCK_TRIALS", 10)
+    exp = pipeline.experiment
+    key = ingest_folder(scan_folder_factory(tmp_path / "scan", mouse=unique_mouse, seed=51), pipeline)
+    n_trials = (exp.Scan & key).fetch1("n_trials")
+    assert len(exp.Responses.Block & key) == -(-n_trials // 10)
+    (exp.Responses.Block & key & {"block_idx": 1}).delete_quick()
+    with pytest.raises(StoreIntegrityError, match=rf"{unique_mouse}.*incomplete .*trials 10\.\.19 of {n_trials}"):
+        exp.load_responses(key)
+    (exp.Responses.Block & key).delete_quick()
+    with pytest.raises(StoreIntegrityError, match=rf"trials 0\.\.{n_trials - 1} of {n_trials} trials have no"):
+        exp.load_responses(key)
+    (exp.Responses & key).delete_quick()
+    with pytest.raises(StoreIntegrityError, match="has no Responses row"):
+        exp.load_responses(key)
+    result = pipeline.oracle.OracleStats.populate(key, suppress_errors=True)
+    assert result["error_list"] and not (pipeline.oracle.OracleStats & key)

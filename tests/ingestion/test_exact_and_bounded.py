@@ -1,0 +1,74 @@
+"""Ids kept exactly as the files give them, a session's date never silently contradicted, and a scan too
+large for the machine refused before its responses are read."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from neureg.errors import ScanFolderError
+from neureg.ingestion import ingest_folder
+from neureg.upkeep.status import table_counts
+
+
+def test_trial_ids_beyond_2_to_the_53_stay_distinct_and_exact(pipeline, tmp_path, scan_folder_factory, unique_mouse):
+    folder = scan_folder_factory(tmp_path / "scan", mouse=unique_mouse, seed=41)
+    n = np.load(folder / "meta/trials/frame_image_id.npy").size
+    ids = np.int64(2**53) + np.arange(n, dtype=np.int64)  # float64 would merge neighbours
+    np.save(folder / "meta/trials/trial_idx.npy", ids)
+    key = ingest_folder(folder, pipeline)
+    trial_idx, presentation, recorded = (pipeline.experiment.Trial & key).to_arrays(
+        "trial_idx", "presentation", "recorded_trial", order_by="trial_idx"
+    )
+    assert [int(p) for p in presentation] == ids.tolist()
+    assert list(recorded) == [str(i) for i in ids.tolist()]
+
+
+def test_frame_ids_that_share_pixels_keep_their_own_ids(pipeline, tmp_path, scan_folder_factory, unique_mouse):
+    folder = scan_folder_factory(tmp_path / "scan", mouse=unique_mouse, seed=42)
+    frame_ids = np.load(folder / "meta/trials/frame_image_id.npy")
+    ids, counts = np.unique(frame_ids, return_counts=True)
+    a, b = ids[counts == 1][:2]  # two images shown once each
+    trial_a, trial_b = int(np.flatnonzero(frame_ids == a)[0]), int(np.flatnonzero(frame_ids == b)[0])
+    np.save(folder / f"data/images/{trial_b}.npy", np.load(folder / f"data/images/{trial_a}.npy"))
+    key = ingest_folder(folder, pipeline)
+    rows = (pipeline.experiment.Trial & key).to_dicts(order_by="trial_idx")
+    assert [r["frame_image_id"] for r in rows] == frame_ids.tolist(), "every trial keeps the id its files gave"
+    assert rows[trial_a]["image_hash"] == rows[trial_b]["image_hash"], "the shared pixels are one Image row"
+
+
+def test_a_session_date_that_contradicts_the_database_is_exit_2(
+    pipeline, tmp_path, scan_folder_factory, unique_mouse, neureg_cli
+):
+    first = scan_folder_factory(tmp_path / "a", mouse=unique_mouse, scan=1, seed=43)
+    second = scan_folder_factory(tmp_path / "b", mouse=unique_mouse, scan=2, seed=44)
+    for folder, date in ((first, "2026-01-05"), (second, "2026-02-07")):
+        meta = json.loads((folder / "scan.json").read_text())
+        (folder / "scan.json").write_text(json.dumps(dict(meta, date=date)))
+    ingest_folder(first, pipeline)
+    before = table_counts(pipeline)
+    run = neureg_cli("ingest", str(second))
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert f"session {unique_mouse} / 1 is in the database as recorded on 2026-01-05" in run.stderr
+    assert "scan(s) [1] ingested by" in run.stderr and "this scan says 2026-02-07" in run.stderr
+    assert str(second) in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert table_counts(pipeline) == before
+
+
+def test_a_scan_too_large_for_memory_is_refused_before_reading(tmp_path, monkeypatch):
+    """2,000,000 units x 5000 trials: 37 GiB of float32, refused from its meta files alone (no trial files)."""
+    root = tmp_path / "huge"
+    (root / "meta/neurons").mkdir(parents=True)
+    (root / "meta/trials").mkdir(parents=True)
+    (root / "scan.json").write_text(json.dumps({"mouse": "big", "session": 1, "scan": 1}))
+    np.save(root / "meta/neurons/unit_ids.npy", np.arange(2_000_000, dtype=np.int32))
+    np.save(root / "meta/neurons/cell_motor_coordinates.npy", np.zeros((2_000_000, 3), np.float32))
+    np.save(root / "meta/trials/frame_image_id.npy", np.arange(5000, dtype=np.int64))
+    monkeypatch.setenv("NEUREG_INGEST_MEMORY_GB", "16")
+    with pytest.raises(ScanFolderError) as info:
+        ingest_folder(root)
+    message = str(info.value)
+    assert str(root) in message and "2000000 units x 5000 trials" in message
+    assert "needs about 41.0 GiB of memory" in message and "is available here" in message
