@@ -19,7 +19,7 @@ import datajoint as dj
 import numpy as np
 
 from .. import __version__
-from ..database.store import remove_store_paths, store_references, stored
+from ..database.store import remove_store_paths, store_files, store_references, stored
 from ..database.transaction import transaction
 from ..errors import ScanExistsError, ScanFolderError
 from ..schemas.experiment import (
@@ -156,6 +156,7 @@ def _insert_scan_once(data: ScanData, source_path: str, written: list[str]) -> d
             )
         )
         known = known_images(data.images)
+        _check_reused_images(data, known)
         new = [h for h in data.images if h not in known]
         for first in range(0, len(new), IMAGE_BATCH):  # a batch at a time: one INSERT holds its pixels twice
             batch = [(h, data.images[h]) for h in new[first : first + IMAGE_BATCH]]
@@ -193,7 +194,15 @@ def _insert_scan_once(data: ScanData, source_path: str, written: list[str]) -> d
         for block, first in enumerate(starts):
             rows = np.ascontiguousarray(data.responses[first : first + RESPONSE_BLOCK_TRIALS], dtype=np.float32)
             block_key = dict(key, block_idx=block)
-            Responses.Block.insert1(dict(block_key, first_trial=first, **stored("responses", rows)))
+            before = _block_files(block_key)
+            try:
+                Responses.Block.insert1(dict(block_key, first_trial=first, **stored("responses", rows)))
+            except BaseException:
+                # The file (or the partial one a full disk left, ``.npy.saving``) was written before the
+                # INSERT failed. This transaction holds the Scan row, so no other live ingest of this scan
+                # writes blocks now: what is new in the block's own folder is this attempt's.
+                written.extend(_block_files(block_key) - before)
+                raise
             written.extend(store_references(Responses.Block & block_key, "responses"))
         Ingestion.insert1(
             dict(
@@ -206,6 +215,24 @@ def _insert_scan_once(data: ScanData, source_path: str, written: list[str]) -> d
     return key
 
 
+def _block_files(block_key: dict) -> set[str]:
+    """The files in one block's store folder, relative to the store root (as references name them).
+
+    DataJoint lays a schema-addressed store out as ``<root>/<schema_prefix>/<schema>/<table>/<k>=<v>/...``
+    over the primary key (its store spec); an unreachable store lists nothing (gc's business then)."""
+    try:
+        fs, root, spec = store_files()
+        folder = "/".join(
+            [spec.get("schema_prefix", "_schema"), Responses.Block.database, Responses.Block.table_name]
+            + [f"{name}={block_key[name]}" for name in ("mouse", "session", "scan_idx", "block_idx")]
+        )
+        if not fs.exists(f"{root}/{folder}"):
+            return set()
+        return {f"{folder}/{path.rsplit('/', 1)[-1]}" for path in fs.ls(f"{root}/{folder}", detail=False)}
+    except Exception:  # noqa: BLE001 - best effort, like the removal itself
+        return set()
+
+
 def _session_origin(session_key: dict) -> str:
     """Who put a session in the database, from its scans' seals: ' (scans 1, 2 ingested by u@h)' or ''."""
     rows = (Ingestion & session_key).to_dicts()
@@ -213,3 +240,22 @@ def _session_origin(session_key: dict) -> str:
         return " (by no sealed scan: someone inserted the session row by hand)"
     who = sorted({r["ingested_by"] for r in rows})
     return f" (scan(s) {sorted(r['scan_idx'] for r in rows)} ingested by {', '.join(who)})"
+
+
+def _check_reused_images(data: ScanData, known: set[str]) -> None:
+    """An existing Image row this scan would reuse must hold exactly its pixels (pixel for pixel): a row put
+    there under the hash of someone's future stimulus, with other pixels, is refused naming the image."""
+    hashes = sorted(known)
+    for first in range(0, len(hashes), IMAGE_BATCH):
+        batch = hashes[first : first + IMAGE_BATCH]
+        stored = dict(zip(*(Image & [{"image_hash": h} for h in batch]).to_arrays("image_hash", "pixels")))
+        for digest in batch:
+            pixels = data.images[digest]
+            if not np.array_equal(np.asarray(stored[digest]), pixels) or np.asarray(stored[digest]).dtype != np.uint8:
+                trial = data.trial_images.index(digest)
+                root = getattr(data.images, "root", None)
+                raise ScanFolderError(
+                    f"{root}/data/images/{trial}.npy" if root else f"data/images/{trial}.npy",
+                    f"image {digest} is already in the database with other pixels under this content hash "
+                    "(a forged Image row?); nothing was ingested, ask an administrator to remove that row",
+                )

@@ -137,7 +137,9 @@ def retry_failed(jobs, max_retries: int, retry_delay: int) -> list[tuple[dict, i
         attempts = 0 if interrupted else attempts_recorded(message, "error")
         if attempts >= 1 + max_retries:
             continue
-        wait = 0 if interrupted else retry_delay * 2 ** (attempts - 1)
+        died = DEATHS.search(ATTEMPT_TAG.sub("", message))
+        first_death = died is not None and int(died.group(1)) == 1  # a preempted node: no reason to wait
+        wait = 0 if interrupted or first_death else retry_delay * 2 ** (attempts - 1)
         failed_at = row["completed_time"]
         if failed_at is not None and (now - failed_at).total_seconds() < wait:
             continue

@@ -12,6 +12,7 @@ row index, so every row carries its lineage; ``labeled()`` is the one reader of 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import datajoint as dj
@@ -22,16 +23,51 @@ from ..models.digests import stable_hash
 from ..models.neural.oracle import LabeledSimilarity
 from ..models.registry import Registry, check_config_rules, complete_kwargs
 
+logger = logging.getLogger("neureg")
+
 
 def activator(schema: dj.Schema, stage: str) -> Callable[..., None]:
     """A stage module's ``activate(prefix, create_tables=True)``: binds its tables to ``{prefix}{stage}``
     on the current connection (``neureg.connect`` calls it for every stage)."""
 
     def activate(prefix: str = "neureg_", *, create_tables: bool = True) -> None:
+        if create_tables:
+            case_sensitive_database(f"{prefix}{stage}")
         schema.activate(f"{prefix}{stage}", create_tables=create_tables)
 
     activate.__doc__ = f"Bind the {stage} tables to ``{{prefix}}{stage}`` on the current connection."
     return activate
+
+
+#: MySQL's collation for neureg's databases: binary, so text keys compare as on PostgreSQL ('SIM_M1' and
+#: 'sim_m1' are two mice, 'a ' and 'a' two names). A server's default (utf8mb4_general_ci, latin1_swedish_ci)
+#: would make them one key.
+MYSQL_COLLATION = ("utf8mb4", "utf8mb4_bin")
+
+
+def case_sensitive_database(name: str) -> None:
+    """On MySQL/MariaDB, create ``name`` with a binary collation before DataJoint declares tables in it (its
+    tables inherit it); warn once about an existing one that compares text without regard to case."""
+    connection = dj.conn()
+    if connection.adapter.backend != "mysql":
+        return  # PostgreSQL compares text exactly
+    rows = connection.query(
+        "SELECT DEFAULT_COLLATION_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s", args=(name,)
+    ).fetchall()
+    charset, collation = MYSQL_COLLATION
+    if not rows:
+        connection.query(f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET {charset} COLLATE {collation}")
+    elif not str(rows[0][0]).endswith(("_bin", "_cs")) and name not in _warned:
+        _warned.add(name)
+        logger.warning(
+            "database %s compares text without regard to case (collation %s): mouse 'SIM_M1' and 'sim_m1' are "
+            "one key there; docs/architecture.md ('One meaning for every id') says how to migrate it",
+            name,
+            rows[0][0],
+        )
+
+
+_warned: set[str] = set()
 
 
 class ConfigTable:

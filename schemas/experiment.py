@@ -17,7 +17,7 @@ import numpy as np
 from ..database.store import stored_columns, verified
 from ..database.transaction import transaction
 from ..errors import StoreIntegrityError
-from ..models.digests import stable_hash
+from ..models.digests import image_hash, stable_hash
 from ._config import activator
 
 logger = logging.getLogger("neureg")
@@ -95,6 +95,26 @@ class Image(dj.Manual):
     width                : int16
     pixels               : <blob>                   # uint8 (height, width) grayscale
     """
+
+    def insert(self, rows, **kwargs):
+        """Insert only rows whose pixels hash to their key: a content address cannot be squatted with other
+        pixels through DataJoint (ingestion, a notebook). Rows are dicts, as every neureg caller passes."""
+        rows = list(rows)
+        for row in rows:
+            check_image_row(row)
+        return super().insert(rows, **kwargs)
+
+
+def check_image_row(row: dict) -> None:
+    """ValueError unless ``row``'s pixels are uint8 (height, width) hashing to its ``image_hash``."""
+    pixels = np.asarray(row.get("pixels"))
+    shape = (row.get("height"), row.get("width"))
+    if pixels.dtype != np.uint8 or pixels.ndim != 2 or tuple(pixels.shape) != shape:
+        raise ValueError(
+            f"Image {row.get('image_hash')}: pixels must be uint8 {shape}, got {pixels.dtype} {pixels.shape}"
+        )
+    if image_hash(pixels) != row.get("image_hash"):
+        raise ValueError(f"Image {row.get('image_hash')}: its pixels hash to {image_hash(pixels)}, not to its key")
 
 
 @schema

@@ -21,7 +21,7 @@ from ..database.store import load_array, stored, stored_columns
 from ..database.transaction import transaction
 from ..errors import DatasetError
 from ..models.conditions import condition_name
-from ..models.digests import stable_hash
+from ..models.digests import file_digest, stable_hash
 from ..models.neural.images import downsample
 from ..models.registry import complete_kwargs
 from ..models.runtime import Runtime
@@ -183,6 +183,45 @@ def checkpoint_dir() -> Path:
 
 
 @schema
+class Checkpoint(dj.Manual):
+    """The SHA-256 of each training checkpoint, recorded by the worker that wrote it (lab accounts cannot
+    write this schema). A checkpoint whose file does not match is never resumed: it is discarded and the
+    run starts over, so a rewritten or damaged file cannot become a finished ``TrainedNetwork``."""
+
+    definition = """
+    checkpoint           : char(32)                 # the file's stem: stable hash of the TrainedNetwork key
+    ---
+    checkpoint_sha256    : char(64)                 # SHA-256 of the file's bytes
+    epoch                : int32                    # the finished epoch it holds
+    """
+
+
+def record_checkpoint(path: Path, digest: str, epoch: int) -> None:
+    """What a worker calls after writing a checkpoint: keep its digest (replacing the previous epoch's)."""
+    row = {"checkpoint": Path(path).stem, "checkpoint_sha256": digest, "epoch": int(epoch)}
+    if Checkpoint & {"checkpoint": row["checkpoint"]}:
+        Checkpoint.update1(row)
+    else:
+        Checkpoint.insert1(row)
+
+
+def trusted_checkpoint(path: Path) -> bool:
+    """Whether ``path`` may be resumed: absent (nothing to trust), or its bytes match the recorded digest.
+    Anything else is removed with one warning, and the run trains from its first epoch."""
+    path = Path(path)
+    if not path.exists():
+        return True
+    recorded = (Checkpoint & {"checkpoint": path.stem}).to_arrays("checkpoint_sha256")
+    if len(recorded) and file_digest(path) == recorded[0]:
+        return True
+    why = "its SHA-256 differs from the one its worker recorded" if len(recorded) else "no worker recorded it"
+    logger.warning("checkpoint %s is not trusted (%s): discarded, training starts from epoch 0", path, why)
+    path.unlink(missing_ok=True)
+    (Checkpoint & {"checkpoint": path.stem}).delete_quick()
+    return False
+
+
+@schema
 class TrainedNetwork(dj.Computed):
     """One trained classifier (plan x seed): its weights, test accuracy, layer weights gamma and epochs."""
 
@@ -249,6 +288,7 @@ class TrainedNetwork(dj.Computed):
                 row["seconds"],
             )
 
+        trusted_checkpoint(checkpoint)
         result = training.train_network(
             net,
             train,
@@ -260,6 +300,7 @@ class TrainedNetwork(dj.Computed):
             runtime=runtime,
             checkpoint_path=checkpoint,
             progress=progress,
+            on_checkpoint=record_checkpoint,
         )
         return state_to_array(result.state_dict), result, str(checkpoint)
 
@@ -287,6 +328,7 @@ class TrainedNetwork(dj.Computed):
             )
             for row in result.history
         )
+        (Checkpoint & {"checkpoint": Path(checkpoint).stem}).delete_quick()
         Path(checkpoint).unlink(missing_ok=True)  # the row now holds the result
 
     def load_model(self, device: str = "cpu", memory_format=None):

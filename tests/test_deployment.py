@@ -342,24 +342,56 @@ def test_lab_member_adds_scans_and_reads_but_cannot_delete_results(
         who, at = (exp.Ingestion & key).fetch1("ingested_by", "ingested_at")
         assert who.startswith(f"{lab}@")  # the server's USER() (login and client host), not what the client sent
         assert abs((datetime.datetime.utcnow() - at).total_seconds()) < 600
-        # A seal names the server's account and clock whatever the client sends, and only seals a whole scan.
-        with as_lab.cursor() as cursor:
-            for scan_idx, n_trials in ((2, 0), (3, 5)):
+
+        # A seal names the server's account and clock whatever the client sends, and only seals a whole scan:
+        # scan 2 is a complete copy of scan 1 made by hand; scan 3 has no trials; scan 4 has its trials, units
+        # and behaviour but no responses (what a hand-made scan that fails its jobs forever looked like).
+        def copy_rows(cursor, scan_idx, tables):
+            for table in tables:
+                columns = ", ".join(str(scan_idx) if c == "scan_idx" else f"`{c}`" for c in table.heading.names)
                 cursor.execute(
-                    f"INSERT INTO {exp.Scan.full_table_name} (mouse, session, scan_idx, n_trials, n_units) "
-                    f"VALUES ('{unique_mouse}', 1, {scan_idx}, {n_trials}, 0)"
+                    f"INSERT INTO {table.full_table_name} SELECT {columns} FROM {table.full_table_name} WHERE {where}"
                 )
+
+        rows = (exp.Scan.Unit, exp.Trial, exp.Behavior)
+        with as_lab.cursor() as cursor:
+            copy_rows(cursor, 2, (exp.Scan, *rows, exp.Responses, exp.Responses.Block))
+            cursor.execute(
+                f"INSERT INTO {exp.Scan.full_table_name} (mouse, session, scan_idx, n_trials, n_units) "
+                f"VALUES ('{unique_mouse}', 1, 3, 5, 0)"
+            )
+            copy_rows(cursor, 4, (exp.Scan, *rows))
             cursor.execute(
                 f"INSERT INTO {exp.Ingestion.full_table_name} VALUES ('{unique_mouse}', 1, 2, "
                 "'someone@else', '2001-01-01 00:00:00', 'x')"
             )
         as_lab.commit()
         assert (exp.Ingestion & dict(key, scan_idx=2)).fetch1("ingested_by").startswith(f"{lab}@")
-        incomplete = (
-            f"INSERT INTO {exp.Ingestion.full_table_name} VALUES ('{unique_mouse}', 1, 3, 'x', "
+        no_responses = (
+            f"INSERT INTO {exp.Ingestion.full_table_name} VALUES ('{unique_mouse}', 1, 4, 'x', "
             "'2001-01-01 00:00:00', 'x')"
         )
-        assert _sealed(as_lab, incomplete) and not (exp.Ingestion & dict(key, scan_idx=3))
+        assert _sealed(as_lab, no_responses) and not (exp.Ingestion & dict(key, scan_idx=4))
+        no_trials = no_responses.replace(", 1, 4, ", ", 1, 3, ")
+        assert _sealed(as_lab, no_trials) and not (exp.Ingestion & dict(key, scan_idx=3))
+        # Grants that cannot be stretched: no account but the administrator alters, comments or re-indexes a
+        # table anywhere (a DROP INDEX PRIMARY would let a duplicate row replace a sealed image), and only
+        # workers create tables, and only in the computed schemas (their jobs tables).
+        for module in pipeline.modules().values():
+            database = module.schema.database
+            name = next(t for t in module.schema.list_tables() if not t.startswith("~"))
+            table = f"`{database}`.`{name}`"
+            for connection, may_create in ((as_lab, False), (as_worker, not database.endswith("experiment"))):
+                for sql in (
+                    f"ALTER TABLE {table} COMMENT = 'def make(self): import os'",
+                    f"ALTER TABLE {table} ADD COLUMN probe_{tag} int",
+                    f"DROP INDEX `PRIMARY` ON {table}",
+                    f"CREATE INDEX probe_{tag} ON {table} (`{module.schema.get_table(name).primary_key[0]}`)",
+                ):
+                    assert _refused(connection, sql), (connection.user, sql)
+                create = f"CREATE TABLE `{database}`.`probe_{tag}` (i int)"
+                if not may_create:
+                    assert _refused(connection, create), (connection.user, create)
         as_lab.close()
         as_worker.close()
         as_worker = pymysql.connect(host=info["host"], port=info["port"], user=worker, password=passwords[worker])

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..digests import feed_array
+from ..digests import feed_array, file_digest
 from .datasets import ClassificationData, dataset_checksum
 
 CHECKPOINT_FORMAT = 1
@@ -30,8 +30,10 @@ def run_fingerprint(configs: dict, seed: int, dataset: ClassificationData, stimu
     return digest.hexdigest()
 
 
-def save_checkpoint(path: Path, fingerprint: str, model: nn.Module, optimizer, regularizer, history) -> None:
-    """Write the finished epoch: temporary file in the same folder, fsync, rename (old or new, never half)."""
+def save_checkpoint(path: Path, fingerprint: str, model: nn.Module, optimizer, regularizer, history) -> str:
+    """Write the finished epoch: temporary file in the same folder, fsync, rename (old or new, never half).
+    Returns the file's SHA-256, for the caller to record where the file's writer alone can (a forged or
+    damaged checkpoint is then refused before it is resumed)."""
     state = {
         "format": CHECKPOINT_FORMAT,
         "fingerprint": fingerprint,
@@ -47,7 +49,9 @@ def save_checkpoint(path: Path, fingerprint: str, model: nn.Module, optimizer, r
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
+    digest = file_digest(temporary)
     os.replace(temporary, path)
+    return digest
 
 
 def load_checkpoint(path: Path | None, fingerprint: str, device: torch.device) -> dict | None:

@@ -58,15 +58,68 @@ def rgb_rows_to_gray(rows: np.ndarray) -> np.ndarray:
     return gray[:, None].astype(np.float32)
 
 
+def _uint8_dtype(name, align=False, copy=True):
+    """``numpy.dtype`` as a CIFAR batch may call it: uint8 only (any other array type is not CIFAR)."""
+    dtype = np.dtype(name)
+    if dtype != np.uint8:
+        raise pickle.UnpicklingError(f"an array of {dtype} (CIFAR batches hold uint8 only)")
+    return dtype
+
+
+#: The only globals a CIFAR batch refers to: numpy's array reconstruction (under its numpy 1 and 2 module
+#: names), the ndarray type and uint8 dtypes. Anything else (``os.system``, ``builtins.eval``, ...) is refused.
+_BATCH_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0, np.uint8))[0],
+    ("numpy._core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0, np.uint8))[0],
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _uint8_dtype,
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """A restricted unpickler: a CIFAR batch's dict of bytes keys, lists, ints, bytes and uint8 arrays, and
+    nothing that can run code (Python's docs, "Restricting Globals")."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _BATCH_GLOBALS:
+            return _BATCH_GLOBALS[(module, name)]
+        raise pickle.UnpicklingError(f"refers to {module}.{name}, which a CIFAR batch never does")
+
+
+def _check_plain(value, depth: int = 0) -> None:
+    """The unpickled batch holds only dicts with bytes keys, lists, ints, bytes, text and uint8 arrays."""
+    if depth > 3:
+        raise pickle.UnpicklingError("nested deeper than a CIFAR batch")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, bytes | str):
+                raise pickle.UnpicklingError(f"a key of type {type(key).__name__}")
+            _check_plain(item, depth + 1)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            if not isinstance(item, int | bytes | str) or isinstance(item, bool):
+                raise pickle.UnpicklingError(f"a list holding {type(item).__name__}")
+    elif isinstance(value, np.ndarray):
+        if value.dtype != np.uint8:
+            raise pickle.UnpicklingError(f"an array of {value.dtype}")
+    elif not isinstance(value, int | bytes | str):
+        raise pickle.UnpicklingError(f"a value of type {type(value).__name__}")
+
+
 def _unpickle_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """One pickled CIFAR batch -> (rows uint8 (N, 3072), labels int64), or a DatasetError naming ``path``."""
+    """One pickled CIFAR batch -> (rows uint8 (N, 3072), labels int64), or a DatasetError naming ``path``.
+
+    Read by a restricted unpickler (``_BatchUnpickler``): a file planted in a dataset folder cannot run code
+    when a plan or a worker reads it; anything but a plain CIFAR batch is refused naming the file.
+    """
     if not path.is_file():
         raise DatasetError(f"CIFAR file missing: {path}")
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = _BatchUnpickler(f, encoding="bytes").load()
+        _check_plain(batch)
     except Exception as exc:  # any unpickling failure means the file is not a CIFAR batch
-        raise DatasetError(f"CIFAR file unreadable (not a python pickle batch): {path}: {exc}") from exc
+        raise DatasetError(f"CIFAR file unreadable or unsafe (not a plain python-pickle CIFAR batch): {path}: {exc}") from None
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
         keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
         raise DatasetError(f"CIFAR file {path} lacks keys b'data' and {label_key!r}; found {keys}")

@@ -377,12 +377,14 @@ def train_network(
     runtime: Runtime | str | None = None,
     checkpoint_path: str | Path | None = None,
     progress: Callable[[dict], None] | None = None,
+    on_checkpoint: Callable[[Path, str, int], None] | None = None,
 ) -> TrainResult:
     """Train one network; resume from ``checkpoint_path`` if it holds a finished epoch of this same run.
 
     ``target_images`` (N, H, W) and ``target_similarity`` (N, N) are needed when alpha > 0. ``runtime``
     (a Runtime or a device string; default the CPU) says how to execute, never what to compute.
-    ``progress`` is called with each epoch's history record. The checkpoint is left in place at the end
+    ``progress`` is called with each epoch's history record, ``on_checkpoint(path, sha256, epoch)`` after
+    each checkpoint is written (where the caller records its digest). The checkpoint is left in place at the end
     (the caller deletes it once the result is stored); a checkpoint of a different run (configs, seed,
     data, target) raises ValueError. Seeds torch's global RNG (initialisation, each epoch's VOne noise).
     """
@@ -396,7 +398,11 @@ def train_network(
             record = run_epoch(run, epoch)
             run.history.append(record)
             if checkpoint_path is not None:
-                save_checkpoint(checkpoint_path, fingerprint, run.model, run.optimizer, run.regularizer, run.history)
+                digest = save_checkpoint(
+                    checkpoint_path, fingerprint, run.model, run.optimizer, run.regularizer, run.history
+                )
+                if on_checkpoint is not None:
+                    on_checkpoint(checkpoint_path, digest, len(run.history))
             if progress is not None:
                 progress(record)
         eval_started = time.perf_counter()

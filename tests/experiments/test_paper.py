@@ -6,6 +6,7 @@ import json
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -194,3 +195,57 @@ def test_seeds_not_a_whole_number_is_exit_2(tmp_path):
         timeout=120,
     )
     assert run.returncode == 2 and "invalid int value: '3e9'" in run.stderr and "Traceback" not in run.stderr
+
+
+class _Payload:
+    """What a hostile download hides in a batch: unpickling it would run a shell command."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _plant(batch_file, marker) -> bytes:
+    """Rewrite a CIFAR batch so it still holds valid data and labels, plus a payload; return the original."""
+    original = batch_file.read_bytes()
+    batch = pickle.loads(original)
+    batch[b"extra"] = _Payload(marker)
+    batch_file.write_bytes(pickle.dumps(batch))
+    return original
+
+
+def test_a_payload_in_a_cifar_batch_never_runs_before_planning(pipeline, cohort, subprocess_env, tmp_path):
+    root = write_cifar10(tmp_path, seed=8)
+    marker = tmp_path / "payload-ran"
+    _plant(root / CIFAR10_FOLDER / "data_batch_1", marker)
+    before = table_counts(pipeline)
+    for args in (("--dry-run",), ()):
+        run = plan_cli(subprocess_env, "--cifar", str(root), "--seeds", "1", *args)
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+        assert f"{root / CIFAR10_FOLDER / 'data_batch_1'}" in run.stderr and "posix.system" in run.stderr
+    assert not marker.exists(), "the payload ran"
+    assert table_counts(pipeline) == before
+
+
+def test_a_payload_swapped_in_after_planning_never_runs_on_a_worker(pipeline, cifar_root, tmp_path):
+    from neureg.errors import DatasetError
+
+    training = pipeline.training
+    key = {"dataset": "cifar10"}
+    if not (training.Dataset & key):
+        training.Dataset.add("cifar10", cifar_root)
+    root = Path((training.Dataset & key).fetch1("data_root"))
+    batch_file = (root if root.name == CIFAR10_FOLDER else root / CIFAR10_FOLDER) / "data_batch_1"
+    marker = tmp_path / "payload-ran"
+    original = _plant(batch_file, marker)
+    try:
+        with pytest.raises(DatasetError, match="refers to posix.system, which a CIFAR batch never does"):
+            training.Dataset.load(key)  # what TrainedNetwork.make_fetch calls on a worker
+    finally:
+        batch_file.write_bytes(original)
+    assert not marker.exists(), "the payload ran"
+    assert training.Dataset.load(key).n_classes == 10

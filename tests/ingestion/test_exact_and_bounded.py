@@ -72,3 +72,41 @@ def test_a_scan_too_large_for_memory_is_refused_before_reading(tmp_path, monkeyp
     message = str(info.value)
     assert str(root) in message and "2000000 units x 5000 trials" in message
     assert "needs about 41.0 GiB of memory" in message and "is available here" in message
+
+
+def test_mouse_names_that_differ_in_case_are_two_mice(pipeline, tmp_path, scan_folder_factory, unique_mouse):
+    """On MySQL too (a binary collation): 'SIM_M1' and 'sim_m1' are two animals, as on PostgreSQL."""
+    upper, lower = unique_mouse.upper(), unique_mouse.lower()
+    a = ingest_folder(scan_folder_factory(tmp_path / "a", mouse=upper, seed=45), pipeline)
+    b = ingest_folder(scan_folder_factory(tmp_path / "b", mouse=lower, seed=46), pipeline)
+    exp = pipeline.experiment
+    assert a["mouse"] == upper and b["mouse"] == lower
+    assert len(exp.Mouse & [{"mouse": upper}, {"mouse": lower}]) == 2
+    assert (exp.Scan & a).fetch1("mouse") == upper and len(exp.Scan & {"mouse": lower}) == 1
+
+
+def test_an_image_row_cannot_squat_a_content_hash(pipeline, tmp_path, scan_folder_factory, unique_mouse):
+    """Black pixels under the hash of a colleague's future stimulus: refused at insert (through DataJoint),
+    and a row already there with other pixels (written past DataJoint) makes her ingest exit 2, not reuse it."""
+    from neureg.models.digests import image_hash
+
+    exp = pipeline.experiment
+    folder = scan_folder_factory(tmp_path / "scan", mouse=unique_mouse, seed=47)
+    victim = np.load(folder / "data/images/0.npy")
+    digest = image_hash(victim)
+    black = np.zeros_like(victim)
+    with pytest.raises(ValueError, match="hash to .*, not to its key"):
+        exp.Image.insert1(
+            dict(image_hash=digest, source_id=0, height=black.shape[0], width=black.shape[1], pixels=black)
+        )
+    assert not (exp.Image & {"image_hash": digest})
+    # past the check (a raw INSERT would do the same): a squatted row, then the real ingest
+    dj_insert = super(type(exp.Image()), exp.Image())
+    dj_insert.insert([dict(image_hash=digest, source_id=0, height=black.shape[0], width=black.shape[1], pixels=black)])
+    before = table_counts(pipeline)
+    try:
+        with pytest.raises(ScanFolderError, match=f"image {digest} is already in the database with other pixels"):
+            ingest_folder(folder, pipeline)
+        assert table_counts(pipeline) == before and not (exp.Scan & {"mouse": unique_mouse})
+    finally:
+        (exp.Image & {"image_hash": digest}).delete_quick()

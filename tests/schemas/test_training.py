@@ -89,13 +89,89 @@ def test_killed_run_resumes_from_its_checkpoint(pipeline, trained):
 
     with pytest.raises(Killed):
         training.train_network(
-            net, train, reg, tr.Dataset.load(key), seed=7, checkpoint_path=checkpoint, progress=kill_after_first_epoch
+            net,
+            train,
+            reg,
+            tr.Dataset.load(key),
+            seed=7,
+            checkpoint_path=checkpoint,
+            progress=kill_after_first_epoch,
+            on_checkpoint=tr.record_checkpoint,  # as the worker's make does
         )
     assert checkpoint.exists() and not (tr.TrainedNetwork & key)
     populate_stage(pipeline, ["training"], keys=[key])
     row = (tr.TrainedNetwork & key).fetch1()
     assert row["resumed_from_epoch"] == 1 and len(tr.TrainedNetwork.Epoch & key) == 2
     assert not checkpoint.exists(), "the checkpoint is removed once the result is stored"
+    assert not (tr.Checkpoint & {"checkpoint": checkpoint.stem}), "and its digest with it"
+
+
+def _forge(path: Path) -> None:
+    """What a hostile lab member writes: the genuine fingerprint, every weight x0, a 40-epoch history at 0.999."""
+    import torch
+
+    state = torch.load(path, weights_only=True)
+    state["model"] = {k: v * 0 for k, v in state["model"].items()}
+    row = dict(state["history"][0], train_acc=0.999, train_loss=0.001)
+    state["history"] = [dict(row, epoch=e) for e in range(1, 41)]
+    state["epoch"] = 40
+    torch.save(state, path)
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("tamper", [_forge, _flip], ids=["forged", "bit-flipped"])
+def test_a_checkpoint_its_worker_did_not_write_is_never_resumed(pipeline, trained, tamper, caplog):
+    from neureg.populate.stages import populate_stage
+
+    tr = pipeline.training
+    seed = 8 if tamper is _forge else 9
+    tr.Seed.insert1({"seed": seed}, skip_duplicates=True)
+    key = dict(trained["None"], seed=seed)
+    net, train, reg, _ = tr.TrainedNetwork().make_fetch(key)
+    checkpoint = tr.checkpoint_dir() / f"{stable_hash({k: str(v) for k, v in key.items()})}.pt"
+
+    class Killed(Exception):
+        pass
+
+    def kill(record):
+        raise Killed
+
+    with pytest.raises(Killed):
+        training.train_network(
+            net,
+            train,
+            reg,
+            tr.Dataset.load(key),
+            seed=seed,
+            checkpoint_path=checkpoint,
+            progress=kill,
+            on_checkpoint=tr.record_checkpoint,
+        )
+    tamper(checkpoint)
+    with caplog.at_level("WARNING", logger="neureg"):
+        populate_stage(pipeline, ["training"], keys=[key])
+    row = (tr.TrainedNetwork & key).fetch1()
+    epochs = (tr.TrainedNetwork.Epoch & key).to_dicts(order_by="epoch")
+    assert row["resumed_from_epoch"] == 0, "trained from scratch, not from the tampered file"
+    assert [e["epoch"] for e in epochs] == [1, 2] and max(e["train_acc"] for e in epochs) < 0.999
+    warnings = [r.message for r in caplog.records if "is not trusted" in r.getMessage()]
+    assert len(warnings) == 1 and "its SHA-256 differs from the one its worker recorded" in caplog.text
+    model = (tr.TrainedNetwork & key).load_model()
+    assert any(float(p.abs().sum()) > 0 for p in model.parameters()), "the weights are the retrained ones"
+
+
+def test_a_checkpoint_no_worker_recorded_is_never_resumed(pipeline, trained, caplog):
+    tr = pipeline.training
+    path = tr.checkpoint_dir() / ("0" * 32 + ".pt")
+    path.write_bytes(b"planted")
+    with caplog.at_level("WARNING", logger="neureg"):
+        assert tr.trusted_checkpoint(path) is False
+    assert not path.exists() and "no worker recorded it" in caplog.text
 
 
 def test_checkpoints_go_where_a_requeued_task_finds_them(pipeline, tmp_path, monkeypatch):
