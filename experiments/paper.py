@@ -79,7 +79,8 @@ def usable_scans(experiment) -> tuple[list[dict], list[dict]]:
     """(scans the experiment can use, scans left out): a scan whose repeats all lack responses never gets
     oracle statistics, and a set holding it would never get a target, so it is left out of the set."""
     left_out = experiment.scans_without_usable_repeats().keys(order_by="KEY")
-    return [k for k in experiment.Scan().keys(order_by="KEY") if k not in left_out], left_out
+    sealed = (experiment.Scan & experiment.Ingestion).keys(order_by="KEY")  # hand-made, unsealed rows never count
+    return [k for k in sealed if k not in left_out], left_out
 
 
 def read_cifar10(root) -> datasets.ClassificationData:

@@ -55,7 +55,7 @@ def insert_scan(data: ScanData, source_path: str = "", tries: int = 5) -> dict:
         except dj.errors.DuplicateError:
             _discard(written, data.key)
             if Scan & data.key:
-                raise _exists(data) from None
+                raise _exists(data, source_path) from None
             if attempt == tries - 1:
                 raise
             time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
@@ -68,7 +68,7 @@ def insert_scan(data: ScanData, source_path: str = "", tries: int = 5) -> dict:
             _discard(written, data.key)
             if _lock_conflict(exc):
                 if Scan & data.key:
-                    raise _exists(data) from None
+                    raise _exists(data, source_path) from None
                 raise ScanExistsError(
                     f"scan {data.mouse} / {data.session} / scan {data.scan} is being ingested by another process "
                     "right now (its rows stayed locked past the server's lock wait timeout); it appears when that "
@@ -102,17 +102,27 @@ def _discard(written: list[str], key: dict) -> None:
         logger.warning("could not remove the failed ingest's blocks (%s); `neureg gc` lists them", exc)
 
 
-def _exists(data: ScanData) -> ScanExistsError:
-    return ScanExistsError(
-        f"scan {data.mouse} / {data.session} / scan {data.scan} is already in the database; "
-        "delete it first (experiment.Scan & key).delete() if it must be replaced"
+def _exists(data: ScanData, source_path: str = "") -> Exception:
+    """The refusal for a scan whose key is taken: exit 3 when it is an ingested (sealed) scan; exit 2, naming
+    it, when the row is unsealed, which no ingest ever commits (its seal is in the same transaction): a row
+    made by hand, squatting the key."""
+    if Ingestion & data.key:
+        return ScanExistsError(
+            f"scan {data.mouse} / {data.session} / scan {data.scan} is already in the database; "
+            "delete it first (experiment.Scan & key).delete() if it must be replaced"
+        )
+    return ScanFolderError(
+        source_path or "scan",
+        f"scan {data.mouse} / {data.session} / scan {data.scan} is taken by an unsealed row that `neureg ingest` "
+        "did not make (no Ingestion row records who did); an administrator must delete it before this scan "
+        "can be ingested",
     )
 
 
 def _insert_scan_once(data: ScanData, source_path: str, written: list[str]) -> dict:
     key = data.key
     if Scan & key:
-        raise _exists(data)
+        raise _exists(data, source_path)
     n_trials, n_units = data.responses.shape
     mouse_key = {"mouse": data.mouse}
     with transaction(Scan.connection):

@@ -214,7 +214,10 @@ class ScanSet(dj.Manual):
 
     @classmethod
     def create(cls, scan_keys, note: str = "") -> dict:
-        """Insert the set of these scans if it is new; return its key. Every scan must exist."""
+        """Insert the set of these scans if it is new; return its key. Every scan must exist and be sealed.
+
+        A set already registered under this key must hold exactly these members: a set pre-registered
+        with other members (its key names scans it does not hold) is refused, not reused."""
         members = sorted({(k["mouse"], int(k["session"]), int(k["scan_idx"])) for k in scan_keys})
         if not members:
             raise ValueError("a scan set needs at least one scan")
@@ -222,15 +225,36 @@ class ScanSet(dj.Manual):
         missing = [k for k in keys if not (Scan & k)]
         if missing:
             raise ValueError(f"not in experiment.Scan: {missing[:3]}")
+        unsealed = [k for k in keys if not (Ingestion & k)]
+        if unsealed:
+            raise ValueError(f"not sealed (never completely ingested), so not in a set: {unsealed[:3]}")
         set_key = {"scan_set": stable_hash(members)}
         if not (cls & set_key):
             with transaction(cls.connection):
                 cls.insert1(dict(set_key, n_scans=len(keys), scan_set_note=note[:255]))
                 cls.Member.insert(dict(set_key, **k) for k in keys)
+        set_members(set_key)
         return set_key
 
     def members(self) -> list[dict]:
-        return (Scan & (ScanSet.Member & self)).keys(order_by="KEY")
+        return [{k: m[k] for k in Scan.primary_key} for m in set_members(self.fetch1("KEY"))]
+
+
+def set_members(key: dict) -> list[dict]:
+    """The Member rows of one scan set, checked against the set itself: its key is the hash of exactly these
+    scans and ``n_scans`` counts them. A member added after creation, or a set registered with other
+    members than its key names, is a ValueError naming the set: no target is computed over it."""
+    set_key = {"scan_set": key["scan_set"]}
+    rows = (ScanSet.Member & set_key).keys(order_by="KEY")
+    members = sorted((r["mouse"], int(r["session"]), int(r["scan_idx"])) for r in rows)
+    recorded = (ScanSet & set_key).to_arrays("n_scans")
+    if stable_hash(members) != set_key["scan_set"] or not len(recorded) or int(recorded[0]) != len(members):
+        raise ValueError(
+            f"scan set {set_key['scan_set']} holds {len(members)} member(s) its key does not name "
+            f"(n_scans {recorded[0] if len(recorded) else '?'}): it was altered or forged; an administrator "
+            "must delete it"
+        )
+    return rows
 
 
 # ----------------------------------------------------------------------------------- loading helpers

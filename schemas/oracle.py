@@ -160,7 +160,7 @@ class ScanStability(dj.Computed):
         return (experiment.ScanSet & "n_scans >= 2") - incomplete - mixed.proj()
 
     def make(self, key):
-        members = (experiment.ScanSet.Member & key).keys(order_by="KEY")
+        members = experiment.set_members(key)
         similarities = [(OracleSimilarity & m).labeled() for m in members]
         repeats = [(OracleSimilarity & m).fetch1("repeat_fluctuations") for m in members]
         self.insert1(dict(key, **oracle.scan_stability(similarities, repeats, n_bins=HISTOGRAM_BINS)))

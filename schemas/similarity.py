@@ -129,7 +129,7 @@ class SimilarityTarget(ImageMatrix, dj.Computed):
 
     def make(self, key):
         config = TargetConfig.config_of(key)
-        members = (experiment.ScanSet.Member & key).keys(order_by="KEY")
+        members = experiment.set_members(key)
         images = shared_non_oracle_images(members)
         target = targets.build_target(config, _target_inputs(config, members, images))
         self.insert1(

@@ -61,7 +61,8 @@ def register_oracle_groups(pipeline) -> list[dict]:
 
 def register_all(pipeline) -> list[dict]:
     """One scan set of every ingested scan: the cohort-wide set a similarity target usually averages over."""
-    keys = pipeline.experiment.Scan().keys()
+    exp = pipeline.experiment
+    keys = (exp.Scan & exp.Ingestion).keys()  # sealed scans only: a hand-made row is not a scan
     if not keys:
         raise ValueError("no scans are ingested yet: there is nothing to put in a set")
     return register_sets(pipeline, [(keys, f"all {len(keys)} ingested scans")])

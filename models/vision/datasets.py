@@ -119,7 +119,9 @@ def _unpickle_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarra
             batch = _BatchUnpickler(f, encoding="bytes").load()
         _check_plain(batch)
     except Exception as exc:  # any unpickling failure means the file is not a CIFAR batch
-        raise DatasetError(f"CIFAR file unreadable or unsafe (not a plain python-pickle CIFAR batch): {path}: {exc}") from None
+        raise DatasetError(
+            f"CIFAR file unreadable or unsafe (not a plain python-pickle CIFAR batch): {path}: {exc}"
+        ) from None
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
         keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
         raise DatasetError(f"CIFAR file {path} lacks keys b'data' and {label_key!r}; found {keys}")

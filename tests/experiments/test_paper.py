@@ -162,10 +162,13 @@ def _stub_pipeline(n_scans, n_unusable=0):
     """Just the experiment tables' scan listings: the checks that come before any database write."""
 
     def keys(first, n):
-        return type("Scans", (), {"keys": lambda self, order_by=None: [{"scan_idx": i} for i in range(first, n)]})
+        listing = {"keys": lambda self, order_by=None: [{"scan_idx": i} for i in range(first, n)]}
+        return type("Scans", (), {**listing, "__and__": lambda self, sealed: self})  # every stub scan is sealed
 
     every, unusable = keys(0, n_scans + n_unusable), keys(n_scans, n_scans + n_unusable)
-    return SimpleNamespace(experiment=SimpleNamespace(Scan=every, scans_without_usable_repeats=unusable))
+    return SimpleNamespace(
+        experiment=SimpleNamespace(Scan=every(), Ingestion=None, scans_without_usable_repeats=unusable)
+    )
 
 
 @pytest.mark.parametrize("n_scans", [0, 1])

@@ -110,3 +110,57 @@ def test_an_image_row_cannot_squat_a_content_hash(pipeline, tmp_path, scan_folde
         assert table_counts(pipeline) == before and not (exp.Scan & {"mouse": unique_mouse})
     finally:
         (exp.Image & {"image_hash": digest}).delete_quick()
+
+
+def test_a_squatted_scan_row_is_exit_2_and_never_counted(
+    pipeline, tmp_path, scan_folder_factory, unique_mouse, neureg_cli, monkeypatch
+):
+    """An unsealed Scan row put in by hand under a colleague's future key: her ingest is refused naming it,
+    and neither `scanset --all` nor `plan paper` counts the row as a scan."""
+    from neureg.experiments.paper import usable_scans
+
+    exp = pipeline.experiment
+    key = {"mouse": unique_mouse, "session": 1, "scan_idx": 1}
+    exp.Mouse.insert1({"mouse": unique_mouse})
+    exp.Session.insert1({"mouse": unique_mouse, "session": 1})
+    exp.Scan.insert1(dict(key, n_trials=2, n_units=1))
+    try:
+        assert key not in usable_scans(exp)[0]
+        run = neureg_cli("ingest", str(scan_folder_factory(tmp_path / "scan", mouse=unique_mouse, seed=48)))
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+        assert f"scan {unique_mouse} / 1 / scan 1 is taken by an unsealed row" in run.stderr
+        import neureg.upkeep.scansets as scansets
+
+        groups = []
+        monkeypatch.setattr(scansets, "register_sets", lambda pipeline, asked: groups.extend(asked))
+        scansets.register_all(pipeline)  # what `neureg scanset --all` asks for, not registered here
+        ((members, note),) = groups
+        assert key not in members and note == f"all {len(members)} ingested scans"
+        with pytest.raises(ValueError, match="not sealed"):
+            exp.ScanSet.create([key])
+    finally:
+        (exp.Scan & key).delete_quick()
+
+
+def test_a_scan_set_registered_with_other_members_is_refused(pipeline, tmp_path, scan_folder_factory, unique_mouse):
+    """The set `scanset --all` will create next, pre-registered under its future key with chosen members."""
+    from neureg.models.digests import stable_hash
+
+    exp = pipeline.experiment
+    a = ingest_folder(scan_folder_factory(tmp_path / "a", mouse=unique_mouse, scan=1, seed=49), pipeline)
+    b = ingest_folder(scan_folder_factory(tmp_path / "b", mouse=unique_mouse, scan=2, seed=50), pipeline)
+    c = ingest_folder(scan_folder_factory(tmp_path / "c", mouse=unique_mouse, scan=3, seed=51), pipeline)
+    future = {"scan_set": stable_hash(sorted((k["mouse"], k["session"], k["scan_idx"]) for k in (a, b, c)))}
+    exp.ScanSet.insert1(dict(future, n_scans=3, scan_set_note="squatted"))
+    exp.ScanSet.Member.insert([dict(future, **a), dict(future, **b)])
+    try:
+        with pytest.raises(ValueError, match=f"scan set {future['scan_set']} holds 2 member"):
+            exp.ScanSet.create([a, b, c])
+        with pytest.raises(ValueError, match="altered or forged"):
+            exp.set_members(future)
+        honest = exp.ScanSet.create([a, b])
+        assert [m["scan_idx"] for m in (exp.ScanSet & honest).members()] == [1, 2]
+    finally:  # the suite shares one database: no other test's populate should meet these sets
+        for set_key in (future, {"scan_set": stable_hash([(unique_mouse, 1, 1), (unique_mouse, 1, 2)])}):
+            (exp.ScanSet.Member & set_key).delete_quick()
+            (exp.ScanSet & set_key).delete_quick()
