@@ -23,6 +23,7 @@ from types import ModuleType
 
 from ..errors import ConfigurationError
 from . import embedded
+from .guards import check_config_files, check_tls
 from .settings import STORE, Settings, default_home, dj, lab_store_configured
 from .store import check_lab_store, private_folder
 
@@ -171,6 +172,7 @@ def _connect(settings: Settings, create_tables: bool) -> Pipeline:
         if _active.pipeline is not None:
             return _active.pipeline
     else:
+        check_config_files()
         if settings.backend == "server" and not config["database.password"]:
             raise ConfigurationError(
                 "a database server is configured but no password is set: set DJ_PASS (or database.password in "
@@ -190,6 +192,7 @@ def _connect(settings: Settings, create_tables: bool) -> Pipeline:
             connection = datajoint.conn(reset=True)
         except Exception as exc:
             raise _server_error(config, exc) from exc
+        check_tls(connection, config)
         # From here the schema modules get bound to this connection: the process keeps this database, and
         # a connect() after a failed activation below finishes it on the same connection.
         _active.settings, _active.target, _active.connection = settings, target, connection
