@@ -6,7 +6,7 @@ judged before a byte is written: no absolute paths, '..', links, duplicate names
 one name, over-long names, encryption or compression methods Python cannot read. The declared sizes
 bound what extraction may write (zipfile never reads past a member's declared size), and must fit under
 both the free space of the scratch folder and ``NEUREG_EXTRACT_MAX_GB`` (default 64). A scratch folder is
-named after its host and process, so the next ingest removes those a killed process left behind.
+named after its host and process, so the next ingest (of anything) removes those a killed process left behind.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ def unpacked(path: Path):
     The names are what the identity may be read from: the folder's name, and for an archive also the
     archive's own name, so that a zip named for one scan that holds another is refused (``identity``).
     """
+    parent = home_folder() / "tmp"
+    if parent.is_dir():
+        remove_abandoned_scratch(parent)  # every ingest, of a folder or a zip, tidies after killed ones
     if not path.exists():
         raise ScanFolderError(path, "no such file or folder")
     if path.is_dir():
@@ -46,9 +49,7 @@ def unpacked(path: Path):
     check_regular(path, "a scan folder or a .zip archive of one")
     if not zipfile.is_zipfile(path):
         raise ScanFolderError(path, "neither a scan folder nor a .zip archive of one")
-    parent = home_folder() / "tmp"
     parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    remove_abandoned_scratch(parent)
     scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{_host()}_{os.getpid()}_", dir=parent))
     try:
         _extract(path, scratch)

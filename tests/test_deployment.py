@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import pickle
 import re
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from io import StringIO
 from pathlib import Path
 
 import datajoint as dj
+import numpy as np
 import pytest
 
 import neureg
@@ -297,6 +299,19 @@ def test_lab_member_adds_scans_and_reads_but_cannot_delete_results(
             assert denied.returncode == 2 and "Traceback" not in denied.stderr, (args, denied.stderr)
             assert f"the database account '{lab}' may not do this" in denied.stderr, denied.stderr
             assert not (pipeline.oracle.OracleStats & key)
+        second = cli(lab, "ingest", str(scan_folder_factory(tmp_path / "scan5", mouse=unique_mouse, scan=5, seed=12)))
+        assert second.returncode == 0, second.stderr
+        cifar = tmp_path / "cifar" / "cifar-10-batches-py"
+        cifar.mkdir(parents=True)
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            batch = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}
+            (cifar / name).write_bytes(pickle.dumps(batch))
+        from neureg.upkeep.status import table_counts
+
+        before = table_counts(pipeline)
+        plan = cli(lab, "plan", "paper", "--cifar", str(cifar.parent), "--seeds", "1")
+        assert plan.returncode == 2 and "Traceback" not in plan.stderr, plan.stderr
+        assert f"the database account '{lab}' may not do this" in plan.stderr and table_counts(pipeline) == before
         work = cli(worker, "worker", "--once", "--table", "OracleStats")
         assert work.returncode == 0, work.stderr
         assert len(pipeline.oracle.OracleStats & key) == 1

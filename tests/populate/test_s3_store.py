@@ -23,6 +23,7 @@ import time
 import uuid
 from pathlib import Path
 
+import datajoint as dj
 import numpy as np
 import pytest
 
@@ -257,16 +258,21 @@ def test_the_lab_recipe_in_the_readme(pipeline, s3_kit, scan_folder_factory, tmp
     home, logs, scans = tmp_path / "home", tmp_path / "logs", tmp_path / "scans"
     (home / ".neureg").mkdir(parents=True)
     logs.mkdir()
-    db = toy.dj_env()
-    (home / ".neureg" / "worker-password").write_text(db["DJ_PASS"])
+    db = toy.dj_env()  # the suite's administrator account (all privileges), standing for the lab's root
+    (home / ".neureg" / "root-password").write_text(db["DJ_PASS"])
     (home / ".neureg" / "s3-secret").write_text(s3_kit.secret_key)
+    tag = uuid.uuid4().hex[:6]
+    lab, worker = f"alice_{tag}", f"wrk_{tag}"  # accounts of this run only: the recipe creates them
     for i in (1, 2):
         scan_folder_factory(scans / f"scan{i}", mouse="recipe", scan=i, seed=20 + i)
     prefix = f"r{uuid.uuid4().hex[:8]}_"
     recipe = readme_recipe()
     for old, new in [
         ("db.lab.org", db["DJ_HOST"]),
-        ("DJ_USER=neureg_worker", f"DJ_USER={db['DJ_USER']}"),
+        ("DJ_USER=root", f"DJ_USER={db['DJ_USER']}"),
+        ("-u root", f"-P {db['DJ_PORT']} -u {db['DJ_USER']}"),
+        ("neureg_worker", worker),
+        ("alice", lab),
         ("s3.lab.org:9000", f"127.0.0.1:{link.port}"),
         ("neureg-store", s3_kit.access_key),
         ("NEUREG_PREFIX=neureg_", f"NEUREG_PREFIX={prefix}"),
@@ -324,6 +330,13 @@ def test_the_lab_recipe_in_the_readme(pipeline, s3_kit, scan_folder_factory, tmp
         assert count(status, prefix, "__oracle_stats") == 2 and count(status, prefix, "scan_set") == 1, status
         fs.invalidate_cache()
         assert fs.find("neureg/neureg_"), "nothing reached the bucket"
+        admin = dj.conn()  # who did what, as the server recorded it: the recipe's own accounts
+        sealed_by = admin.query(f"SELECT ingested_by FROM `{prefix}experiment`.`ingestion`").fetchall()
+        assert len(sealed_by) == 2 and all(row[0].startswith(f"{lab}@") for row in sealed_by), sealed_by
+        computed_by = admin.query(f"SELECT DISTINCT user FROM `{prefix}oracle`.`~~oracle_stats`").fetchall()
+        assert {row[0].split("@")[0] for row in computed_by} == {worker}, computed_by
     finally:
         link.cut()
         s3_kit.drop_schemas(pipeline, prefix)
+        for user in (lab, worker):
+            dj.conn().query(f"DROP USER IF EXISTS '{user}'@'%%'")
