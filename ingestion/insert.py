@@ -97,6 +97,10 @@ def _discard(written: list[str], key: dict) -> None:
         return
     try:
         committed = set(store_references(Responses.Block & key, "responses")) if Scan & key else set()
+    except Exception:  # noqa: BLE001 - the server is gone: without knowing whether it committed, delete nothing
+        logger.debug("server unreachable after a failed ingest: its blocks are left for `neureg gc`")
+        return
+    try:
         remove_store_paths(p for p in written if p not in committed)
     except Exception as exc:  # noqa: BLE001 - no store, or it is unreachable: gc's business
         logger.warning("could not remove the failed ingest's blocks (%s); `neureg gc` lists them", exc)

@@ -3,7 +3,8 @@
 A worker sweeps the computed tables in dependency order (``stages.stage_tables``, read from DataJoint's
 graph: the same tables and order as ``neureg populate`` and ``neureg status``). For each table it refreshes
 the table's jobs (new keys become pending, so scans ingested while it runs are picked up at the next
-sweep; jobs of workers not seen for ``orphan_timeout`` go back to pending), resets failed jobs that have
+sweep; a job whose worker was not seen for ``orphan_timeout`` becomes a failed attempt, "worker died"),
+resets failed jobs that have
 attempts left (``worker_jobs.retry_failed``: 1 + max_retries attempts, waiting retry_delay * 2**(n-1)
 seconds after the n-th failure), then works through the pending keys one at a time:
 
@@ -291,6 +292,9 @@ class Worker:
 
     # ------------------------------------------------------------------ per-table housekeeping
     def _refresh(self, jobs) -> None:
+        """New keys in, and orphans out: a reservation whose worker stopped beating becomes a failed attempt
+        (``reclaim_dead``), not DataJoint's reclaim (``refresh(orphan_timeout=...)``), which would forget
+        the job's attempts. So DataJoint's refresh is asked only for new and vanished keys."""
         for key, deaths in reclaim_dead(jobs, self.options.orphan_timeout, 1 + self.options.max_retries):
             logger.warning(
                 "%s %s: its worker stopped beating for %d s (died %d time(s) on it); counted as a failed attempt",
@@ -300,16 +304,9 @@ class Worker:
                 deaths,
             )
         try:
-            result = jobs.refresh(delay=-1, orphan_timeout=self.options.orphan_timeout)
+            jobs.refresh(delay=-1)
         except DuplicateError:  # another worker refreshed the same rows at the same moment
             return
-        if result["orphaned"]:
-            logger.warning(
-                "%s: reclaimed %d job(s) whose worker stopped beating for %d s",
-                jobs.target.__class__.__name__,
-                result["orphaned"],
-                self.options.orphan_timeout,
-            )
 
     def _retry(self, table, jobs) -> None:
         for key, used, message in retry_failed(jobs, self.options.max_retries, self.options.retry_delay):
