@@ -141,8 +141,10 @@ def test_lab_member_adds_scans_and_reads_but_cannot_delete_results(
             (cifar / name).write_bytes(pickle.dumps(batch))
         from neureg.upkeep.status import table_counts
 
+        recorded = pipeline.training.Dataset & {"dataset": "cifar10"}  # an earlier test may have recorded one
+        root = recorded.fetch1("data_root") if recorded else str(cifar.parent)
         before = table_counts(pipeline)
-        plan = cli(lab, "plan", "paper", "--cifar", str(cifar.parent), "--seeds", "1")
+        plan = cli(lab, "plan", "paper", "--cifar", root, "--seeds", "1")
         assert plan.returncode == 2 and "Traceback" not in plan.stderr, plan.stderr
         assert f"the database account '{lab}' may not do this" in plan.stderr and table_counts(pipeline) == before
         work = cli(worker, "worker", "--once", "--table", "OracleStats")
