@@ -107,6 +107,8 @@ class Image(dj.Manual):
 
 def check_image_row(row: dict) -> None:
     """ValueError unless ``row``'s pixels are uint8 (height, width) hashing to its ``image_hash``."""
+    if not isinstance(row, dict):
+        raise ValueError(f"Image rows are inserted as dicts (so each can be checked), got {type(row).__name__}")
     pixels = np.asarray(row.get("pixels"))
     shape = (row.get("height"), row.get("width"))
     if pixels.dtype != np.uint8 or pixels.ndim != 2 or tuple(pixels.shape) != shape:
