@@ -70,21 +70,18 @@ def test_bad_configs_are_refused_and_change_nothing(pipeline, trained, tmp_path)
     assert [len(t()) for t in tables] == before
 
 
-def test_killed_run_resumes_from_its_checkpoint(pipeline, trained):
-    """A checkpoint left by a killed worker is picked up: the row says from which epoch it resumed."""
-    from neureg.populate.stages import populate_stage
-
-    tr = pipeline.training
-    tr.Seed.insert1({"seed": 7}, skip_duplicates=True)
-    key = dict(trained["None"], seed=7)
+def _killed_after_first_epoch(tr, trained, seed: int):
+    """What a worker killed after epoch 1 leaves behind: its checkpoint (digest recorded, as the worker's
+    make records it), no row. Returns (key, checkpoint path)."""
+    tr.Seed.insert1({"seed": seed}, skip_duplicates=True)
+    key = dict(trained["None"], seed=seed)
     net, train, reg, _ = tr.TrainedNetwork().make_fetch(key)
     checkpoint = tr.checkpoint_dir() / f"{stable_hash({k: str(v) for k, v in key.items()})}.pt"
 
-    # what a worker killed after epoch 1 leaves behind: its checkpoint, no row
     class Killed(Exception):
         pass
 
-    def kill_after_first_epoch(record):
+    def kill(record):
         raise Killed
 
     with pytest.raises(Killed):
@@ -93,11 +90,20 @@ def test_killed_run_resumes_from_its_checkpoint(pipeline, trained):
             train,
             reg,
             tr.Dataset.load(key),
-            seed=7,
+            seed=seed,
             checkpoint_path=checkpoint,
-            progress=kill_after_first_epoch,
-            on_checkpoint=tr.record_checkpoint,  # as the worker's make does
+            progress=kill,
+            on_checkpoint=tr.record_checkpoint,
         )
+    return key, checkpoint
+
+
+def test_killed_run_resumes_from_its_checkpoint(pipeline, trained):
+    """A checkpoint left by a killed worker is picked up: the row says from which epoch it resumed."""
+    from neureg.populate.stages import populate_stage
+
+    tr = pipeline.training
+    key, checkpoint = _killed_after_first_epoch(tr, trained, seed=7)
     assert checkpoint.exists() and not (tr.TrainedNetwork & key)
     populate_stage(pipeline, ["training"], keys=[key])
     row = (tr.TrainedNetwork & key).fetch1()
@@ -129,29 +135,7 @@ def test_a_checkpoint_its_worker_did_not_write_is_never_resumed(pipeline, traine
     from neureg.populate.stages import populate_stage
 
     tr = pipeline.training
-    seed = 8 if tamper is _forge else 9
-    tr.Seed.insert1({"seed": seed}, skip_duplicates=True)
-    key = dict(trained["None"], seed=seed)
-    net, train, reg, _ = tr.TrainedNetwork().make_fetch(key)
-    checkpoint = tr.checkpoint_dir() / f"{stable_hash({k: str(v) for k, v in key.items()})}.pt"
-
-    class Killed(Exception):
-        pass
-
-    def kill(record):
-        raise Killed
-
-    with pytest.raises(Killed):
-        training.train_network(
-            net,
-            train,
-            reg,
-            tr.Dataset.load(key),
-            seed=seed,
-            checkpoint_path=checkpoint,
-            progress=kill,
-            on_checkpoint=tr.record_checkpoint,
-        )
+    key, checkpoint = _killed_after_first_epoch(tr, trained, seed=8 if tamper is _forge else 9)
     tamper(checkpoint)
     with caplog.at_level("WARNING", logger="neureg"):
         populate_stage(pipeline, ["training"], keys=[key])
