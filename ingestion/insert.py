@@ -90,8 +90,8 @@ def _discard(written: list[str], key: dict) -> None:
 
     Every block file has a random token in its name, so the list names this attempt's files and nobody
     else's: a concurrent ingest of the same scan, winning or still running, keeps every one of its files.
-    A file whose INSERT failed before its path could be read back is left to ``neureg gc`` (it is an orphan
-    after its age limit). Best effort: a store or server that cannot be reached keeps them for gc too.
+    A block whose INSERT failed is in the list too (what appeared in its own folder meanwhile, see
+    ``_block_files``). Best effort: a store or server that cannot be reached keeps them for ``neureg gc``.
     """
     if not written:
         return

@@ -9,10 +9,11 @@ DataJoint's public API (restrictions, fetches and ``Table.update1``, as ``Job.co
   The count lives in the jobs table itself (durable, shown by ``neureg status``/the jobs table, no extra
   table); a retry resets the row to pending but keeps the message, so the next attempt knows its number.
 * **Deaths count.** A reservation whose worker stopped beating (killed, out of memory, segfault, lost
-  node) is turned into an error, "[attempt n of m] worker died k time(s) ...", by ``reclaim_dead`` before
-  DataJoint's ``refresh`` would reclaim it: ``refresh`` deletes the row and inserts a fresh pending one
-  without its message, so a job that kills every worker that takes it would otherwise be retried forever.
-  As an error it is retried like any failure, and stays in error once its attempts are used.
+  node) is turned into an error, "[attempt n of m] worker died k time(s) ...", by ``reclaim_dead``; the
+  worker never asks DataJoint's ``refresh`` to reclaim orphans, since it deletes the row and inserts a
+  fresh pending one without its message, and a job that kills every worker that takes it would be retried
+  forever. As an error it is retried like any failure (the first death at once: a preempted or lost node
+  says nothing about the job), and stays in error once its attempts are used.
 * **Retry with backoff** (``retry_failed``), judged on the server's clock.
 * **Release.** A job this process holds goes back to pending (SIGTERM, a lost connection, a restart of
   a container whose new worker has the same host name and pid), with its previous message restored.
