@@ -158,6 +158,13 @@ def cmd_gc(args) -> int:
     except StoreReferenceError as exc:
         print(f"error: gc deletes nothing while a reference is in doubt: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except PermissionError as exc:
+        print(
+            f"error: the object store refused a deletion ({exc}): gc deletes with a worker's or the "
+            "administrator's store keys (docs/security.md, Roles); rerun with those",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     if args.json:
         print_json(found)
         return 0

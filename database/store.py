@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -53,6 +55,43 @@ def store_files():
     else:
         root = "/".join(part.strip("/") for part in (spec.get("bucket", ""), spec.get("location", "")) if part)
     return StorageBackend(spec).fs, root, spec
+
+
+#: Where each lab member's ingests put their response blocks: ``members/<login>/<schema>/<table>/...``. A
+#: member's store credentials may write and delete there only (docs/security.md, ``neureg accounts
+#: --store-policy``), so no lab member can overwrite or delete another's scans or any computed array.
+MEMBERS = "members"
+_LOGIN_CHARACTER = re.compile(r"[A-Za-z0-9_.-]")
+
+
+def member_prefix(login: str) -> str:
+    """The store section of one database login (``user`` or ``user@host``): ``members/<user>``, with any
+    character outside ``[A-Za-z0-9_.-]`` written as ``~xx`` (its code point in hex), so two logins never
+    share a section and the name is the one a store policy names."""
+    user = str(login).split("@", 1)[0]
+    if not user:
+        raise ConfigurationError("the database reports no login name, so ingestion has no store section to write to")
+    return f"{MEMBERS}/" + "".join(c if _LOGIN_CHARACTER.fullmatch(c) else f"~{ord(c):02x}" for c in user)
+
+
+@contextmanager
+def schema_section(prefix: str):
+    """Within this block, DataJoint writes (and its garbage collector walks) neureg's store objects under
+    ``prefix`` instead of the store's ``schema_prefix``. References keep the full relative path, so every
+    reader finds the file whatever section it was written in."""
+    stores = dict(dj.config.stores)
+    stores[STORE] = dict(stores[STORE], schema_prefix=prefix)
+    with dj.config.override(stores=stores):
+        yield
+
+
+def member_sections() -> list[str]:
+    """The members' sections that exist in the store (``members/<user>``), for the garbage collector."""
+    fs, root, _ = store_files()
+    base = f"{root}/{MEMBERS}"
+    if not fs.exists(base):
+        return []
+    return sorted(f"{MEMBERS}/{path.rstrip('/').rsplit('/', 1)[-1]}" for path in fs.ls(base, detail=False))
 
 
 def describe_store(settings: Settings) -> str:
@@ -199,12 +238,19 @@ def store_references(query, attribute: str) -> dict[str, dict]:
 
 
 def remove_store_paths(paths) -> int:
-    """Delete these store files (paths relative to the store root, as references give them); return how many."""
+    """Delete these store files (paths relative to the store root, as references give them); return how many.
+
+    One delete per file (``rm_file``): s3fs's ``rm`` sends S3's batch delete, whose answer is 200 even for
+    keys the server refused, so a refusal would pass as a deletion. Here a refused file raises
+    PermissionError, and a file still there afterwards is an OSError naming it."""
     fs, root, _ = store_files()
     removed = 0
     for path in paths:
         full = f"{root}/{path}"
         if fs.exists(full):
-            fs.rm(full)
+            fs.rm_file(full)
+            fs.invalidate_cache(full.rsplit("/", 1)[0])
+            if fs.exists(full):
+                raise OSError(f"the store kept {path} after deleting it (this account's store keys may not delete it)")
             removed += 1
     return removed

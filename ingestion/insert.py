@@ -19,9 +19,9 @@ import datajoint as dj
 import numpy as np
 
 from .. import __version__
-from ..database.store import remove_store_paths, store_files, store_references, stored
+from ..database.store import member_prefix, remove_store_paths, schema_section, store_files, store_references, stored
 from ..database.transaction import transaction
-from ..errors import ScanExistsError, ScanFolderError
+from ..errors import ConfigurationError, ScanExistsError, ScanFolderError
 from ..schemas.experiment import (
     BEHAVIOR_COLUMNS,
     Behavior,
@@ -59,7 +59,7 @@ def insert_scan(data: ScanData, source_path: str = "", tries: int = 5) -> dict:
             if attempt == tries - 1:
                 raise
             time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
-        except (ScanExistsError, ScanFolderError):
+        except (ScanExistsError, ScanFolderError, ConfigurationError):
             _discard(written, data.key)
             raise
         except BaseException as exc:
@@ -205,19 +205,7 @@ def _insert_scan_once(data: ScanData, source_path: str, written: list[str]) -> d
         )
         starts = range(0, n_trials, RESPONSE_BLOCK_TRIALS)
         Responses.insert1(dict(key, n_blocks=len(starts)))
-        for block, first in enumerate(starts):
-            rows = np.ascontiguousarray(data.responses[first : first + RESPONSE_BLOCK_TRIALS], dtype=np.float32)
-            block_key = dict(key, block_idx=block)
-            before = _block_files(block_key)
-            try:
-                Responses.Block.insert1(dict(block_key, first_trial=first, **stored("responses", rows)))
-            except BaseException:
-                # The file (or the partial one a full disk left, ``.npy.saving``) was written before the
-                # INSERT failed. This transaction holds the Scan row, so no other live ingest of this scan
-                # writes blocks now: what is new in the block's own folder is this attempt's.
-                written.extend(_block_files(block_key) - before)
-                raise
-            written.extend(store_references(Responses.Block & block_key, "responses"))
+        _insert_blocks(data, key, starts, written)
         Ingestion.insert1(
             dict(
                 key,
@@ -229,11 +217,39 @@ def _insert_scan_once(data: ScanData, source_path: str, written: list[str]) -> d
     return key
 
 
+def _insert_blocks(data: ScanData, key: dict, starts: range, written: list[str]) -> None:
+    """The response blocks, written in the ingesting member's own store section (``members/<login>``): the
+    only part of the store a lab member's credentials may write (docs/security.md, "Roles")."""
+    section = member_prefix(Scan.connection.conn_info.get("user", ""))
+    with schema_section(section):
+        for block, first in enumerate(starts):
+            rows = np.ascontiguousarray(data.responses[first : first + RESPONSE_BLOCK_TRIALS], dtype=np.float32)
+            block_key = dict(key, block_idx=block)
+            before = _block_files(block_key)
+            try:
+                Responses.Block.insert1(dict(block_key, first_trial=first, **stored("responses", rows)))
+            except PermissionError as exc:
+                written.extend(_block_files(block_key) - before)
+                raise ConfigurationError(
+                    f"the object store refused this account's keys writing {section}/ ({exc}): a lab member's "
+                    f"store keys must be allowed to write their own section {section}/ (`neureg accounts "
+                    "--store-policy lab`, docs/security.md); nothing was ingested"
+                ) from None
+            except BaseException:
+                # The file (or the partial one a full disk left, ``.npy.saving``) was written before the
+                # INSERT failed. This transaction holds the Scan row, so no other live ingest of this scan
+                # writes blocks now: what is new in the block's own folder is this attempt's.
+                written.extend(_block_files(block_key) - before)
+                raise
+            written.extend(store_references(Responses.Block & block_key, "responses"))
+
+
 def _block_files(block_key: dict) -> set[str]:
     """The files in one block's store folder, relative to the store root (as references name them).
 
     DataJoint lays a schema-addressed store out as ``<root>/<schema_prefix>/<schema>/<table>/<k>=<v>/...``
-    over the primary key (its store spec); an unreachable store lists nothing (gc's business then)."""
+    over the primary key (its store spec; within ``_insert_blocks``, the member's section); an unreachable
+    store lists nothing (gc's business then)."""
     try:
         fs, root, spec = store_files()
         folder = "/".join(

@@ -92,29 +92,46 @@ def _example_values() -> dict:
     )
 
 
-def test_workers_and_jupyter_share_one_s3_store_from_dotenv(compose):
-    """Both use DataJoint's store 'neureg' in the s3 service's bucket, with the credentials MinIO was given."""
+def test_workers_and_jupyter_share_one_s3_store_each_with_its_role(compose):
+    """Both use DataJoint's store 'neureg' in the s3 service's bucket, each with its own store user: the worker's,
+    and Jupyter's named as its database login (the lab policy's section); neither has MinIO's root keys, which
+    only the one-shot s3-roles service holds, and it attaches the policies neureg generates."""
     import json
 
-    worker, jupyter, s3 = (compose["services"][name] for name in ("worker", "jupyter", "s3"))
-    assert _environment(worker)["DJ_STORES"] == _environment(jupyter)["DJ_STORES"]
+    from neureg.upkeep.store_policy import store_policy
+
+    worker, jupyter, s3, roles = (compose["services"][name] for name in ("worker", "jupyter", "s3", "s3-roles"))
     values = _example_values()
-    stores = json.loads(_interpolate(_environment(worker)["DJ_STORES"], values))
-    spec = stores["neureg"]
-    assert spec["protocol"] == "s3" and spec["endpoint"] == "s3:9000" and spec["secure"] is False
-    assert spec["access_key"] == _interpolate(_environment(s3)["MINIO_ROOT_USER"], values)
-    assert spec["secret_key"] == _interpolate(_environment(s3)["MINIO_ROOT_PASSWORD"], values)
-    raw = _environment(worker)["DJ_STORES"]
-    for secret in ("access_key", "secret_key"):  # written as ${VAR} references, never as values
-        assert re.search(rf'"{secret}": "\$\{{[A-Z0-9_]+:\?[^}}]*\}}"', raw), raw
-    # DataJoint accepts the spec as it is (the same validation a worker's first array goes through)
-    with dj.config.override(stores=stores):
-        assert dj.config.get_store_spec("neureg")["bucket"] == values["S3_BUCKET"]
-    for service in (worker, jupyter):
+    specs = {}
+    for name, service in (("worker", worker), ("jupyter", jupyter)):
+        raw = _environment(service)["DJ_STORES"]
+        for secret in ("access_key", "secret_key"):  # written as ${VAR} references, never as values
+            assert re.search(rf'"{secret}": "\$\{{[A-Z0-9_]+:\?[^}}]*\}}"', raw), raw
+        stores = json.loads(_interpolate(raw, values))
+        spec = specs[name] = stores["neureg"]
+        assert spec["protocol"] == "s3" and spec["endpoint"] == "s3:9000" and spec["secure"] is False
+        with dj.config.override(stores=stores):  # DataJoint accepts the spec as a worker's first array would
+            assert dj.config.get_store_spec("neureg")["bucket"] == values["S3_BUCKET"]
+        assert spec["access_key"] != _interpolate(_environment(s3)["MINIO_ROOT_USER"], values), name
+        assert spec["secret_key"] != _interpolate(_environment(s3)["MINIO_ROOT_PASSWORD"], values), name
         assert "NEUREG_STORE" not in _environment(service)
         assert service["depends_on"]["s3"]["condition"] == "service_healthy"
+        assert service["depends_on"]["s3-roles"]["condition"] == "service_completed_successfully"
+    assert {k: v for k, v in specs["worker"].items() if "key" not in k} == {
+        k: v for k, v in specs["jupyter"].items() if "key" not in k
+    }
+    assert specs["jupyter"]["access_key"] == values["JUPYTER_USER"]
+    assert specs["worker"]["access_key"] == values["WORKER_S3_KEY"]
+    script = roles["command"][0]
+    for policy, user in (("neureg-worker", "WORKER_S3_KEY"), ("neureg-lab", "JUPYTER_USER")):
+        assert f'mc admin policy attach local {policy} --user "$${user}"' in script, script
+    assert _mounts(roles)["/policies"] == "./deploy/minio"
+    for role, name in (("worker", "worker-policy.json"), ("lab", "lab-policy.json")):
+        on_disk = json.loads((REPO / "deploy" / "minio" / name).read_text())
+        assert on_disk == store_policy(role, "neureg", "neureg_"), f"regenerate deploy/minio/{name}"
     assert s3["healthcheck"]["test"] and _mounts(s3).get("/data") in compose["volumes"]
-    assert re.match(r"^minio/minio:RELEASE\.", s3["image"]), "pin MinIO's release"
+    for service in (s3, roles):
+        assert re.match(r"^minio/minio:RELEASE\.", service["image"]), "pin MinIO's release"
 
 
 def test_compose_file_is_valid_under_the_compose_specification(tmp_path):

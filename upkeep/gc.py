@@ -2,7 +2,8 @@
 
 A killed ingest, a full disk or a deleted row can leave files in the store that no row references
 (response blocks, a half-written ``.npy.saving``). ``datajoint.gc.GarbageCollector`` lists the files of the
-pipeline's schemas that no reference covers. Its reference scan skips (with a warning) any column holding
+pipeline's schemas that no reference covers, in the store's own section and in each lab member's
+(``members/<login>``, where ingests write). Its reference scan skips (with a warning) any column holding
 one value it cannot read, and then every file of that column looks unreferenced: one malformed row in a
 lab member's own scan would make every scan's blocks "orphans". So neureg reads every reference itself
 first (``database.store.store_references``), and any it cannot read stops gc naming the row; the
@@ -22,7 +23,14 @@ import time
 import datajoint as dj
 
 from ..database.settings import STORE
-from ..database.store import modified_at, store_files, store_references
+from ..database.store import (
+    member_sections,
+    modified_at,
+    remove_store_paths,
+    schema_section,
+    store_files,
+    store_references,
+)
 from ..errors import StoreReferenceError
 
 
@@ -47,6 +55,15 @@ def _covered(path: str, referenced: set[str]) -> bool:
     return any("/".join(parts[:i]) in referenced for i in range(1, len(parts) + 1))
 
 
+def _orphaned(collector) -> list:
+    """The collector's unreferenced schema-addressed files in its section; StoreReferenceError if it could
+    not list that section completely."""
+    report = collector.collect(dry_run=True)
+    if report["scan_errors"]:
+        raise StoreReferenceError(f"the store could not be listed completely: {report['scan_errors'][:3]}")
+    return list(report["orphaned_schema_paths"])
+
+
 def collect_orphans(pipeline, delete: bool = False, min_age_hours: float = 24.0, announce=None) -> dict:
     """Orphaned store files of the pipeline's schemas: ``{"old": [...], "recent": [...], "deleted": n,
     "bytes": n}`` (paths relative to the store); with ``delete``, the old ones are removed.
@@ -56,13 +73,15 @@ def collect_orphans(pipeline, delete: bool = False, min_age_hours: float = 24.0,
     """
     fs, root, _ = store_files()
     referenced = pipeline_references(pipeline)  # first: a doubt stops everything before any listing
-    collector = dj.gc.GarbageCollector(*(m.schema for m in pipeline.modules().values()), store=STORE)
-    report = collector.collect(dry_run=True)
-    if report["scan_errors"]:
-        raise StoreReferenceError(f"the store could not be listed completely: {report['scan_errors'][:3]}")
+    schemas = [m.schema for m in pipeline.modules().values()]
+    collector = dj.gc.GarbageCollector(*schemas, store=STORE)
+    candidates = _orphaned(collector)
+    for section in member_sections():  # each lab member's ingests (database.store.member_prefix)
+        with schema_section(section):
+            candidates += _orphaned(dj.gc.GarbageCollector(*schemas, store=STORE))
     cutoff = time.time() - min_age_hours * 3600
     old, recent, sizes = [], [], {}
-    for path in report["orphaned_schema_paths"]:  # neureg stores <npy@> (schema-addressed) objects only
+    for path in candidates:  # neureg stores <npy@> (schema-addressed) objects only
         if _covered(str(path), referenced):
             continue
         try:
@@ -80,7 +99,7 @@ def collect_orphans(pipeline, delete: bool = False, min_age_hours: float = 24.0,
             announce(old, sum(sizes.values()))
         again = pipeline_references(pipeline)  # rows inserted since the first scan keep their files
         old = [path for path in old if not _covered(path, again)]
-        deleted = sum(bool(collector.delete_schema_path(path)) for path in old)
+        deleted = remove_store_paths(old)  # one verified delete per file (see remove_store_paths)
     return {
         "old": old,
         "recent": recent,

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from neureg.ingestion.folder import read_scan_folder
+from neureg.upkeep.store_policy import store_policy
 
 s3fs = pytest.importorskip("s3fs", reason="the S3 tests need s3fs and moto (pip install -e '.[test]')")
 
@@ -100,6 +101,7 @@ READER = r"""
 import json, sys
 import neureg
 from neureg.ingestion.folder import read_scan_folder
+from neureg.upkeep.store_policy import store_policy
 
 pipe = neureg.connect()
 rows = []
@@ -260,9 +262,10 @@ def test_the_lab_recipe_in_the_readme(pipeline, s3_kit, scan_folder_factory, tmp
     logs.mkdir()
     db = toy.dj_env()  # the suite's administrator account (all privileges), standing for the lab's root
     (home / ".neureg" / "root-password").write_text(db["DJ_PASS"])
-    (home / ".neureg" / "s3-secret").write_text(s3_kit.secret_key)
     tag = uuid.uuid4().hex[:6]
     lab, worker = f"alice_{tag}", f"wrk_{tag}"  # accounts of this run only: the recipe creates them
+    for user in (lab, worker):  # each account's store secret (this S3 server does not check them: see
+        (home / ".neureg" / f"s3-{user}").write_text(s3_kit.secret_key)  # tests/upkeep/test_store_policy.py)
     for i in (1, 2):
         scan_folder_factory(scans / f"scan{i}", mouse="recipe", scan=i, seed=20 + i)
     prefix = f"r{uuid.uuid4().hex[:8]}_"
@@ -274,7 +277,6 @@ def test_the_lab_recipe_in_the_readme(pipeline, s3_kit, scan_folder_factory, tmp
         ("neureg_worker", worker),
         ("alice", lab),
         ("s3.lab.org:9000", f"127.0.0.1:{link.port}"),
-        ("neureg-store", s3_kit.access_key),
         ("NEUREG_PREFIX=neureg_", f"NEUREG_PREFIX={prefix}"),
         ("/scratch/$USER/neureg-checkpoints", str(tmp_path / "checkpoints")),
         ("/data/lab/scans/*", f"{scans}/*"),
@@ -330,6 +332,11 @@ def test_the_lab_recipe_in_the_readme(pipeline, s3_kit, scan_folder_factory, tmp
         assert count(status, prefix, "__oracle_stats") == 2 and count(status, prefix, "scan_set") == 1, status
         fs.invalidate_cache()
         assert fs.find("neureg/neureg_"), "nothing reached the bucket"
+        blocks = [path for path in fs.find("neureg/neureg_") if "responses__block" in path]
+        assert blocks and all(path.startswith(f"neureg/neureg_/members/{lab}/") for path in blocks), blocks
+        for role in ("worker", "lab"):  # the policies the administrator gives the store users
+            written = json.loads((home / ".neureg" / f"{role}-policy.json").read_text())
+            assert written == store_policy(role, "neureg", "neureg_"), role
         admin = dj.conn()  # who did what, as the server recorded it: the recipe's own accounts
         sealed_by = admin.query(f"SELECT ingested_by FROM `{prefix}experiment`.`ingestion`").fetchall()
         assert len(sealed_by) == 2 and all(row[0].startswith(f"{lab}@") for row in sealed_by), sealed_by
