@@ -1,8 +1,9 @@
 """NCHW against channels_last (NHWC) on the CPU: training and attack throughput of the demo's networks.
 
 Why: the demo trains and attacks 21 narrow ResNets on two cores, and oneDNN's NHWC convolutions are
-faster than its NCHW ones at these channel counts. A worker's Runtime therefore defaults to channels_last
-on the CPU (``NEUREG_CHANNELS_LAST=0`` turns it off). This measures, in one thread, the demo's None,
+faster than its NCHW ones at these channel counts. NHWC is still opt-in (``NEUREG_CHANNELS_LAST=1``):
+torch 2.14.1's oneDNN crashes in an NHWC weight gradient on some CPUs (models/runtime.py).
+This measures, in one thread, the demo's None,
 regularized (a random 1500-image target at the stimuli's demo size) and VOne networks for ``--epochs``
 epochs each way, then the demo's Linf FMN attack on the None network, and prints images per second and the
 NHWC / NCHW ratio of each.

@@ -171,7 +171,9 @@ def load_array(table, key: dict, attribute: str) -> np.ndarray:
     """One array attribute of one row; from the store, verified: its file exists, reads, has the recorded shape
     and hash. (An in-database ``<blob>`` has no digest column: the database keeps it whole.)"""
     if attribute + DIGEST_SUFFIX not in table.heading.names:
-        return np.asarray((table & key).fetch1(attribute))
+        from .blobs import fetch1_blobs  # an in-database <blob>: its expansion bounded
+
+        return np.asarray(fetch1_blobs(table & key, attribute))
     ref, digest = (table & key).fetch1(attribute, attribute + DIGEST_SUFFIX)
     return verified(ref, digest, table, key, attribute)
 

@@ -21,7 +21,7 @@ import numpy as np
 from .. import __version__
 from ..database.store import member_prefix, remove_store_paths, schema_section, store_files, store_references, stored
 from ..database.transaction import transaction
-from ..errors import ConfigurationError, ScanExistsError, ScanFolderError
+from ..errors import ConfigurationError, ScanExistsError, ScanFolderError, StoreIntegrityError
 from ..schemas.experiment import (
     BEHAVIOR_COLUMNS,
     Behavior,
@@ -32,6 +32,8 @@ from ..schemas.experiment import (
     Scan,
     Session,
     Trial,
+    image_arrays,
+    image_columns,
     known_images,
 )
 from .folder import ScanData
@@ -278,10 +280,14 @@ def _check_reused_images(data: ScanData, known: set[str]) -> None:
     hashes = sorted(known)
     for first in range(0, len(hashes), IMAGE_BATCH):
         batch = hashes[first : first + IMAGE_BATCH]
-        stored = dict(zip(*(Image & [{"image_hash": h} for h in batch]).to_arrays("image_hash", "pixels")))
+        found = image_columns(Image & [{"image_hash": h} for h in batch])
+        try:
+            stored = dict(zip(found[0], image_arrays(*found, checked=False)))
+        except StoreIntegrityError:  # bytes that are no (height, width) image: other pixels all the same
+            stored = {}
         for digest in batch:
             pixels = data.images[digest]
-            if not np.array_equal(np.asarray(stored[digest]), pixels) or np.asarray(stored[digest]).dtype != np.uint8:
+            if digest not in stored or not np.array_equal(stored[digest], pixels) or stored[digest].dtype != np.uint8:
                 trial = data.trial_images.index(digest)
                 root = getattr(data.images, "root", None)
                 raise ScanFolderError(

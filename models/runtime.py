@@ -7,9 +7,13 @@ None of these settings enters a config hash. Two runs that differ only here are 
 
 - ``NEUREG_DEVICE``: a torch device (default: the first visible GPU, else the CPU);
 - ``NEUREG_AMP=1``: bfloat16 autocast on CUDA (faster on tensor cores; float32 accumulation);
-- ``NEUREG_CHANNELS_LAST``: NHWC activations and weights. Default on for the CPU, where oneDNN's NHWC
-  convolutions train the demo's narrow networks faster than NCHW (README "Performance" has the numbers);
-  default off on CUDA, where it pays under autocast (``NEUREG_AMP``) and is set with it;
+- ``NEUREG_CHANNELS_LAST``: NHWC activations and weights. Off by default everywhere. On the CPU, oneDNN's
+  NHWC convolutions train the demo's narrow networks 1.1-1.3x faster (README "Performance"), but the
+  oneDNN in torch 2.14.1 crashes the process (segmentation fault, or glibc's "double free") in the
+  weight gradient of a 1x1 stride-2 NHWC convolution with few input channels on some CPUs: seen on an
+  AMD EPYC with AVX-512 (4 -> 8 channels on 36x64 stimulus maps, the shortcut of a width-1/16 ResNet),
+  not on 32x32 maps (``tests/models/test_runtime_layout.py`` tries it in a child process). On CUDA it
+  pays under autocast (``NEUREG_AMP``) and is set with it;
 - ``NEUREG_DETERMINISTIC=1``: cuDNN's deterministic kernels. Off by default because it forbids the
   fastest convolution algorithms (cuDNN benchmark mode); on, a resumed CUDA run replays the
   uninterrupted one exactly on the same GPU and software stack. CPU runs are deterministic either way.
@@ -76,7 +80,7 @@ class Runtime:
         runtime = cls(
             device=device,
             amp=_flag("NEUREG_AMP", False),
-            channels_last=_flag("NEUREG_CHANNELS_LAST", torch.device(device).type == "cpu"),
+            channels_last=_flag("NEUREG_CHANNELS_LAST", False),
             deterministic=_flag("NEUREG_DETERMINISTIC", False),
             eval_batch_size=int(batch),
             cuda_graphs=_flag("NEUREG_CUDA_GRAPHS", False),
@@ -172,9 +176,10 @@ DEFAULT_BATCH_SIZE = 256
 
 
 def as_image_tensor(images) -> torch.Tensor:
-    """Images as a float32 CPU tensor, refusing values outside [0, 1] (every attack assumes that box)."""
+    """Images as a CPU tensor of torch's default dtype (float32), refusing values outside [0, 1] (every
+    attack assumes that box)."""
     x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
-    x = x.detach().to("cpu", torch.float32)
+    x = x.detach().to("cpu", torch.get_default_dtype())
     if x.ndim < 2:
         raise ValueError(f"expected a batch of images, got shape {tuple(x.shape)}")
     if x.numel() and (x.min() < 0 or x.max() > 1):

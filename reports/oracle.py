@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..database.blobs import fetch_blobs
 from ..models.neural import oracle
 from ._plot import cluster_order, plt, save, symmetric_limit
 
@@ -18,7 +19,11 @@ def oracle_figures(pipeline, out: Path) -> list[Path]:
         members = (exp.ScanSet.Member & set_key).keys(order_by="KEY")
         aligned = oracle.align_similarities([(orc.OracleSimilarity & m).labeled() for m in members])
         paths.append(_similarity_grid(aligned.matrix, members, out, set_key["scan_set"][:8]))
-        paths.append(_fluctuation_histograms((orc.ScanStability & set_key).fetch1(), out, set_key["scan_set"][:8]))
+        blobs = ("bin_edges", "scan_hist", "repeat_hist")
+        stability = orc.ScanStability & set_key
+        row = stability.proj(*(n for n in stability.heading.secondary_attributes if n not in blobs)).fetch1()
+        row.update(fetch_blobs(stability, *blobs)[0])
+        paths.append(_fluctuation_histograms(row, out, set_key["scan_set"][:8]))
     if not paths:
         raise LookupError(
             "no ScanStability rows yet: ingest two or more scans sharing oracle images and populate the oracle stage"

@@ -93,16 +93,61 @@ class Image(dj.Manual):
     source_id            : int64                    # frame_image_id where it was first ingested
     height               : int16
     width                : int16
-    pixels               : <blob>                   # uint8 (height, width) grayscale
+    pixels               : bytes                    # uint8 (height, width) grayscale, row-major raw bytes
     """
 
     def insert(self, rows, **kwargs):
         """Insert only rows whose pixels hash to their key: a content address cannot be squatted with other
-        pixels through DataJoint (ingestion, a notebook). Rows are dicts, as every neureg caller passes."""
+        pixels through DataJoint (ingestion, a notebook). Rows are dicts of uint8 arrays, as every neureg
+        caller passes; they are stored as raw bytes, so the server can hash them too (the accounts SQL's
+        image trigger on MySQL refuses any other INSERT, raw SQL included)."""
         rows = list(rows)
         for row in rows:
             check_image_row(row)
+        if _pixels_are_bytes():
+            rows = [dict(row, pixels=np.ascontiguousarray(row["pixels"]).tobytes()) for row in rows]
         return super().insert(rows, **kwargs)
+
+
+def _pixels_are_bytes() -> bool:
+    """Whether this database's ``Image.pixels`` holds raw bytes (``bytes``); a database declared before
+    2026-12-04 holds them as ``<blob>`` arrays, which neureg still reads and writes (docs/architecture.md)."""
+    return Image.heading.attributes["pixels"].codec is None
+
+
+def image_columns(query) -> tuple[list, list, list, list]:
+    """``(hashes, heights, widths, pixels)`` of these Image rows, pixels as stored (raw bytes, each row's own
+    object: ``to_arrays`` would turn a bytes column into a character array)."""
+    rows = query.proj("height", "width", "pixels").to_dicts()
+    return tuple([row[name] for row in rows] for name in ("image_hash", "height", "width", "pixels"))
+
+
+def image_arrays(hashes, heights, widths, pixels, *, checked: bool = True) -> list[np.ndarray]:
+    """The uint8 (height, width) arrays of Image rows, each hashed again: a row whose pixels do not hash to
+    its key (a raw INSERT on a server without the image trigger) is a StoreIntegrityError naming it."""
+    arrays = []
+    for digest, height, width, value in zip(hashes, heights, widths, pixels):
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            value = bytes(value)
+            if len(value) != int(height) * int(width):
+                raise StoreIntegrityError(
+                    f"experiment.Image {digest}: {len(value)} bytes of pixels for a {height}x{width} image",
+                    table=Image.full_table_name,
+                    key={"image_hash": digest},
+                    fault="pixel count differs from height x width",
+                )
+            array = np.frombuffer(value, dtype=np.uint8).reshape(int(height), int(width))
+        else:
+            array = np.asarray(value)
+        if checked and (array.dtype != np.uint8 or image_hash(array) != digest):
+            raise StoreIntegrityError(
+                f"experiment.Image {digest}: its pixels do not hash to its key (a forged row?)",
+                table=Image.full_table_name,
+                key={"image_hash": digest},
+                fault="pixels do not hash to image_hash",
+            )
+        arrays.append(array)
+    return arrays
 
 
 def check_image_row(row: dict) -> None:
@@ -354,8 +399,8 @@ def load_trials(key: dict, include_withheld: bool = False) -> dict:
 def load_images(hashes) -> np.ndarray:
     """uint8 (n, H, W) pixels for the given image hashes, in that order."""
     hashes = list(hashes)
-    rows = (Image & _hash_in(hashes)).to_arrays("image_hash", "pixels")
-    by_hash = dict(zip(rows[0], rows[1]))
+    found = image_columns(Image & _hash_in(hashes))
+    by_hash = dict(zip(found[0], image_arrays(*found)))
     return np.stack([by_hash[h] for h in hashes]).astype(np.uint8)
 
 

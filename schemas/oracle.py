@@ -11,6 +11,7 @@ import logging
 import datajoint as dj
 import numpy as np
 
+from ..database.blobs import fetch1_blobs
 from ..database.store import stored, stored_columns
 from ..models.digests import stable_hash
 from ..models.neural import oracle
@@ -162,5 +163,5 @@ class ScanStability(dj.Computed):
     def make(self, key):
         members = experiment.set_members(key)
         similarities = [(OracleSimilarity & m).labeled() for m in members]
-        repeats = [(OracleSimilarity & m).fetch1("repeat_fluctuations") for m in members]
+        repeats = [fetch1_blobs(OracleSimilarity & m, "repeat_fluctuations") for m in members]
         self.insert1(dict(key, **oracle.scan_stability(similarities, repeats, n_bins=HISTOGRAM_BINS)))

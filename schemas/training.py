@@ -182,7 +182,7 @@ def _workers_only(path: Path) -> Path:
     """Create the checkpoint folder for this (worker) user alone; warn about an existing one other users can
     write (its files are still checked against ``Checkpoint`` before any resume)."""
     if not path.exists():
-        path.mkdir(parents=True, mode=0o700)
+        path.mkdir(parents=True, mode=0o700, exist_ok=True)  # workers starting together may race here
     elif path.stat().st_mode & 0o022:
         logger.warning("the checkpoint folder %s is writable by other users (chmod go-w it)", path)
     return path

@@ -85,7 +85,8 @@ def accounts_sql(
         "-- Workers: read everything, insert into experiment, fill and clean the computed schemas and their",
         "-- jobs tables (CREATE for those); no DROP, ALTER or INDEX anywhere. Run `neureg init` as the",
         "-- administrator first: it declares every table this SQL grants on and the seal triggers need.",
-        "-- Everyone: an ingested scan is sealed; triggers (at the end) refuse any row added to it.",
+        "-- Everyone: an ingested scan is sealed; triggers (at the end) refuse any row added to it, and any",
+        "-- image row whose pixels do not hash to its key.",
     ]
     for role, users, on_experiment, on_computed in (
         ("lab member", lab, LAB_EXPERIMENT, LAB_COMPUTED),
@@ -161,9 +162,30 @@ def seal_sql(prefix: str = "neureg_") -> list[str]:
         "  SET NEW.ingested_by = USER(), NEW.ingested_at = UTC_TIMESTAMP();  "
         "-- the login (CURRENT_USER() is the definer)",
         "END//",
+        *image_check_sql(schema),
         "DELIMITER ;",
     ]
     return lines
+
+
+def image_check_sql(schema: str) -> list[str]:
+    """A trigger that refuses an ``image`` row whose pixels do not hash to its key, whoever inserts it and
+    however (raw SQL included): the key is the SHA-256 of ``|u1(height, width)`` and the raw pixel bytes
+    (``models.digests.image_hash``), which the server recomputes. (Body lines end in ``//``: it runs inside
+    seal_sql's DELIMITER block.)"""
+    framed = "CONCAT('|u1(', NEW.height, ', ', NEW.width, ')', NEW.pixels)"  # numpy's uint8 dtype.str, shape
+    return [
+        "-- Content-addressed images: an image row must hold the pixels its key is the hash of.",
+        f"DROP TRIGGER IF EXISTS {schema}.`neureg_image_hash`//",
+        f"CREATE TRIGGER {schema}.`neureg_image_hash` BEFORE INSERT ON {schema}.`image` FOR EACH ROW",
+        "BEGIN",
+        "  IF NEW.height < 1 OR NEW.width < 1 OR LENGTH(NEW.pixels) <> NEW.height * NEW.width",
+        f"     OR LEFT(SHA2({framed}, 256), 32) <> NEW.image_hash THEN",
+        "    SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'neureg: these image pixels do not hash to image_hash "
+        "(a content address cannot hold other pixels)';",
+        "  END IF;",
+        "END//",
+    ]
 
 
 def parse_passwords(items) -> dict:

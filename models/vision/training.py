@@ -184,14 +184,15 @@ def training_step(
 
 
 def stimuli_tensor(images) -> torch.Tensor:
-    """Stimulus images (N, H, W) or (N, 1, H, W), uint8 0..255 or float in [0, 1], as float32 (N, 1, H, W)."""
+    """Stimulus images (N, H, W) or (N, 1, H, W), uint8 0..255 or float in [0, 1], as (N, 1, H, W) in torch's
+    default dtype (float32; float64 where a test sets it, to check arithmetic without rounding)."""
     array = np.asarray(images)
     if array.ndim == 3:
         array = array[:, None]
     if array.ndim != 4 or array.shape[1] != 1:
         raise ValueError(f"stimulus images must be (N, H, W) or (N, 1, H, W) grayscale, got {array.shape}")
     scaled = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
-    return torch.from_numpy(np.ascontiguousarray(scaled))
+    return torch.from_numpy(np.ascontiguousarray(scaled)).to(torch.get_default_dtype())
 
 
 def _versions() -> dict[str, str]:
@@ -255,7 +256,7 @@ def build_run(
         if target_images is None or target_similarity is None:
             raise ValueError("alpha > 0 needs target_images and target_similarity")
         stimuli = stimuli_tensor(target_images).to(device, memory_format=memory_format)
-        target = torch.as_tensor(np.asarray(target_similarity), dtype=torch.float32, device=device)
+        target = torch.as_tensor(np.asarray(target_similarity), dtype=torch.get_default_dtype(), device=device)
         if target.shape != (len(stimuli), len(stimuli)):
             raise ValueError(f"target similarity {tuple(target.shape)} does not match {len(stimuli)} images")
         sizes = tap_feature_sizes(model, tuple(stimuli.shape[1:]))
@@ -276,7 +277,7 @@ def build_run(
         sampler,
         stimuli,
         target,
-        torch.from_numpy(np.ascontiguousarray(train_x)).to(device),
+        torch.from_numpy(np.ascontiguousarray(train_x)).to(device, torch.get_default_dtype()),
         torch.from_numpy(np.ascontiguousarray(train_y)).to(device),
         {"network": net_cfg, "train": train_cfg, "regularizer": reg_cfg},
         seed,

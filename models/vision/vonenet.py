@@ -115,16 +115,19 @@ def gabor_kernel(
 NOISE_EPS = 1e-4
 
 
-def neuronal_noise(x: torch.Tensor, scale: float, level: float) -> torch.Tensor:
+def neuronal_noise(
+    x: torch.Tensor, scale: float, level: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """x + N(0, 1) * sqrt(relu(x * scale + level) + 1e-4) / scale, the published VOneNet noise.
 
     Poisson-like: the variance (relu(s x + l) + 1e-4) / s^2 grows with the activity. The published code
     scales x by s, shifts by l, adds noise of standard deviation sqrt(relu(.) + eps), then undoes the
-    shift and the scale, which is where the division by s comes from (docs/science.md §8).
+    shift and the scale, which is where the division by s comes from (docs/science.md §8). ``generator``:
+    a network's own noise stream (a fused group's members, models/vision/fused.py); default torch's global.
     """
     # Drawn in logical (N, C, H, W) order, not the tensor's memory order: the same noise whatever the layout
     # (and randn_like on a channels_last tensor takes a much slower path on the CPU).
-    noise = torch.randn(x.shape, dtype=x.dtype, device=x.device)
+    noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
     return x + noise * torch.sqrt(F.relu(x * scale + level) + NOISE_EPS) / scale
 
 
@@ -177,7 +180,7 @@ class VOneBlock(nn.Module):
                 )
                 for c in channels
             ]
-            return torch.stack(kernels).to(torch.float32) if kernels else torch.zeros(0, ksize, ksize)
+            return torch.stack(kernels).to(torch.get_default_dtype()) if kernels else torch.zeros(0, ksize, ksize)
 
         # One conv computes every needed response: simple cells use phase 0 of their own Gabor; complex
         # cells need phase 0 and phase + 90 deg (VOneNet's two full banks would waste the simple q1 half).

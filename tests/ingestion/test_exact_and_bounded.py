@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from neureg.errors import ScanFolderError
+from neureg.errors import ScanFolderError, StoreIntegrityError
 from neureg.ingestion import ingest_folder
 from neureg.upkeep.status import table_counts
 
@@ -103,9 +103,13 @@ def test_an_image_row_cannot_squat_a_content_hash(pipeline, tmp_path, scan_folde
     assert not (exp.Image & {"image_hash": digest})
     # past the check (a raw INSERT would do the same): a squatted row, then the real ingest
     dj_insert = super(type(exp.Image()), exp.Image())
-    dj_insert.insert([dict(image_hash=digest, source_id=0, height=black.shape[0], width=black.shape[1], pixels=black)])
+    dj_insert.insert(
+        [dict(image_hash=digest, source_id=0, height=black.shape[0], width=black.shape[1], pixels=black.tobytes())]
+    )
     before = table_counts(pipeline)
     try:
+        with pytest.raises(StoreIntegrityError, match=f"Image {digest}: its pixels do not hash to its key"):
+            exp.load_images([digest])  # every read hashes again: no stage computes on the squatted pixels
         with pytest.raises(ScanFolderError, match=f"image {digest} is already in the database with other pixels"):
             ingest_folder(folder, pipeline)
         assert table_counts(pipeline) == before and not (exp.Scan & {"mouse": unique_mouse})

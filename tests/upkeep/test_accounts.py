@@ -189,6 +189,35 @@ def test_lab_member_adds_scans_and_reads_but_cannot_delete_results(
             with pytest.raises(Exception, match="sealed"):
                 admin.query(sql)
         assert len(exp.Trial & key) == n_trials and len(exp.Scan.Unit & key) == 12
+        # Content-addressed images, checked by the server itself: a raw INSERT of black pixels under the hash
+        # of real ones is refused for every account; the real pixels under their own hash are accepted.
+        from neureg.models.digests import image_hash
+
+        real = np.random.default_rng(int(tag, 16)).integers(0, 256, (7, 5), dtype=np.uint8)
+        image = exp.Image.full_table_name
+
+        def add_image(connection, digest, pixels, height=7, width=5):
+            sql = f"INSERT INTO {image} (image_hash, source_id, height, width, pixels) VALUES (%s, 0, %s, %s, %s)"
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute(sql, (digest, height, width, pixels))
+                connection.commit()
+            except pymysql.err.MySQLError as exc:
+                connection.rollback()
+                return str(exc)
+            return "inserted"
+
+        forged = "do not hash to image_hash"
+        for connection in (as_lab, as_worker):
+            assert forged in add_image(connection, image_hash(real), np.zeros_like(real).tobytes())
+            assert forged in add_image(connection, image_hash(real), real.tobytes(), height=5, width=7)
+            assert forged in add_image(connection, image_hash(real), real.tobytes()[:-1])
+        assert not (exp.Image & {"image_hash": image_hash(real)})
+        try:
+            assert add_image(as_lab, image_hash(real), real.tobytes()) == "inserted"
+            assert np.array_equal(exp.load_images([image_hash(real)])[0], real)
+        finally:
+            (exp.Image & {"image_hash": image_hash(real)}).delete_quick()
         who, at = (exp.Ingestion & key).fetch1("ingested_by", "ingested_at")
         assert who.startswith(f"{lab}@")  # the server's USER() (login and client host), not what the client sent
         assert abs((datetime.datetime.utcnow() - at).total_seconds()) < 600

@@ -235,11 +235,13 @@ def test_alpha_lowers_the_similarity_loss(mnist_runs):
     assert all(r["sim_loss"] is not None and r["task_loss"] < r["train_loss"] for r in result.history)
 
 
-def test_channels_last_is_the_cpu_default_and_changes_only_the_layout(monkeypatch):
-    """On the CPU a worker's Runtime lays activations and weights out NHWC (oneDNN's faster layout here),
-    NEUREG_CHANNELS_LAST=0 turns it off, and the layout changes no logit beyond float rounding."""
+def test_channels_last_is_opt_in_and_changes_only_the_layout(monkeypatch):
+    """A worker's Runtime lays activations out NCHW unless NEUREG_CHANNELS_LAST=1 (oneDNN's NHWC weight
+    gradient crashes on some CPUs: models/runtime.py), and the layout changes no logit beyond rounding."""
     monkeypatch.delenv("NEUREG_CHANNELS_LAST", raising=False)
     monkeypatch.setenv("NEUREG_DEVICE", "cpu")
+    assert Runtime.from_env().memory_format == torch.contiguous_format
+    monkeypatch.setenv("NEUREG_CHANNELS_LAST", "1")
     assert Runtime.from_env().memory_format == torch.channels_last
     monkeypatch.setenv("NEUREG_CHANNELS_LAST", "0")
     assert Runtime.from_env().memory_format == torch.contiguous_format
