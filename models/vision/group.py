@@ -19,6 +19,8 @@ group. Members resumed at different epochs train as separate groups. A group of 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from ..runtime import Runtime, accuracy, as_runtime, synchronize
+from ..runtime import Runtime, as_runtime, synchronize
 from .checkpoint import run_fingerprint, save_checkpoint
 from .datasets import ClassificationData
 from .fused import FusedVOne, fuse, load_networks, parameter_slices
@@ -35,10 +37,11 @@ from .schedule import learning_rate
 from .training import (
     TrainingRun,
     TrainResult,
-    _versions,
     augment_batch,
     build_run,
     derived_seed,
+    epoch_record,
+    finish_run,
     frozen_bn_statistics,
     plan_epoch,
     resume,
@@ -58,6 +61,18 @@ class Member:
     seed: int = 0
     checkpoint_path: str | Path | None = None
 
+    def run_args(self, dataset: ClassificationData) -> tuple:
+        """The leading arguments ``build_run`` and ``train_network`` share, for this member."""
+        return (
+            self.net_config,
+            self.train_config,
+            self.reg_config,
+            dataset,
+            self.target_images,
+            self.target_similarity,
+            self.seed,
+        )
+
 
 def train_group(
     members: list[Member],
@@ -76,13 +91,7 @@ def train_group(
         m = members[0]
         return [
             train_network(
-                m.net_config,
-                m.train_config,
-                m.reg_config,
-                dataset,
-                m.target_images,
-                m.target_similarity,
-                m.seed,
+                *m.run_args(dataset),
                 runtime,
                 m.checkpoint_path,
                 progress=None if progress is None else (lambda record: progress(0, record)),
@@ -92,16 +101,7 @@ def train_group(
     with runtime.kernels():
         runs, prints, paths, started = [], [], [], []
         for m in members:
-            run = build_run(
-                m.net_config,
-                m.train_config,
-                m.reg_config,
-                dataset,
-                m.target_images,
-                m.target_similarity,
-                m.seed,
-                runtime,
-            )
+            run = build_run(*m.run_args(dataset), runtime)
             runs.append(run)
             prints.append(run_fingerprint(run.configs, m.seed, dataset, run.stimuli, run.target))
             paths.append(Path(m.checkpoint_path) if m.checkpoint_path is not None else None)
@@ -120,34 +120,13 @@ def train_group(
                 progress,
                 on_checkpoint,
             )
-        results = []
-        epochs = runs[0].configs["train"]["epochs"]
-        for index, run in enumerate(runs):
-            eval_started = time.perf_counter()
-            torch.manual_seed(derived_seed(run.seed, epochs, "evaluation"))
-            test_accuracy = accuracy(run.model, dataset.test_x, dataset.test_y, runtime.eval_batch_size)
-            eval_seconds = time.perf_counter() - eval_started
-            results.append(
-                TrainResult(
-                    state_dict={k: v.detach().cpu() for k, v in run.model.state_dict().items()},
-                    history=run.history,
-                    test_accuracy=test_accuracy,
-                    gamma=run.regularizer.gamma().tolist() if run.regularizer is not None else None,
-                    wall_seconds=sum(r["seconds"] for r in run.history) + eval_seconds,
-                    device=runtime.describe() + f", group of {len(members)}",
-                    versions=_versions(),
-                    resumed_from_epoch=started[index],
-                    configs=run.configs,
-                )
-            )
-    return results
+        note = f", group of {len(members)}"
+        return [finish_run(run, dataset, started[index], note) for index, run in enumerate(runs)]
 
 
 def group_signature(run: TrainingRun) -> tuple:
-    """What members of one group must share (module notes): network, schedule, and for a regularized run
-    its stimulus size and pairs per step."""
-    import json
-
+    """What members of one group must share (module notes): network and schedule (``check_compatible``
+    adds the regularized members' stimulus size and pairs per step)."""
     network = json.dumps(run.configs["network"], sort_keys=True, default=str)
     schedule = json.dumps(run.configs["train"], sort_keys=True, default=str)
     return network, schedule
@@ -275,7 +254,8 @@ def _group_epoch(fused, runs, optimizer, epoch: int) -> list[dict]:
             ys.append(run.train_y[index])
         x = torch.cat(xs, dim=1).contiguous(memory_format=runtime.memory_format)
         y = torch.stack(ys, dim=1)
-        autocast = torch.autocast(device.type, dtype=runtime.amp_dtype) if runtime.amp_dtype is not None else _nothing()
+        amp = runtime.amp_dtype
+        autocast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
         with autocast:
             logits = fused(x)
         logits = logits.float().view(len(x), k, -1)
@@ -318,25 +298,4 @@ def _group_epoch(fused, runs, optimizer, epoch: int) -> list[dict]:
         totals += torch.stack([losses.detach(), task.detach(), sims.detach(), correct], dim=1).float()  # as alone
     synchronize(device)
     seconds = (time.perf_counter() - started) / k  # the group's time, shared among its members
-    records = []
-    for i, run in enumerate(runs):
-        loss, task_total, sim, correct = (float(v) for v in totals[i].cpu())
-        records.append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": loss / steps,
-                "task_loss": task_total / steps,
-                "sim_loss": sim / steps if run.alpha > 0 else None,
-                "train_acc": correct / (steps * train_cfg["batch_size"]),
-                "lr": lr,
-                "gamma": run.regularizer.gamma().tolist() if run.regularizer is not None else None,
-                "seconds": seconds,
-            }
-        )
-    return records
-
-
-def _nothing():
-    import contextlib
-
-    return contextlib.nullcontext()
+    return [epoch_record(run, epoch, lr, totals[i], seconds) for i, run in enumerate(runs)]

@@ -354,16 +354,21 @@ def run_epoch(run: TrainingRun, epoch: int) -> dict:
             ]
         ).float()
     synchronize(runtime.torch_device)
+    return epoch_record(run, epoch, lr, totals, time.perf_counter() - started)
+
+
+def epoch_record(run: TrainingRun, epoch: int, lr: float, totals: torch.Tensor, seconds: float) -> dict:
+    """An epoch's history record from its device sums (loss, task loss, similarity loss, correct)."""
     loss, task, sim, correct = (float(v) for v in totals.cpu())
     return {
         "epoch": epoch + 1,
         "train_loss": loss / run.steps,
         "task_loss": task / run.steps,
         "sim_loss": sim / run.steps if run.alpha > 0 else None,
-        "train_acc": correct / (run.steps * train_cfg["batch_size"]),
+        "train_acc": correct / (run.steps * run.configs["train"]["batch_size"]),
         "lr": lr,
         "gamma": run.regularizer.gamma().tolist() if run.regularizer is not None else None,
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
     }
 
 
@@ -406,18 +411,24 @@ def train_network(
                     on_checkpoint(checkpoint_path, digest, len(run.history))
             if progress is not None:
                 progress(record)
-        eval_started = time.perf_counter()
-        torch.manual_seed(derived_seed(seed, run.configs["train"]["epochs"], "evaluation"))
-        test_accuracy = accuracy(run.model, dataset.test_x, dataset.test_y, runtime.eval_batch_size)
-        eval_seconds = time.perf_counter() - eval_started
+        return finish_run(run, dataset, resumed_from)
 
+
+def finish_run(run: TrainingRun, dataset: ClassificationData, resumed_from: int, device_note: str = "") -> TrainResult:
+    """A trained run's result: its test accuracy (VOne noise seeded from (seed, epochs, "evaluation")), its
+    weights on the host, and what was run where. Call inside the runtime's ``kernels()``."""
+    runtime = run.runtime
+    eval_started = time.perf_counter()
+    torch.manual_seed(derived_seed(run.seed, run.configs["train"]["epochs"], "evaluation"))
+    test_accuracy = accuracy(run.model, dataset.test_x, dataset.test_y, runtime.eval_batch_size)
+    eval_seconds = time.perf_counter() - eval_started
     return TrainResult(
         state_dict={k: v.detach().cpu() for k, v in run.model.state_dict().items()},
         history=run.history,
         test_accuracy=test_accuracy,
         gamma=run.regularizer.gamma().tolist() if run.regularizer is not None else None,
         wall_seconds=sum(r["seconds"] for r in run.history) + eval_seconds,
-        device=runtime.describe(),
+        device=runtime.describe() + device_note,
         versions=_versions(),
         resumed_from_epoch=resumed_from,
         configs=run.configs,

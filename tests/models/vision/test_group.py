@@ -59,18 +59,7 @@ def members(net=NET, train=TRAIN) -> list[Member]:
 
 
 def alone(member: Member, data, runtime=None, **kwargs):
-    return train_network(
-        member.net_config,
-        member.train_config,
-        member.reg_config,
-        data,
-        member.target_images,
-        member.target_similarity,
-        member.seed,
-        runtime or Runtime(),
-        member.checkpoint_path,
-        **kwargs,
-    )
+    return train_network(*member.run_args(data), runtime or Runtime(), member.checkpoint_path, **kwargs)
 
 
 def strip(history):
