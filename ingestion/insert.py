@@ -230,18 +230,17 @@ def _insert_blocks(data: ScanData, key: dict, starts: range, written: list[str])
             before = _block_files(block_key)
             try:
                 Responses.Block.insert1(dict(block_key, first_trial=first, **stored("responses", rows)))
-            except PermissionError as exc:
-                written.extend(_block_files(block_key) - before)
-                raise ConfigurationError(
-                    f"the object store refused this account's keys writing {section}/ ({exc}): a lab member's "
-                    f"store keys must be allowed to write their own section {section}/ (`neureg accounts "
-                    "--store-policy lab`, docs/security.md); nothing was ingested"
-                ) from None
-            except BaseException:
+            except BaseException as exc:
                 # The file (or the partial one a full disk left, ``.npy.saving``) was written before the
                 # INSERT failed. This transaction holds the Scan row, so no other live ingest of this scan
                 # writes blocks now: what is new in the block's own folder is this attempt's.
                 written.extend(_block_files(block_key) - before)
+                if isinstance(exc, PermissionError):
+                    raise ConfigurationError(
+                        f"the object store refused this account's keys writing {section}/ ({exc}): a lab member's "
+                        f"store keys must be allowed to write their own section {section}/ (`neureg accounts "
+                        "--store-policy lab`, docs/security.md); nothing was ingested"
+                    ) from None
                 raise
             written.extend(store_references(Responses.Block & block_key, "responses"))
 
