@@ -23,7 +23,7 @@ import torch
 
 def _train_rate(net: dict, train: dict, reg: dict, data, images, target, channels_last: bool) -> float:
     from neureg.models.runtime import Runtime
-    from neureg.models.vision.training import train_network
+    from neureg.models.vision.group import train_network
 
     result = train_network(net, train, reg, data, images, target, seed=0, runtime=Runtime(channels_last=channels_last))
     seconds = sum(r["seconds"] for r in result.history)

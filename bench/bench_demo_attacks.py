@@ -22,7 +22,7 @@ from neureg.experiments.demo import SIZES
 from neureg.models.robustness.attacks import minimal_perturbations
 from neureg.models.robustness.autoattack import autoattack_robust_accuracy
 from neureg.models.robustness.evaluation import robust_accuracy
-from neureg.models.vision import datasets, training
+from neureg.models.vision import datasets, group
 
 ATTACKS = {
     "linf_fmn (50 steps)": {"attack": "linf_fmn", "steps": 50},
@@ -37,7 +37,7 @@ def demo_network(seed: int = 0):
     """The demo's None network and its test digits."""
     data = datasets.load_mnist_demo()
     sizes = SIZES["full"]
-    result = training.train_network(sizes["network"], sizes["train"], {"alpha": 0.0}, data, seed=seed)
+    result = group.train_network(sizes["network"], sizes["train"], {"alpha": 0.0}, data, seed=seed)
     from neureg.models.vision import networks
 
     model = networks.build_network({**sizes["network"], "n_classes": 10})

@@ -24,13 +24,13 @@ def _train(seeds: list[int], threads: int, epochs: int, start_line, results) -> 
 
     torch.set_num_threads(threads)
     from neureg.experiments.demo import SIZES
-    from neureg.models.vision import datasets, training
+    from neureg.models.vision import datasets, group
 
     data = datasets.load_mnist_demo()
     start_line.get()  # every process has read the digits: the clock starts for all at once
     start = time.perf_counter()
     for seed in seeds:
-        training.train_network(
+        group.train_network(
             SIZES["full"]["network"], dict(SIZES["full"]["train"], epochs=epochs), {"alpha": 0.0}, data, seed=seed
         )
     results.put(time.perf_counter() - start)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,9 @@ def cmd_populate(args) -> int:
     from ..populate.stages import populate_stage
     from ..upkeep.status import skipped_scans
 
+    refused = _group_setting(args)
+    if refused is not None:
+        return refused
     pipeline = connect_from(args)
     try:
         summary = populate_stage(
@@ -42,6 +46,20 @@ def cmd_populate(args) -> int:
     for line in skipped_scans(pipeline):
         print(line, file=sys.stderr)
     return EXIT_FAILED if failed else 0
+
+
+def _group_setting(args) -> int | None:
+    """``--group K`` as the NEUREG_GROUP of this process and its children; exit 2 if it is not a group size."""
+    from ..models.runtime import group_from_text
+
+    if getattr(args, "group", None) is None:
+        return None
+    try:
+        group_from_text(args.group, "--group")
+    except ValueError as exc:
+        return refuse(exc)
+    os.environ["NEUREG_GROUP"] = args.group.strip()
+    return None
 
 
 def cmd_plan(args) -> int:
@@ -94,12 +112,18 @@ def cmd_demo(args) -> int:
     from ..experiments.demo import demo_processes, run_demo
     from ..models.runtime import Runtime
 
+    refused = _group_setting(args)
+    if refused is not None:
+        return refused
     try:
         demo_processes()
         Runtime.from_env()
     except ValueError as exc:
         return refuse(exc)
     return run_demo(pipeline=connect_from(args), out=args.out, fast=args.fast)
+
+
+GROUP_HELP = "train up to K compatible networks as one fused model (default: NEUREG_GROUP, else auto; 1 on the CPU)"
 
 
 def register(sub) -> None:
@@ -109,6 +133,7 @@ def register(sub) -> None:
     p.add_argument("--reserve-jobs", action="store_true", help="coordinate with other processes through job tables")
     p.add_argument("--keep-going", action="store_true", help="record failing keys and go on (exit status 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object: table -> new_rows, seconds, errors")
+    p.add_argument("--group", metavar="K", help=GROUP_HELP)
 
     p = add_command(sub, cmd_plan, "register a whole experiment: configs, scan set, targets, plans, seeds, robustness")
     p.add_argument("what", choices=["paper"], help="which experiment")
@@ -127,3 +152,4 @@ def register(sub) -> None:
     p = add_command(sub, cmd_demo, "the main job: simulate a small cohort and run the pipeline on it")
     p.add_argument("--out", type=Path, help="folder for the scan folders and figures (default: HOME/demo)")
     p.add_argument("--fast", action="store_true", help="smallest sizes (what the tests run)")
+    p.add_argument("--group", metavar="K", help=GROUP_HELP)

@@ -50,6 +50,11 @@ def add_worker_arguments(parser) -> None:
     add("--retry-delay", type=int, default=300, metavar="S", help="seconds before the first retry, then doubling")
     add("--per-gpu", type=int, default=1, metavar="K", help="run K worker processes on this device (default 1)")
     add("--device", metavar="DEV", help="torch device, e.g. cuda:1 or cpu (default: NEUREG_DEVICE, else a GPU)")
+    add(
+        "--group",
+        metavar="K",
+        help="train up to K compatible networks as one fused model (default: NEUREG_GROUP, else auto)",
+    )
 
 
 def options_from_args(args) -> WorkerOptions:
@@ -68,6 +73,9 @@ def cmd_worker(args) -> int:
     time is up (plain numbers are seconds; the colon forms are SLURM's --time: give a SLURM task a few
     minutes less than its --time). --per-gpu K runs K worker processes sharing the device (see the README for
     MPS); --device sets NEUREG_DEVICE (default: it, else the first GPU in CUDA_VISIBLE_DEVICES, else cpu).
+    --group K trains up to K compatible pending networks (one dataset, architecture and schedule) as one
+    fused model, each stored in its own transaction as it finishes (default NEUREG_GROUP, else auto: 1 on
+    the CPU, 4-8 on a GPU; it never changes a stored number).
     The database connection is re-established after a server restart."""
     from ..database.connect import STAGES
 

@@ -166,6 +166,15 @@ def _populate_child(home: str, prefix: str, backend: str, stage: str, queue) -> 
         populate_stage(pipeline, [stage], keys=keys)
 
 
+def training_batches(training, runs: list[dict]) -> list[list[dict]]:
+    """The demo's networks as queue items: groups of compatible networks of the worker's group size
+    (``NEUREG_GROUP`` / ``--group``; auto is one network per item on the CPU), heaviest first."""
+    from ..models.runtime import Runtime
+    from ..populate.groups import key_groups
+
+    return key_groups(training.TrainedNetwork, runs, Runtime.from_env())
+
+
 def run_demo(pipeline, out: Path | None = None, fast: bool = False) -> int:
     """The whole chain on a simulated cohort: ingest, oracle, predictive, targets, training, robustness, report."""
     start = time.perf_counter()
@@ -228,7 +237,7 @@ def run_demo(pipeline, out: Path | None = None, fast: bool = False) -> int:
         f"training {len(runs)} networks ({len(plans)} conditions x {len(sizes['seeds'])} seeds) "
         "on the MNIST demo digits"
     )
-    _populate_in_processes(pipeline, "training", [[run] for run in runs])
+    _populate_in_processes(pipeline, "training", training_batches(tr, runs))
 
     configs = _demo_evaluation(rb, sizes)
     _populate_in_processes(pipeline, "robustness", [[dict(r, **c) for c in configs] for r in runs])

@@ -20,6 +20,11 @@ None of these settings enters a config hash. Two runs that differ only here are 
 - ``NEUREG_EVAL_BATCH``: images per evaluation forward pass (memory, not results).
 - ``NEUREG_CUDA_GRAPHS=1``: capture each training step as one CUDA graph (``graphs.py``): 4-5x
   faster steps at batch 64 on an H200, where eager launches leave the GPU mostly idle.
+- ``NEUREG_GROUP`` (or ``--group K`` of ``neureg worker`` / ``populate`` / ``demo``): how many compatible
+  networks a worker trains and evaluates as one fused model (``models/vision/group.py``). Unset or
+  ``auto``: ``group_size`` picks from the device and the network's width. On the CPU that is 1: oneDNN's
+  grouped convolutions at a few channels per group are slower than the same networks one after another
+  (0.8x for K = 2 and 4 at the demo's width on the 2026-12-07 machine, ``bench/bench_fused.py``).
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ class Runtime:
     deterministic: bool = False
     eval_batch_size: int = 500
     cuda_graphs: bool = False
+    group: int = 0  # networks trained as one fused model; 0: chosen by ``group_size``
 
     @classmethod
     def from_env(cls, **overrides) -> Runtime:
@@ -84,6 +90,7 @@ class Runtime:
             deterministic=_flag("NEUREG_DETERMINISTIC", False),
             eval_batch_size=int(batch),
             cuda_graphs=_flag("NEUREG_CUDA_GRAPHS", False),
+            group=group_from_text(os.environ.get("NEUREG_GROUP", ""), "NEUREG_GROUP"),
         )
         return replace(runtime, **overrides)
 
@@ -94,6 +101,11 @@ class Runtime:
     @property
     def on_cuda(self) -> bool:
         return self.torch_device.type == "cuda"
+
+    @property
+    def graphs_active(self) -> bool:
+        """Whether training steps are recorded and replayed (``graphs.py``): CUDA graphs asked for, on CUDA."""
+        return self.cuda_graphs and self.on_cuda
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -128,6 +140,31 @@ class Runtime:
         if self.on_cuda:
             return f"{self.device} ({torch.cuda.get_device_name(self.torch_device)})"
         return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+MAX_GROUP = 64
+
+
+def group_from_text(value: str, name: str) -> int:
+    """A group size as typed: a positive integer up to ``MAX_GROUP``, or ''/auto (0: chosen per network)."""
+    text = value.strip().lower()
+    if text in ("", "auto"):
+        return 0
+    if not text.isdigit() or not 1 <= int(text) <= MAX_GROUP:
+        raise ValueError(f"{name}={value!r}: expected auto or a whole number from 1 to {MAX_GROUP}")
+    return int(text)
+
+
+def group_size(runtime: Runtime, net_config: dict | None = None) -> int:
+    """How many networks of this architecture train as one fused model on this runtime: the worker's
+    setting if given, else 1 on the CPU (module notes: fusion does not pay there), and on CUDA 8 for
+    networks of width <= 1/4 and 4 for wider ones (more channels already fill more of each kernel)."""
+    if runtime.group:
+        return runtime.group
+    if not runtime.on_cuda:
+        return 1
+    width = float((net_config or {}).get("width", 1.0))
+    return 8 if width <= 0.25 else 4
 
 
 def as_runtime(runtime: Runtime | str | None) -> Runtime:

@@ -54,24 +54,26 @@ class Heartbeat(threading.Thread):
         self._info = dict(connection.conn_info)
         self._backend = connection.adapter.backend
         self._interval = interval
-        self._target = None  # (UPDATE statement, args) of the running job
+        self._targets = []  # (UPDATE statement, args) of each running job
         self._label, self._since, self._next_report = "", 0.0, 0.0
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._connection = None
         self._failing = False
 
-    def watch(self, jobs, key: dict, label: str) -> None:
-        """Beat for this job (``label`` names it in the "still running" lines) until ``clear()``."""
+    def watch(self, jobs, key: dict | list[dict], label: str) -> None:
+        """Beat for this job, or these jobs of one group, (``label`` names it in the "still running" lines)
+        until ``clear()``. A job of the group that is already done is no longer matched by its beat."""
+        keys = key if isinstance(key, list) else [key]
         with self._lock:
-            self._target = beat_statement(jobs, key)
+            self._targets = [beat_statement(jobs, k) for k in keys]
             self._label, self._since = label, time.monotonic()
             self._next_report = self._since + STILL_RUNNING_EVERY
 
     def clear(self) -> None:
         """Stop beating: the job is over (done, failed or released)."""
         with self._lock:
-            self._target = None
+            self._targets = []
 
     def stop(self) -> None:
         """End the thread and close its connection (the worker is stopping)."""
@@ -83,11 +85,11 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self._done.wait(self._interval):
             with self._lock:
-                target, label, since = self._target, self._label, self._since
-                report = target is not None and time.monotonic() >= self._next_report
+                targets, label, since = list(self._targets), self._label, self._since
+                report = bool(targets) and time.monotonic() >= self._next_report
                 if report:
                     self._next_report += STILL_RUNNING_EVERY
-            if target is not None:
+            for target in targets:
                 self._beat(*target)
             if report:
                 logger.info("still running %s (%.0f min)", label, (time.monotonic() - since) / 60)

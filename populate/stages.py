@@ -179,13 +179,16 @@ def populate_stage(
 ) -> dict[str, dict]:
     """Run ``populate()`` for every table of the stages in dependency order; return per-table summaries.
 
-    The one way to fill tables in a process (CLI, demo, notebooks). ``keys`` (a list of dicts) limits the
+    The one way to fill tables in a process (CLI, demo, notebooks). A table that computes several keys at
+    once (``groups.py``: training) does so in groups of the worker's size (``NEUREG_GROUP``) when that
+    is more than one. ``keys`` (a list of dicts) limits the
     work: each table gets the keys all of whose attributes it has (see ``restriction_for``); tables none
     of them apply to are skipped. Scan sets are not registered here: see ``neureg scanset``.
     """
     from ..models.runtime import Runtime
+    from .groups import groupable, pending_groups, populate_in_groups
 
-    Runtime.from_env()  # a mistyped NEUREG_* execution setting: ValueError now, not in every make
+    runtime = Runtime.from_env()  # a mistyped NEUREG_* execution setting: ValueError now, not in every make
     summary = {}
     for table in stage_tables(pipeline, stages):
         restriction = () if keys is None else (restriction_for(table, keys),)
@@ -193,13 +196,18 @@ def populate_stage(
             continue
         before = len(table())
         start = time.perf_counter()
-        result = populate_beside_others(
-            table,
-            restriction,
-            reserve_jobs=reserve_jobs,
-            display_progress=display_progress,
-            suppress_errors=suppress_errors,
-        )
+        if groupable(table) and any(len(g) > 1 for g in pending_groups(table, restriction, runtime)):
+            result = populate_in_groups(
+                table, restriction, runtime, reserve_jobs=reserve_jobs, suppress_errors=suppress_errors
+            )
+        else:
+            result = populate_beside_others(
+                table,
+                restriction,
+                reserve_jobs=reserve_jobs,
+                display_progress=display_progress,
+                suppress_errors=suppress_errors,
+            )
         seconds = time.perf_counter() - start
         errors = result.get("error_list", []) if isinstance(result, dict) else []
         errors = [e for e in errors if not _done_by_another(table, e)]

@@ -42,6 +42,8 @@ from datajoint.errors import DuplicateError, LostConnectionError
 
 from ..database.connect import ensure_embedded_server
 from ..errors import denied_by_server
+from ..models.runtime import group_from_text
+from .groups import GroupLedger, batches
 from .heartbeat import Heartbeat
 from .stages import pipeline_tables, stage_tables
 from .worker_jobs import HOST, attempts_recorded, job_key, reclaim_dead, release, retry_failed, tag_message
@@ -61,6 +63,7 @@ class WorkerOptions:
     orphan_timeout: int = 300
     max_retries: int = 2
     retry_delay: int = 300
+    group: str | None = None  # --group: networks trained as one fused model (NEUREG_GROUP; None: the environment)
 
     def __post_init__(self):
         if self.orphan_timeout < 1:
@@ -69,6 +72,8 @@ class WorkerOptions:
             raise ValueError("--max-retries, --retry-delay and --idle-sleep cannot be negative")
         if self.time_limit is not None and self.time_limit <= 0:
             raise ValueError("--time-limit must be positive")
+        if self.group is not None:
+            group_from_text(str(self.group), "--group")
 
 
 class WorkerStop(SystemExit):
@@ -201,13 +206,18 @@ class Worker:
             rows = [r for r in ready if _frozen(jobs, r) not in tried]
             if not rows:
                 break
-            for row in rows:
+            messages = {_frozen(jobs, row): row["error_message"] for row in rows}
+            for keys in batches(table, [job_key(jobs, row) for row in rows], self.options.group):
                 if self._stopping():
                     break
-                tried.add(_frozen(jobs, row))
-                outcome = self._run_job(table, instance, job_key(jobs, row), row["error_message"])
-                if outcome in counts:
-                    counts[outcome] += 1
+                tried.update(_frozen(jobs, key) for key in keys)
+                if len(keys) == 1:
+                    outcomes = [self._run_job(table, instance, keys[0], messages[_frozen(jobs, keys[0])])]
+                else:
+                    outcomes = self._run_group(table, instance, keys, messages)
+                for outcome in outcomes:
+                    if outcome in counts:
+                        counts[outcome] += 1
         if counts["done"] or counts["failed"]:
             logger.info(
                 "%s: %d done, %d failed by this worker in %.1f s",
@@ -238,7 +248,7 @@ class Worker:
                 raise  # the database, not the job: the loop reconnects and releases what this process holds
             # A stop. (Rolling back after an interrupted read can itself fail: any error counts as the stop.)
             self._stop.set()
-            self._release_interrupted(name, jobs, key, previous_message)
+            self._release_interrupted(name, jobs, [key], {_frozen(jobs, key): previous_message})
             return "interrupted"
         finally:
             self._in_job = False
@@ -277,18 +287,52 @@ class Worker:
         logger.warning("dropped %s %s: no longer in its key source", name, _describe(key))
         return "dropped"
 
-    def _release_interrupted(self, name, jobs, key, previous_message) -> None:
-        """After a stop inside a job: fresh connection (the old one may be mid-packet), then release the job."""
+    def _run_group(self, table, instance, keys: list[dict], messages: dict) -> list[str]:
+        """Reserve each key of a group, compute them together (``groups.py``), and complete or fail each key
+        as its outcome comes. A stop puts every key without an outcome back to pending (each resumes from
+        its checkpoint); a key's failure counts an attempt for that key alone."""
+        jobs, name = instance.jobs, table.__name__
+        keys = [key for key in keys if jobs.reserve(key)]
+        if not keys:
+            return ["taken"]
+        attempt = {_frozen(jobs, k): attempts_recorded(messages.get(_frozen(jobs, k)), "pending") + 1 for k in keys}
+        ledger = GroupLedger(table, jobs, attempt, 1 + self.options.max_retries)
+        label = f"{name} group of {len(keys)}"
+        logger.info("start %s: %s", label, "; ".join(_describe(k) for k in keys))
+        self._heartbeat.watch(jobs, keys, label)
+        try:
+            self._in_job = True
+            if self._stop.is_set():
+                raise WorkerStop("stop requested")
+            instance.make_group(keys, on_outcome=ledger)
+        except BaseException as exc:
+            self._in_job = False
+            if not (isinstance(exc, SystemExit) or self._stop.is_set()):
+                for key in ledger.unsettled(keys):
+                    release(jobs, key, messages.get(_frozen(jobs, key)) or "")
+                raise
+            self._stop.set()
+            self._release_interrupted(name, jobs, ledger.unsettled(keys), messages)
+            return ["interrupted"]
+        finally:
+            self._in_job = False
+            self._heartbeat.clear()
+            self.done, self.failed = self.done + ledger.done, self.failed + len(ledger.errors)
+        logger.info("%s: %d stored, %d failed in %.1f s", label, ledger.done, len(ledger.errors), ledger.seconds)
+        return ["done"] * ledger.done + ["failed"] * len(ledger.errors)
+
+    def _release_interrupted(self, name, jobs, keys: list[dict], messages: dict) -> None:
+        """After a stop inside a job (or a group): fresh connection (the old one may be mid-packet), then
+        release the jobs, each with its previous message."""
         try:
             self.connection.close()
             self.connection.connect()
             self.connection.cancel_transaction()
-            release(jobs, key, previous_message)
-            logger.info("released %s %s back to pending", name, _describe(key))
+            for key in keys:
+                release(jobs, key, messages.get(_frozen(jobs, key)) or "")
+                logger.info("released %s %s back to pending", name, _describe(key))
         except Exception as exc:
-            logger.error(
-                "could not release %s %s (%s); it is reclaimed after the orphan timeout", name, _describe(key), exc
-            )
+            logger.error("could not release %s (%s); it is reclaimed after the orphan timeout", name, exc)
 
     # ------------------------------------------------------------------ per-table housekeeping
     def _refresh(self, jobs) -> None:

@@ -9,14 +9,13 @@ takes the job resumes from the last finished epoch.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import datajoint as dj
 import numpy as np
+from datajoint.errors import DataJointError
 
-from ..database.connect import home_folder
-from ..database.settings import STORE
+from ..database.checkpoints import checkpoint_dir
 from ..database.store import load_array, stored, stored_columns
 from ..database.transaction import transaction
 from ..errors import DatasetError
@@ -24,9 +23,10 @@ from ..models.conditions import condition_name
 from ..models.digests import file_digest, stable_hash
 from ..models.neural.images import downsample
 from ..models.registry import complete_kwargs
-from ..models.runtime import Runtime
+from ..models.runtime import Runtime, group_size
 from ..models.serialization import array_to_state, state_to_array
-from ..models.vision import datasets, networks, schedule, training
+from ..models.vision import datasets, networks, schedule
+from ..models.vision import group as training_group
 from . import experiment, similarity
 from ._config import ConfigTable, activator
 
@@ -166,28 +166,6 @@ class TrainingPlan(dj.Manual):
     """
 
 
-def checkpoint_dir() -> Path:
-    """Per-epoch checkpoints, where a resumed run finds them: ``NEUREG_CHECKPOINTS`` if set (a cluster's shared
-    scratch, so a requeued task resumes on another node); else beside a folder store, which every worker
-    sharing it sees; else (an S3 store) under this host's ``NEUREG_HOME``, which only this host resumes from."""
-    if os.environ.get("NEUREG_CHECKPOINTS"):
-        return _workers_only(Path(os.environ["NEUREG_CHECKPOINTS"]).expanduser())
-    store = (dj.config.stores or {}).get(STORE, {})
-    base = Path(store["location"]) if store.get("protocol", "file") == "file" and store.get("location") else None
-    base = base or home_folder()
-    return _workers_only(base / "checkpoints")
-
-
-def _workers_only(path: Path) -> Path:
-    """Create the checkpoint folder for this (worker) user alone; warn about an existing one other users can
-    write (its files are still checked against ``Checkpoint`` before any resume)."""
-    if not path.exists():
-        path.mkdir(parents=True, mode=0o700, exist_ok=True)  # workers starting together may race here
-    elif path.stat().st_mode & 0o022:
-        logger.warning("the checkpoint folder %s is writable by other users (chmod go-w it)", path)
-    return path
-
-
 @schema
 class Checkpoint(dj.Manual):
     """The SHA-256 of each training checkpoint, recorded by the worker that wrote it (lab accounts cannot
@@ -273,44 +251,107 @@ class TrainedNetwork(dj.Computed):
         return net, train, reg_row["regularizer_config"], target
 
     def make_compute(self, key, net, train, reg, target):
-        dataset = Dataset.load(key)
+        member = self._member(key, net, train, reg, target)
+        runtime = Runtime.from_env()
+        logger.info("training %s on %s (checkpoint %s)", key, runtime, member.checkpoint_path)
+        result = training_group.train_network(
+            *member.run_args(Dataset.load(key)),
+            runtime=runtime,
+            checkpoint_path=member.checkpoint_path,
+            progress=lambda row: _log_epoch(key, row, train["epochs"]),
+            on_checkpoint=record_checkpoint,
+        )
+        return state_to_array(result.state_dict), result, str(member.checkpoint_path)
+
+    def make_insert(self, key, weights, result, checkpoint):
+        self._insert_result(key, weights, result, checkpoint)
+
+    # ------------------------------------------------------------------ several networks as one fused model
+    @staticmethod
+    def group_key(key: dict) -> tuple:
+        """What networks trained as one fused model share (models/vision/group.py): data, network, schedule."""
+        return key["dataset"], key["network_hash"], key["train_hash"]
+
+    @staticmethod
+    def group_limit(key: dict, runtime: Runtime) -> int:
+        """How many networks of this key's architecture a worker on ``runtime`` trains at once."""
+        return group_size(runtime, NetworkConfig.config_of(key))
+
+    def make_group(self, keys: list[dict], on_outcome=None) -> list[Exception | None]:
+        """Train ``keys`` (one ``group_key``) as one fused group, outside any transaction; each network's row
+        goes in its own transaction as soon as its sub-group finishes. Returns, per key, None (stored, or
+        already there) or the exception it failed with; ``on_outcome(key, error)`` hears each as it comes.
+
+        Each key keeps what its make alone would do: its configs are fetched and checked again inside its
+        insert's transaction, its checkpoint is trusted only by its recorded digest, and a key that left
+        the key source meanwhile is not inserted."""
+        outcomes: list[Exception | None] = [None] * len(keys)
+        members, fetched, where = [], {}, {}
+
+        def settle(index, error):
+            outcomes[index] = error
+            if on_outcome is not None:
+                on_outcome(keys[index], error)
+
+        for index, key in enumerate(keys):
+            try:
+                fetched[index] = self.make_fetch(key)
+                members.append(self._member(key, *fetched[index]))
+                where[len(members) - 1] = index
+            except Exception as exc:  # this key's own inputs (its target, its configs)
+                settle(index, exc)
+        if not members:
+            return outcomes
+        runtime = Runtime.from_env()
+        logger.info("training %d networks as one group on %s", len(members), runtime)
+
+        def finished(position, result):
+            index = where[position]
+            if isinstance(result, Exception):
+                settle(index, result)
+                return
+            try:
+                self._store_member(keys[index], fetched[index], result, members[position].checkpoint_path)
+                settle(index, None)
+            except Exception as exc:
+                settle(index, exc)
+
+        training_group.train_group(
+            members,
+            Dataset.load(keys[where[0]]),
+            runtime,
+            progress=lambda position, row: _log_epoch(
+                keys[where[position]], row, fetched[where[position]][1]["epochs"]
+            ),
+            on_checkpoint=lambda position, path, digest, epoch: record_checkpoint(path, digest, epoch),
+            on_finished=finished,
+        )
+        return outcomes
+
+    def _member(self, key, net, train, reg, target) -> training_group.Member:
+        """The network of one key as ``train_group`` takes it: configs, target at its resolution, seed, and
+        the checkpoint to resume from (discarded first unless its recorded digest matches)."""
         images = matrix = None
         if target is not None:
             hashes, matrix = (similarity.SimilarityTarget & target).labeled()
             scale = (similarity.SimilarityTarget & target).fetch1("image_scale")
             images = downsample(experiment.load_images(hashes), scale)  # the resolution the target was made at
-        runtime = Runtime.from_env()
         checkpoint = checkpoint_dir() / f"{stable_hash({k: str(v) for k, v in key.items()})}.pt"
-        logger.info("training %s on %s (checkpoint %s)", key, runtime, checkpoint)
-
-        def progress(row):
-            logger.info(
-                "  epoch %d/%d: loss %.4f, train acc %.3f, lr %.4g, %.1f s",
-                row["epoch"],
-                train["epochs"],
-                row["train_loss"],
-                row["train_acc"],
-                row["lr"],
-                row["seconds"],
-            )
-
         trusted_checkpoint(checkpoint)
-        result = training.train_network(
-            net,
-            train,
-            reg,
-            dataset,
-            images,
-            matrix,
-            seed=key["seed"],
-            runtime=runtime,
-            checkpoint_path=checkpoint,
-            progress=progress,
-            on_checkpoint=record_checkpoint,
-        )
-        return state_to_array(result.state_dict), result, str(checkpoint)
+        return training_group.Member(net, train, reg, images, matrix, int(key["seed"]), checkpoint)
 
-    def make_insert(self, key, weights, result, checkpoint):
+    def _store_member(self, key, fetched, result, checkpoint) -> None:
+        """One group member's row, in its own transaction, as DataJoint's three-part make would insert it."""
+        with transaction(self.connection):
+            if self & key:
+                return  # another worker stored it first
+            if not (self.key_source & key):
+                raise DataJointError(f"{key} left TrainedNetwork's key source while it trained")
+            if self.make_fetch(key) != fetched:
+                raise DataJointError(f"the configs of {key} changed while it trained")
+            self._insert_result(key, state_to_array(result.state_dict), result, str(checkpoint), direct=True)
+
+    def _insert_result(self, key, weights, result, checkpoint, direct: bool = False) -> None:
         self.insert1(
             dict(
                 key,
@@ -321,7 +362,8 @@ class TrainedNetwork(dj.Computed):
                 device=str(result.device)[:64],
                 versions=result.versions,
                 resumed_from_epoch=int(result.resumed_from_epoch),
-            )
+            ),
+            allow_direct_insert=direct,
         )
         self.Epoch.insert(
             dict(
@@ -346,6 +388,20 @@ class TrainedNetwork(dj.Computed):
         model.load_state_dict(array_to_state(load_array(self, key, "weights")))
         model = model.to(device) if memory_format is None else model.to(device, memory_format=memory_format)
         return model.eval()
+
+
+def _log_epoch(key: dict, row: dict, epochs: int) -> None:
+    logger.info(
+        "  seed %s %s epoch %d/%d: loss %.4f, train acc %.3f, lr %.4g, %.1f s",
+        key.get("seed"),
+        key.get("regularizer_hash", "")[:8],
+        row["epoch"],
+        epochs,
+        row["train_loss"],
+        row["train_acc"],
+        row["lr"],
+        row["seconds"],
+    )
 
 
 def plan(

@@ -3,24 +3,33 @@
 A group is an execution setting: every member keeps its own seed, initialisation, data order,
 augmentation, stimulus pairs, target, alpha, running centres, gamma, optimizer state, BatchNorm
 statistics, checkpoint and result, and gets the numbers it would get alone up to the rounding of grouped
-convolutions (``tests/models/vision/test_group.py`` says how close). Compatible means one architecture
-and width, one training schedule, one dataset, and, among the regularized members, one stimulus size and
-one number of pairs per step (the stimulus batch is fused too; an unregularized member's channels carry
-zeros there and receive no gradient from it).
+convolutions (``tests/models/vision/test_group.py`` says how close). Members must share one
+architecture and width, one training schedule and one dataset (``check_compatible`` refuses others: the
+caller groups by those keys). Within that, members whose stimuli differ in size or pairs per step, or
+that resume from different epochs, train as separate sub-groups (``partitions``): the stimulus batch is
+fused too, and resumed and fresh members never step together. An unregularized member's channels carry
+zeros in the stimulus batch and receive no gradient from it.
 
 How: each member's run is built as ``training.build_run`` builds it alone (so its initialisation and
-sampler are its own), the networks are fused, and one SGD optimizer steps all of them (element-wise the
-same update, module notes of fused.py). Each epoch's plan is drawn per member from its own (seed, epoch)
-streams; VOne noise from per-member generators seeded as the member's own run seeds the global RNG.
-After each epoch the fused weights and momentum are copied back into the members' own runs and each
-member's checkpoint is written in the format a run alone writes, so any member resumes alone or in any
-group. Members resumed at different epochs train as separate groups. A group of one is ``train_network``.
+sampler are its own). Each epoch the live members are fused and one SGD optimizer steps all of them
+(element-wise the same update, module notes of fused.py); after the epoch the fused weights and momentum
+go back into the members' own runs, each member's checkpoint is written in the format a run alone writes
+(so any member resumes alone or in any group), and a member whose loss is no longer finite is dropped
+from the group as failed, the others going on. Each epoch's plan is drawn per member from its own
+(seed, epoch) streams; VOne noise from per-member generators seeded as the member's own run seeds the
+global RNG. A sub-group of one trains through ``training.run_epoch``, so a group of one is, bitwise, the
+run alone (``train_network`` is that group of one).
+
+Failures stay per member: a member that cannot be built (its target does not fit its images), whose
+checkpoint belongs to another run, or that diverges gets its exception in its place of the result list;
+the others train and finish. A callback that raises (a kill, a stop) ends the whole group, leaving each
+member's last checkpoint to resume from.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,8 +42,10 @@ from ..runtime import Runtime, as_runtime, synchronize
 from .checkpoint import run_fingerprint, save_checkpoint
 from .datasets import ClassificationData
 from .fused import FusedVOne, fuse, load_networks, parameter_slices
+from .graphs import GraphedStep
 from .schedule import learning_rate
 from .training import (
+    PairBatch,
     TrainingRun,
     TrainResult,
     augment_batch,
@@ -45,7 +56,7 @@ from .training import (
     frozen_bn_statistics,
     plan_epoch,
     resume,
-    train_network,
+    run_epoch,
 )
 
 
@@ -74,90 +85,132 @@ class Member:
         )
 
 
+class TrainingDiverged(FloatingPointError):
+    """A run's loss stopped being finite: its weights say nothing, so it is a failure, not a result."""
+
+
 def train_group(
     members: list[Member],
     dataset: ClassificationData,
     runtime: Runtime | str | None = None,
     progress: Callable[[int, dict], None] | None = None,
     on_checkpoint: Callable[[int, Path, str, int], None] | None = None,
-) -> list[TrainResult]:
-    """Train ``members`` together; returns each one's TrainResult, in order (module notes).
+    on_finished: Callable[[int, TrainResult], None] | None = None,
+) -> list[TrainResult | Exception]:
+    """Train ``members`` together; returns, in order, each one's TrainResult or the exception it failed with.
 
     ``progress(i, record)`` gets member i's epoch record, ``on_checkpoint(i, path, sha256, epoch)`` follows
-    each of its checkpoints. Raises ValueError if the members are not compatible.
+    each of its checkpoints, ``on_finished(i, outcome)`` each member's TrainResult as soon as its sub-group
+    ends (where a worker stores it) or its exception as soon as it fails. Raises ValueError if the members
+    do not share network, schedule and data.
     """
     runtime = as_runtime(runtime)
-    if len(members) == 1:
-        m = members[0]
-        return [
-            train_network(
-                *m.run_args(dataset),
-                runtime,
-                m.checkpoint_path,
-                progress=None if progress is None else (lambda record: progress(0, record)),
-                on_checkpoint=None if on_checkpoint is None else (lambda p, d, e: on_checkpoint(0, p, d, e)),
-            )
-        ]
+    outcomes: list[TrainResult | Exception | None] = [None] * len(members)
     with runtime.kernels():
-        runs, prints, paths, started = [], [], [], []
-        for m in members:
-            run = build_run(*m.run_args(dataset), runtime)
-            runs.append(run)
-            prints.append(run_fingerprint(run.configs, m.seed, dataset, run.stimuli, run.target))
-            paths.append(Path(m.checkpoint_path) if m.checkpoint_path is not None else None)
-        check_compatible(runs)
-        for run, path, fingerprint in zip(runs, paths, prints):
-            started.append(resume(run, path, fingerprint))
-        by_epoch: dict[int, list[int]] = {}
-        for index, epoch in enumerate(started):
-            by_epoch.setdefault(epoch, []).append(index)
-        for indices in by_epoch.values():
-            _train_together(
-                [runs[i] for i in indices],
-                [paths[i] for i in indices],
-                [prints[i] for i in indices],
-                indices,
-                progress,
-                on_checkpoint,
-            )
-        note = f", group of {len(members)}"
-        return [finish_run(run, dataset, started[index], note) for index, run in enumerate(runs)]
+        runs, prints, paths, started = {}, {}, {}, {}
+        for index, m in enumerate(members):
+            try:
+                run = build_run(*m.run_args(dataset), runtime)
+                prints[index] = run_fingerprint(run.configs, m.seed, dataset, run.stimuli, run.target)
+                paths[index] = Path(m.checkpoint_path) if m.checkpoint_path is not None else None
+                started[index] = resume(run, paths[index], prints[index])
+                runs[index] = run
+            except (ValueError, TypeError, RuntimeError) as exc:  # this member's inputs, not the group's
+                outcomes[index] = exc
+        check_compatible(list(runs.values()))
+        for index, outcome in enumerate(outcomes):
+            if outcome is not None and on_finished is not None:
+                on_finished(index, outcome)
+        for indices in partitions(runs, started):
+            finished = _train_partition(runs, indices, paths, prints, progress, on_checkpoint, outcomes, on_finished)
+            note = f", group of {len(indices)}" if len(indices) > 1 else ""
+            for index in finished:
+                outcomes[index] = finish_run(runs[index], dataset, started[index], note)
+                if on_finished is not None:
+                    on_finished(index, outcomes[index])
+    return outcomes
 
 
 def group_signature(run: TrainingRun) -> tuple:
-    """What members of one group must share (module notes): network and schedule (``check_compatible``
-    adds the regularized members' stimulus size and pairs per step)."""
+    """What members of one group must share: network, schedule and training images."""
     network = json.dumps(run.configs["network"], sort_keys=True, default=str)
     schedule = json.dumps(run.configs["train"], sort_keys=True, default=str)
-    return network, schedule
+    return network, schedule, len(run.train_y)
 
 
 def check_compatible(runs: list[TrainingRun]) -> None:
-    """ValueError naming what differs, unless ``runs`` can train as one group."""
+    """ValueError naming what differs, unless ``runs`` share network, schedule and training images."""
+    if not runs:
+        return
     first = group_signature(runs[0])
     for run in runs[1:]:
-        if group_signature(run) != first:
+        if group_signature(run)[:2] != first[:2]:
             raise ValueError("networks train as one group only with the same network and training configs")
-    regularized = [run for run in runs if run.regularizer is not None]
-    shapes = {tuple(run.stimuli.shape[1:]) for run in regularized}
-    pairs = {run.sampler.pairs_per_step for run in regularized}
-    if len(shapes) > 1 or len(pairs) > 1:
-        raise ValueError(
-            f"regularized networks train as one group only with one stimulus size and one number of pairs per "
-            f"step (got sizes {sorted(shapes)}, pairs {sorted(pairs)})"
-        )
-    if len({len(run.train_y) for run in runs}) > 1:
-        raise ValueError("networks train as one group only on the same training images")
+        if group_signature(run) != first:
+            raise ValueError("networks train as one group only on the same training images")
 
 
-def _train_together(runs, paths, prints, indices, progress, on_checkpoint) -> None:
-    """The epochs the runs (all at one epoch) still have, fused."""
+def partitions(runs: dict[int, TrainingRun], started: dict[int, int]) -> list[list[int]]:
+    """The sub-groups that step together: one resumed epoch, one stimulus size and number of pairs per step.
+
+    Unregularized members join the largest regularized sub-group of their epoch (they carry zeros in its
+    stimulus batch), or form their own."""
+    regularized: dict[tuple, list[int]] = {}
+    plain: dict[int, list[int]] = {}
+    for index, run in runs.items():
+        if run.regularizer is None:
+            plain.setdefault(started[index], []).append(index)
+        else:
+            stimulus = (tuple(run.stimuli.shape[1:]), run.sampler.pairs_per_step)
+            regularized.setdefault((started[index], stimulus), []).append(index)
+    out = [(key[0], list(indices)) for key, indices in sorted(regularized.items(), key=lambda item: -len(item[1]))]
+    for epoch, indices in plain.items():
+        host = next((group for first, group in out if first == epoch), None)
+        if host is None:
+            out.append((epoch, list(indices)))
+        else:
+            host.extend(indices)
+    return [sorted(group) for _, group in out]
+
+
+def _train_partition(runs, indices, paths, prints, progress, on_checkpoint, outcomes, on_finished) -> list[int]:
+    """The epochs a sub-group (all at one epoch) still has; returns the members that finished."""
+    alive = list(indices)
+    train_cfg = runs[alive[0]].configs["train"]
+    epoch = len(runs[alive[0]].history)
+    while alive and epoch < train_cfg["epochs"]:
+        together = [runs[i] for i in alive]
+        records = [run_epoch(together[0], epoch)] if len(together) == 1 else _fused_epoch(together, epoch)
+        for index, record in zip(alive, records):  # failures first: a stop during the others' checkpoints
+            if not all(math.isfinite(record[k]) for k in ("train_loss", "task_loss")):  # must not lose them
+                outcomes[index] = TrainingDiverged(
+                    f"training diverged: the loss is {record['train_loss']} in epoch {epoch + 1} "
+                    f"(task loss {record['task_loss']}); its weights are not stored"
+                )
+                if on_finished is not None:
+                    on_finished(index, outcomes[index])
+        for index, record in zip(alive, records):
+            if outcomes[index] is not None:
+                continue
+            run = runs[index]
+            run.history.append(record)
+            if paths[index] is not None:
+                digest = save_checkpoint(
+                    paths[index], prints[index], run.model, run.optimizer, run.regularizer, run.history
+                )
+                if on_checkpoint is not None:
+                    on_checkpoint(index, paths[index], digest, len(run.history))
+            if progress is not None:
+                progress(index, record)
+        alive = [i for i in alive if outcomes[i] is None]
+        epoch += 1
+    return alive
+
+
+def _fused_epoch(runs: list[TrainingRun], epoch: int) -> list[dict]:
+    """One epoch of ``runs`` as one fused model; weights and momentum go back into the runs afterwards."""
     runtime, train_cfg = runs[0].runtime, runs[0].configs["train"]
-    first_epoch, last_epoch = len(runs[0].history), train_cfg["epochs"]
-    if first_epoch >= last_epoch:
-        return
-    device = runtime.torch_device
-    fused = fuse([run.model for run in runs]).to(device, memory_format=runtime.memory_format)
+    fused = fuse([run.model for run in runs]).to(runtime.torch_device, memory_format=runtime.memory_format)
     slices = parameter_slices(fused, [run.model for run in runs])
     regularizers = [run.regularizer for run in runs if run.regularizer is not None]
     optimizer = torch.optim.SGD(
@@ -170,20 +223,28 @@ def _train_together(runs, paths, prints, indices, progress, on_checkpoint) -> No
         nesterov=train_cfg["nesterov"],
     )
     _momentum_into_group(runs, slices, optimizer)
-    for epoch in range(first_epoch, last_epoch):
-        records = _group_epoch(fused, runs, optimizer, epoch)
-        load_networks(fused, [run.model for run in runs])
-        _momentum_into_runs(runs, slices, optimizer)
-        for position, (run, record) in enumerate(zip(runs, records)):
-            run.history.append(record)
-            if paths[position] is not None:
-                digest = save_checkpoint(
-                    paths[position], prints[position], run.model, run.optimizer, run.regularizer, run.history
-                )
-                if on_checkpoint is not None:
-                    on_checkpoint(indices[position], paths[position], digest, len(run.history))
-            if progress is not None:
-                progress(indices[position], record)
+    counters = [_batch_counters(run.model) for run in runs]
+    fused_before = _batch_counters(fused)
+    records = _group_epoch(fused, runs, optimizer, epoch)
+    fused_after = _batch_counters(fused)
+    load_networks(fused, [run.model for run in runs])
+    _momentum_into_runs(runs, slices, optimizer)
+    for run, before in zip(runs, counters):
+        # BatchNorm counts its train-mode forwards. The fused counter also counts the stimulus pass, which
+        # an unregularized member alone never runs: each member gets the count its run alone would have.
+        for name, counter in _batch_counters(run.model, live=True).items():
+            added = run.steps if run.regularizer is None else fused_after[name] - fused_before[name]
+            counter.copy_(before[name] + added)
+    return records
+
+
+def _batch_counters(model, live: bool = False) -> dict:
+    """BatchNorm's ``num_batches_tracked`` buffers by name: copies, or the buffers themselves (``live``)."""
+    return {
+        name.replace("front.block.", "front.", 1): buffer if live else buffer.clone()
+        for name, buffer in model.named_buffers()
+        if name.endswith("num_batches_tracked")
+    }
 
 
 def _momentum_into_group(runs, slices, optimizer) -> None:
@@ -219,6 +280,50 @@ def _momentum_into_runs(runs, slices, optimizer) -> None:
                 }
 
 
+def group_step_function(fused, runs: list[TrainingRun], optimizer):
+    """``step(x, y, pair_batch)`` for the fused model: x (B, K, H, W) with member k's images in channel k,
+    y (B, K), pair_batch.images (2P, K, h, w) and pair_batch.target (K, P) (zeros for an unregularized
+    member). Returns per-member device tensors (K,): loss, task loss, similarity loss, correct. The
+    same function runs eagerly or recorded as a CUDA graph (``graphs.GraphedStep``)."""
+    runtime, k = runs[0].runtime, len(runs)
+    device = runtime.torch_device
+    alphas = torch.tensor([run.alpha for run in runs], device=device)
+    quiet = {i for i, run in enumerate(runs) if run.regularizer is None}
+
+    def step(x, y, pair_batch):
+        with runtime.autocast():
+            logits = fused(x)
+        logits = logits.float().view(len(x), k, -1)
+        task = torch.stack([F.cross_entropy(logits[:, i], y[:, i]) for i in range(k)])
+        sims = torch.zeros(k, device=device)
+        if pair_batch is not None:
+            if isinstance(fused.front, FusedVOne):  # alone, these members never run a stimulus forward
+                fused.front.quiet = quiet
+            try:
+                with runtime.autocast(), frozen_bn_statistics(fused):
+                    taps = fused.taps(pair_batch.images)
+            finally:
+                if isinstance(fused.front, FusedVOne):
+                    fused.front.quiet = set()
+            widths = [t.shape[1] // k for t in taps]
+            parts = []
+            for i, run in enumerate(runs):
+                if run.regularizer is None:
+                    parts.append(torch.zeros((), device=device))
+                    continue
+                own = [t[:, i * w : (i + 1) * w] for t, w in zip(taps, widths)]
+                parts.append(run.regularizer(own, pair_batch.pairs, pair_batch.target[i]))
+            sims = torch.stack(parts)
+        losses = task + alphas * sims
+        optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        optimizer.step()
+        correct = (logits.detach().argmax(dim=2) == y).sum(dim=0).float()
+        return {"loss": losses.detach(), "task_loss": task.detach(), "sim_loss": sims.detach(), "correct": correct}
+
+    return step
+
+
 def _group_epoch(fused, runs, optimizer, epoch: int) -> list[dict]:
     """One epoch of every member, fused; returns each member's history record."""
     runtime, train_cfg = runs[0].runtime, runs[0].configs["train"]
@@ -233,18 +338,23 @@ def _group_epoch(fused, runs, optimizer, epoch: int) -> list[dict]:
         )
         for run in runs
     ]
+    generators = []
     if isinstance(fused.front, FusedVOne):
         fused.front.seed([derived_seed(run.seed, epoch, "noise") for run in runs], device)
+        generators = fused.front.generators if fused.front.block.noise else []
     regularized = [i for i, run in enumerate(runs) if run.regularizer is not None]
-    n_pairs = runs[regularized[0]].sampler.pairs_per_step if regularized else 0
-    pairs = torch.arange(2 * n_pairs, device=device).view(-1, 2) if regularized else None
-    stimulus_shape = tuple(runs[regularized[0]].stimuli.shape[1:]) if regularized else None
-    widths = None
+    pairs = stimulus_shape = None
+    if regularized:
+        n_pairs = runs[regularized[0]].sampler.pairs_per_step
+        pairs = torch.arange(2 * n_pairs, device=device).view(-1, 2)
+        stimulus_shape = tuple(runs[regularized[0]].stimuli.shape[1:])
+        blank_images = torch.zeros((2 * n_pairs, *stimulus_shape), device=device)
+        blank_target = torch.zeros(n_pairs, device=device, dtype=runs[regularized[0]].target.dtype)
+    step_fn = group_step_function(fused, runs, optimizer)
+    graphed = None
     totals = torch.zeros(k, 4, device=device)
-    alphas = torch.tensor([run.alpha for run in runs], device=device)
     fused.train()
-    steps = runs[0].steps
-    for step in range(steps):
+    for step in range(runs[0].steps):
         xs, ys = [], []
         for run, plan in zip(runs, plans):
             index = plan.order[step]
@@ -254,48 +364,65 @@ def _group_epoch(fused, runs, optimizer, epoch: int) -> list[dict]:
             ys.append(run.train_y[index])
         x = torch.cat(xs, dim=1).contiguous(memory_format=runtime.memory_format)
         y = torch.stack(ys, dim=1)
-        amp = runtime.amp_dtype
-        autocast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
-        with autocast:
-            logits = fused(x)
-        logits = logits.float().view(len(x), k, -1)
-        task = torch.stack([F.cross_entropy(logits[:, i], y[:, i]) for i in range(k)])
-        sims = torch.zeros(k, device=device)
+        pair_batch = None
         if regularized:
-            images = []
+            images, targets = [], []
             for run, plan in zip(runs, plans):
                 if run.regularizer is None:
-                    images.append(torch.zeros((2 * n_pairs, *stimulus_shape), device=device))
-                else:
-                    images.append(run.stimuli[plan.pair_images[step]])
-            stimuli = torch.cat(images, dim=1).contiguous(memory_format=runtime.memory_format)
-            quiet = {i for i, run in enumerate(runs) if run.regularizer is None}
-            if isinstance(fused.front, FusedVOne):  # alone, these members never run a stimulus forward
-                fused.front.quiet = quiet
-            try:
-                with autocast, frozen_bn_statistics(fused):
-                    taps = fused.taps(stimuli)
-            finally:
-                if isinstance(fused.front, FusedVOne):
-                    fused.front.quiet = set()
-            if widths is None:
-                widths = [t.shape[1] // k for t in taps]
-            parts = []
-            for i in range(k):
-                if runs[i].regularizer is None:
-                    parts.append(torch.zeros((), device=device))
+                    images.append(blank_images)
+                    targets.append(blank_target)
                     continue
-                own = [t[:, i * w : (i + 1) * w] for t, w in zip(taps, widths)]
-                chosen = plans[i].pair_images[step]
-                target = runs[i].target[chosen[0::2], chosen[1::2]]
-                parts.append(runs[i].regularizer(own, pairs, target))
-            sims = torch.stack(parts)
-        losses = task + alphas * sims
-        optimizer.zero_grad(set_to_none=True)
-        losses.sum().backward()
-        optimizer.step()
-        correct = (logits.detach().argmax(dim=2) == y).sum(dim=0).float()
-        totals += torch.stack([losses.detach(), task.detach(), sims.detach(), correct], dim=1).float()  # as alone
+                chosen = plan.pair_images[step]
+                images.append(run.stimuli[chosen])
+                targets.append(run.target[chosen[0::2], chosen[1::2]])
+            stimuli = torch.cat(images, dim=1).contiguous(memory_format=runtime.memory_format)
+            pair_batch = PairBatch(stimuli, pairs, torch.stack(targets))
+        if runtime.graphs_active:
+            if graphed is None:  # once per epoch: the epoch's lr is baked into the recorded SGD step
+                modules = [fused] + [runs[i].regularizer for i in regularized]
+                graphed = GraphedStep(step_fn, modules, optimizer, x, y, pair_batch, generators)
+            out = graphed(x, y, pair_batch)
+        else:
+            out = step_fn(x, y, pair_batch)
+        totals += torch.stack([out["loss"], out["task_loss"], out["sim_loss"], out["correct"]], dim=1).float()
     synchronize(device)
     seconds = (time.perf_counter() - started) / k  # the group's time, shared among its members
     return [epoch_record(run, epoch, lr, totals[i], seconds) for i, run in enumerate(runs)]
+
+
+def train_network(
+    net_config: dict,
+    train_config: dict,
+    reg_config: dict,
+    dataset: ClassificationData,
+    target_images=None,
+    target_similarity=None,
+    seed: int = 0,
+    runtime: Runtime | str | None = None,
+    checkpoint_path: str | Path | None = None,
+    progress: Callable[[dict], None] | None = None,
+    on_checkpoint: Callable[[Path, str, int], None] | None = None,
+) -> TrainResult:
+    """Train one network; resume from ``checkpoint_path`` if it holds a finished epoch of this same run.
+
+    ``target_images`` (N, H, W) and ``target_similarity`` (N, N) are needed when alpha > 0. ``runtime``
+    (a Runtime or a device string; default the CPU) says how to execute, never what to compute.
+    ``progress`` is called with each epoch's history record, ``on_checkpoint(path, sha256, epoch)`` after
+    each checkpoint is written (where the caller records its digest). The checkpoint is left in place at the end
+    (the caller deletes it once the result is stored); a checkpoint of a different run (configs, seed,
+    data, target) raises ValueError, a loss that stops being finite ``TrainingDiverged``. Seeds
+    torch's global RNG (initialisation, each epoch's VOne noise). It is ``train_group`` of one member.
+    """
+    member = Member(net_config, train_config, reg_config, target_images, target_similarity, seed, checkpoint_path)
+    [outcome] = train_group(
+        [member],
+        dataset,
+        runtime,
+        progress=None if progress is None else (lambda _, record: progress(record)),
+        on_checkpoint=None
+        if on_checkpoint is None
+        else (lambda _, path, digest, epoch: on_checkpoint(path, digest, epoch)),
+    )
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome

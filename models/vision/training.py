@@ -30,7 +30,6 @@ import contextlib
 import hashlib
 import platform
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from torch.nn import functional as F
 
 from ..registry import complete_kwargs
 from ..runtime import Runtime, accuracy, as_runtime, synchronize
-from .checkpoint import load_checkpoint, run_fingerprint, save_checkpoint
+from .checkpoint import load_checkpoint
 from .datasets import ClassificationData
 from .graphs import GraphedStep
 from .networks import build_network, tap_feature_sizes
@@ -338,7 +337,7 @@ def run_epoch(run: TrainingRun, epoch: int) -> dict:
         if plan.pair_images is not None:
             images = plan.pair_images[step]
             pair_batch = PairBatch(run.stimuli[images], pairs, run.target[images[0::2], images[1::2]])
-        if runtime.cuda_graphs and runtime.on_cuda:
+        if runtime.graphs_active:
             if graphed is None:  # once per epoch: the epoch's lr is baked into the captured SGD step
                 modules = [run.model] + ([run.regularizer] if run.regularizer is not None else [])
                 graphed = GraphedStep(step_fn, modules, run.optimizer, x, run.train_y[index], pair_batch)
@@ -370,48 +369,6 @@ def epoch_record(run: TrainingRun, epoch: int, lr: float, totals: torch.Tensor, 
         "gamma": run.regularizer.gamma().tolist() if run.regularizer is not None else None,
         "seconds": seconds,
     }
-
-
-def train_network(
-    net_config: dict,
-    train_config: dict,
-    reg_config: dict,
-    dataset: ClassificationData,
-    target_images=None,
-    target_similarity=None,
-    seed: int = 0,
-    runtime: Runtime | str | None = None,
-    checkpoint_path: str | Path | None = None,
-    progress: Callable[[dict], None] | None = None,
-    on_checkpoint: Callable[[Path, str, int], None] | None = None,
-) -> TrainResult:
-    """Train one network; resume from ``checkpoint_path`` if it holds a finished epoch of this same run.
-
-    ``target_images`` (N, H, W) and ``target_similarity`` (N, N) are needed when alpha > 0. ``runtime``
-    (a Runtime or a device string; default the CPU) says how to execute, never what to compute.
-    ``progress`` is called with each epoch's history record, ``on_checkpoint(path, sha256, epoch)`` after
-    each checkpoint is written (where the caller records its digest). The checkpoint is left in place at the end
-    (the caller deletes it once the result is stored); a checkpoint of a different run (configs, seed,
-    data, target) raises ValueError. Seeds torch's global RNG (initialisation, each epoch's VOne noise).
-    """
-    runtime = as_runtime(runtime)
-    checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
-    with runtime.kernels():
-        run = build_run(net_config, train_config, reg_config, dataset, target_images, target_similarity, seed, runtime)
-        fingerprint = run_fingerprint(run.configs, seed, dataset, run.stimuli, run.target)
-        resumed_from = resume(run, checkpoint_path, fingerprint)
-        for epoch in range(resumed_from, run.configs["train"]["epochs"]):
-            record = run_epoch(run, epoch)
-            run.history.append(record)
-            if checkpoint_path is not None:
-                digest = save_checkpoint(
-                    checkpoint_path, fingerprint, run.model, run.optimizer, run.regularizer, run.history
-                )
-                if on_checkpoint is not None:
-                    on_checkpoint(checkpoint_path, digest, len(run.history))
-            if progress is not None:
-                progress(record)
-        return finish_run(run, dataset, resumed_from)
 
 
 def finish_run(run: TrainingRun, dataset: ClassificationData, resumed_from: int, device_note: str = "") -> TrainResult:

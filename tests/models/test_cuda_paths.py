@@ -20,9 +20,9 @@ from neureg.models.robustness.autoattack import autoattack_robust_accuracy
 from neureg.models.robustness.evaluation import robust_accuracy
 from neureg.models.runtime import Runtime, accuracy
 from neureg.models.vision.datasets import ClassificationData
+from neureg.models.vision.group import train_network
 from neureg.models.vision.networks import vone_config
 from neureg.models.vision.regularizer import similarity_loss
-from neureg.models.vision.training import train_network
 from neureg.models.vision.vonenet import VOneBlock
 
 pytestmark = pytest.mark.cuda

@@ -9,7 +9,7 @@ import pytest
 
 from neureg.models.digests import stable_hash
 from neureg.models.runtime import accuracy
-from neureg.models.vision import datasets, training
+from neureg.models.vision import datasets, group
 
 
 def test_each_plan_and_seed_is_one_trained_network(pipeline, trained):
@@ -85,7 +85,7 @@ def _killed_after_first_epoch(tr, trained, seed: int):
         raise Killed
 
     with pytest.raises(Killed):
-        training.train_network(
+        group.train_network(
             net,
             train,
             reg,

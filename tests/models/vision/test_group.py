@@ -24,8 +24,7 @@ import torch
 
 from neureg.models.runtime import Runtime
 from neureg.models.vision.datasets import ClassificationData
-from neureg.models.vision.group import Member, train_group
-from neureg.models.vision.training import train_network
+from neureg.models.vision.group import Member, train_group, train_network
 
 from .test_training import quadrant_stimuli
 
@@ -190,6 +189,82 @@ def test_incompatible_networks_are_refused():
     wider = Member({**NET, "width": 0.125}, TRAIN, {"alpha": 0.0}, seed=4)
     with pytest.raises(ValueError, match="same network and training configs"):
         train_group([group[2], wider], data, Runtime())
+
+
+def test_members_with_other_stimulus_batches_train_as_their_own_sub_group():
+    """Another number of pairs per step cannot share the fused stimulus batch: that member trains alone
+    (bitwise its run alone) while the others still train together."""
+    data = learnable_dataset()
+    group = members()
     other_pairs = Member(NET, TRAIN, {"alpha": 1.0, "pairs_per_step": 6}, *quadrant_stimuli(n=24, seed=2), seed=5)
-    with pytest.raises(ValueError, match="one number of pairs per step"):
-        train_group([group[0], other_pairs], data, Runtime())
+    results = train_group([*group, other_pairs], data, Runtime())
+    together = train_group(group, data, Runtime())
+    single = alone(other_pairs, data)
+    for key, value in single.state_dict.items():
+        assert torch.equal(value, results[3].state_dict[key]), key
+    for before, after in zip(together, results[:3]):
+        for key, value in before.state_dict.items():
+            assert torch.equal(value, after.state_dict[key]), key
+    assert "group of 3" in results[0].device and "group" not in results[3].device
+
+
+def test_a_member_that_cannot_be_built_fails_alone():
+    """A target that does not fit its images is that member's failure; the others train as they would
+    without it (bitwise: the same sub-group)."""
+    data = learnable_dataset()
+    group = members()
+    bad = Member(NET, TRAIN, {"alpha": 1.0, "pairs_per_step": 4}, group[0].target_images, np.eye(5), seed=9)
+    results = train_group([group[0], bad, group[2]], data, Runtime())
+    assert isinstance(results[1], ValueError) and "does not match" in str(results[1])
+    reference = train_group([group[0], group[2]], data, Runtime())
+    for expected, got in zip(reference, (results[0], results[2])):
+        for key, value in expected.state_dict.items():
+            assert torch.equal(value, got.state_dict[key]), key
+
+
+def test_a_diverging_member_is_dropped_and_the_others_finish(float64, tmp_path):
+    """A member whose loss turns NaN (a NaN target) fails with TrainingDiverged in its epoch, writes no
+    checkpoint, and is dropped; the others finish both epochs where their runs alone end (float64, 1e-12:
+    the NaN member's channels reach nobody else's)."""
+    from neureg.models.vision.group import TrainingDiverged
+
+    data = learnable_dataset()
+    data = ClassificationData(data.name, data.train_x.astype(np.float64), data.train_y, data.test_x, data.test_y, 4)
+    train = dict(TRAIN, epochs=2)
+    group = members(train=train)
+    images, target = quadrant_stimuli(n=24, seed=3)
+    target = np.full_like(np.asarray(target, dtype=np.float64), np.nan)
+    poisoned = Member(NET, train, {"alpha": 1.0, "pairs_per_step": 4}, images, target, seed=7)
+    everyone = [group[0], poisoned, group[2]]
+    for i, member in enumerate(everyone):
+        member.checkpoint_path = tmp_path / f"m{i}.pt"
+    finished = []
+    results = train_group(everyone, data, Runtime(), on_finished=lambda i, r: finished.append((i, type(r).__name__)))
+    assert isinstance(results[1], TrainingDiverged) and "epoch 1" in str(results[1])
+    assert finished == [(1, "TrainingDiverged"), (0, "TrainResult"), (2, "TrainResult")], "each as it comes"
+    assert not (tmp_path / "m1.pt").exists()
+    for index in (0, 2):
+        assert len(results[index].history) == 2
+        single = alone(members(train=train)[index], data)
+        assert relative(single.state_dict, results[index].state_dict) < 1e-12
+        assert single.test_accuracy == results[index].test_accuracy
+    with pytest.raises(TrainingDiverged):  # alone, the same member raises
+        alone(poisoned, data)
+
+
+@pytest.mark.parametrize("net", [NET, VONE], ids=["resnet18", "vone_resnet18"])
+def test_the_graph_path_replays_the_eager_epoch_bitwise_on_the_cpu(monkeypatch, net):
+    """The CUDA-graph path (warm-up, undo, static buffers, recorded step) run on the CPU with an eager
+    recording: every member, fused or alone, ends bitwise where the eager loop ends. Only the capture
+    itself is left to the CUDA test (tests/models/test_cuda_paths.py)."""
+    monkeypatch.setattr(Runtime, "graphs_active", property(lambda self: self.cuda_graphs))
+    data = learnable_dataset()
+    train = dict(TRAIN, epochs=2)
+    eager = train_group(members(net, train), data, Runtime())
+    graphed = train_group(members(net, train), data, Runtime(cuda_graphs=True))
+    single_eager = alone(members(net, train)[0], data)
+    single_graphed = alone(members(net, train)[0], data, Runtime(cuda_graphs=True))
+    for a, b in [*zip(eager, graphed), (single_eager, single_graphed)]:
+        for key, value in a.state_dict.items():
+            assert torch.equal(value, b.state_dict[key]), key
+        assert strip(a.history) == strip(b.history) and a.test_accuracy == b.test_accuracy

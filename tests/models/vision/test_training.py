@@ -12,6 +12,7 @@ from torch import nn
 from neureg.models.neural.rsa import centered_cosine
 from neureg.models.runtime import Runtime, accuracy
 from neureg.models.vision.datasets import ClassificationData, load_mnist_demo
+from neureg.models.vision.group import train_network
 from neureg.models.vision.networks import build_network
 from neureg.models.vision.regularizer import PairSampler, SimilarityRegularizer, evaluate_similarity_loss
 from neureg.models.vision.schedule import default_train_config, learning_rate
@@ -21,7 +22,6 @@ from neureg.models.vision.training import (
     build_run,
     frozen_bn_statistics,
     plan_epoch,
-    train_network,
     training_step,
 )
 

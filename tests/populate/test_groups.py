@@ -1,0 +1,121 @@
+"""Networks trained as fused groups by ``neureg populate`` and by workers (populate/groups.py), on both backends.
+
+What a group must not change: the rows. Each network's stored weights, accuracy and epochs equal those of
+the same network trained alone from the same fetched inputs (checked in float64, where grouped and dense
+kernels agree to about 1e-15: tests/models/vision/test_group.py measures the float32 rounding). What a
+group must keep per key: its job row (reserved, then done or failed on its own), its checkpoint, and its
+failure: a member whose loss turns infinite fails alone, the others are stored, and a SIGTERM in the
+middle leaves each unfinished member pending and resumable from its own checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from neureg.database.store import load_array
+from neureg.models.serialization import array_to_state
+from neureg.models.vision.group import train_network
+from neureg.populate.heartbeat import Heartbeat
+from neureg.populate.stages import populate_stage
+from neureg.populate.worker import Worker, WorkerOptions
+
+NET = dict(width=0.0625)
+
+
+def _plans(tr, targets, train: dict, diverging: bool = False) -> list[dict]:
+    plans = [
+        tr.plan("mnist_demo", NET, train, dict(alpha=0.0)),
+        tr.plan("mnist_demo", NET, train, dict(alpha=2.0, pairs_per_step=8), target=targets["pixel"]),
+        tr.plan("mnist_demo", NET, train, dict(alpha=2.0, pairs_per_step=8), target=targets["neural_model"]),
+    ]
+    if diverging:  # alpha beyond float32's range: the loss is infinite from the first step
+        plans[2] = tr.plan("mnist_demo", NET, train, dict(alpha=1e39, pairs_per_step=8), target=targets["pixel"])
+    return [dict(p, seed=0) for p in plans]
+
+
+def _job_status(jobs, key) -> str | None:
+    rows = (jobs & {k: key[k] for k in jobs.primary_key}).to_arrays("status")
+    return rows[0] if len(rows) else None  # None: done, and DataJoint keeps no completed rows by default
+
+
+@pytest.fixture
+def float64():
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(saved)
+
+
+@pytest.mark.db
+def test_a_populated_group_stores_what_each_network_gets_alone(pipeline, targets, monkeypatch, float64):
+    tr = pipeline.training
+    monkeypatch.setenv("NEUREG_GROUP", "4")
+    keys = _plans(tr, targets, dict(epochs=2, max_train_images=96, batch_size=32, lr=0.031))
+    populate_stage(pipeline, ["training"], keys=keys, reserve_jobs=True)
+    jobs = tr.TrainedNetwork().jobs
+    for key in keys:
+        row = (tr.TrainedNetwork & key).fetch1()
+        assert row["device"].endswith("group of 3") and _job_status(jobs, key) is None
+        table = tr.TrainedNetwork()
+        member = table._member(key, *table.make_fetch(key))
+        alone = train_network(*member.run_args(tr.Dataset.load(key)))
+        stored = array_to_state(load_array(tr.TrainedNetwork(), key, "weights"))
+        for name, value in alone.state_dict.items():
+            np.testing.assert_allclose(stored[name].numpy(), value.numpy(), rtol=1e-9, atol=1e-12, err_msg=name)
+        assert row["test_accuracy"] == alone.test_accuracy
+        epochs = (tr.TrainedNetwork.Epoch & key).to_dicts(order_by="epoch")
+        assert [e["train_acc"] for e in epochs] == [r["train_acc"] for r in alone.history]
+
+
+@pytest.mark.db
+def test_a_worker_group_fails_one_member_alone_and_resumes_the_others_after_sigterm(pipeline, targets, monkeypatch):
+    from neureg.schemas import training as training_schema
+
+    tr = pipeline.training
+    keys = _plans(tr, targets, dict(epochs=2, max_train_images=96, batch_size=32, lr=0.032), diverging=True)
+    table = tr.TrainedNetwork()
+    jobs = table.jobs
+    jobs.refresh(delay=-1)
+    messages = {tuple(k[n] for n in jobs.primary_key): "" for k in keys}
+    worker = Worker(pipeline, WorkerOptions(tables=["TrainedNetwork"], group="3"))
+    worker._heartbeat = Heartbeat(worker.connection, interval=60)  # beats are tested in test_worker.py
+    logged = training_schema._log_epoch
+
+    def sigterm_after_first_epoch(key, row, epochs):  # the stop comes mid-group, as from the scheduler
+        logged(key, row, epochs)
+        if row["epoch"] == 1 and key == keys[1]:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(training_schema, "_log_epoch", sigterm_after_first_epoch)
+    saved = signal.signal(signal.SIGTERM, worker._on_signal)
+    try:
+        assert worker._run_group(tr.TrainedNetwork, table, keys, messages) == ["interrupted"]
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+    failed = (jobs & {k: keys[2][k] for k in jobs.primary_key}).fetch1()
+    assert failed["status"] == "error" and failed["error_message"].startswith("[attempt 1 of 3] TrainingDiverged")
+    assert [_job_status(jobs, k) for k in keys[:2]] == ["pending", "pending"] and not (tr.TrainedNetwork & keys)
+    assert len(tr.Checkpoint & "epoch = 1") >= 2
+
+    monkeypatch.setattr(training_schema, "_log_epoch", logged)
+    again = Worker(pipeline, WorkerOptions(tables=["TrainedNetwork"], group="3"))
+    again._heartbeat = Heartbeat(again.connection, interval=60)
+    assert again._run_group(tr.TrainedNetwork, table, keys[:2], messages) == ["done", "done"]
+    for key in keys[:2]:
+        row = (tr.TrainedNetwork & key).fetch1()
+        assert row["resumed_from_epoch"] == 1 and len(tr.TrainedNetwork.Epoch & key) == 2
+        assert row["device"].endswith("group of 2") and _job_status(jobs, key) in (None, "success")
+    assert not (tr.TrainedNetwork & keys[2]) and _job_status(jobs, keys[2]) == "error"
+
+
+def test_group_sizes_are_checked():
+    with pytest.raises(ValueError, match="--group"):
+        WorkerOptions(group="0")
+    with pytest.raises(ValueError, match="--group"):
+        WorkerOptions(group="many")
+    WorkerOptions(group="auto")
