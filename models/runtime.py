@@ -237,14 +237,15 @@ def as_label_tensor(labels, n_images: int) -> torch.Tensor:
 def predict_labels(
     model: nn.Module, images, batch_size: int = DEFAULT_BATCH_SIZE, device: str | torch.device | None = None
 ) -> np.ndarray:
-    """Arg-max class of every image, in batches, in evaluation mode (one stochastic draw per image)."""
+    """Arg-max class of every image, in batches, in evaluation mode (one stochastic draw per image): (N,), or
+    (N, K) for a model answering for K networks at once (logits (B, K, C), ``robustness/group.py``)."""
     x = as_image_tensor(images)
     device = resolve_device(model, device)
     predictions = []
     with evaluation_mode(model):
         for start in range(0, len(x), batch_size):
             logits = model(x[start : start + batch_size].to(device))
-            predictions.append(logits.argmax(dim=1).cpu())
+            predictions.append(logits.argmax(dim=-1).cpu())
     if not predictions:
         return np.zeros(0, dtype=np.int64)
     return torch.cat(predictions).numpy()
@@ -253,9 +254,17 @@ def predict_labels(
 def accuracy(
     model: nn.Module, images, labels, batch_size: int = DEFAULT_BATCH_SIZE, device: str | torch.device | None = None
 ) -> float:
-    """Fraction of images whose arg-max class equals the label."""
+    """Fraction of images whose arg-max class equals the label (per network, (K,), for a model answering
+    for K networks at once)."""
     x = as_image_tensor(images)
     y = as_label_tensor(labels, len(x)).numpy()
     if len(x) == 0:
         raise ValueError("accuracy of zero images is undefined")
-    return float(np.mean(predict_labels(model, x, batch_size, device) == y))
+    return hit_rate(predict_labels(model, x, batch_size, device), y)
+
+
+def hit_rate(predictions, labels):
+    """Share of predictions equal to their labels: a float for (N,) predictions, an array (K,) for (N, K)."""
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    hits = predictions == labels.reshape(-1, *[1] * (predictions.ndim - 1))
+    return float(hits.mean()) if predictions.ndim == 1 else hits.mean(axis=0)

@@ -13,9 +13,12 @@ import logging
 
 import datajoint as dj
 
+from ..database.transaction import transaction
 from ..models.robustness import protocols
 from ..models.robustness.attack_registry import ATTACKS, default_attack_configs
-from ..models.runtime import Runtime
+from ..models.robustness.evaluation import is_stochastic
+from ..models.robustness.group import NetworkGroup
+from ..models.runtime import Runtime, group_size
 from . import training
 from ._config import ConfigTable, activator
 
@@ -46,13 +49,68 @@ def _score_of(config: str, columns: str = "") -> str:
     """
 
 
+class GroupEvaluation:
+    """Several networks of one architecture evaluated as one fused model (``models/robustness/group.py``):
+    the group members that ``populate/groups.py`` asks of a table. Each table names its ``evaluate`` (a
+    protocol taking a network or a ``NetworkGroup``), its ``config_table`` and its ``store``; each
+    network's rows go in their own transaction, equal to what its own make stores. Stochastic (VOne)
+    networks and fixed-epsilon attacks are evaluated one at a time (``RobustAccuracy``: AutoAttack and
+    PGD draw random starts per batch, so a bigger batch would change their numbers)."""
+
+    @classmethod
+    def group_key(cls, key: dict) -> tuple:
+        hash_name = f"{cls.config_table.config_name}_hash"
+        return key["dataset"], key["network_hash"], key[hash_name]
+
+    @staticmethod
+    def group_limit(key: dict, runtime: Runtime) -> int:
+        network = training.NetworkConfig.config_of(key)
+        return 1 if network.get("arch", "").startswith("vone") else group_size(runtime, network)
+
+    def make_group(self, keys: list[dict], on_outcome=None) -> list[Exception | None]:
+        """Evaluate ``keys`` (one ``group_key``) as one group; per key None (stored) or its exception."""
+        outcomes: list[Exception | None] = [None] * len(keys)
+        runtime, models, placed = Runtime.from_env(), [], []
+        dataset = training.Dataset.load(keys[0])
+        for index, key in enumerate(keys):
+            try:
+                models.append((training.TrainedNetwork & key).load_model(runtime.device, runtime.memory_format))
+                placed.append(index)
+            except Exception as exc:  # this network's weights
+                outcomes[index] = exc
+        results = []
+        if models:
+            try:
+                config = self.config_table.config_of(keys[0])
+                inputs = (dataset.test_x, dataset.test_y)
+                if len(models) == 1 or any(is_stochastic(m, dataset.test_x[:8], runtime.device) for m in models):
+                    results = [self.evaluate(m, *inputs, device=runtime.device, **config) for m in models]
+                else:
+                    group = NetworkGroup(models, runtime.device)
+                    results = self.evaluate(group, *inputs, device=runtime.device, **config)
+            except Exception as exc:  # the evaluation itself: every network of the group failed
+                for index in placed:
+                    outcomes[index] = exc
+        for index, result in zip(placed, results):
+            try:
+                with transaction(self.connection):
+                    if not (self & keys[index]):
+                        self.store(keys[index], result, direct=True)
+            except Exception as exc:
+                outcomes[index] = exc
+        for key, outcome in zip(keys, outcomes):
+            if on_outcome is not None:
+                on_outcome(key, outcome)
+        return outcomes
+
+
 @schema
 class NoiseConfig(ConfigTable, dj.Lookup, settings=protocols.noise_evaluation):
     """Gaussian-noise ladder and images (``protocols.noise_evaluation``'s keyword arguments)."""
 
 
 @schema
-class NoiseAccuracy(dj.Computed):
+class NoiseAccuracy(GroupEvaluation, dj.Computed):
     """Accuracy under additive Gaussian noise at every level of the ladder (Li et al. 2019, Fig. 4)."""
 
     definition = _score_of("NoiseConfig")
@@ -68,10 +126,16 @@ class NoiseAccuracy(dj.Computed):
         accuracy         : float64
         """
 
+    evaluate, config_table = staticmethod(protocols.noise_evaluation), NoiseConfig
+
     def make(self, key):
         model, images, labels, device = _evaluation_inputs(key)
-        result = protocols.noise_evaluation(model, images, labels, device=device, **NoiseConfig.config_of(key))
-        self.insert1(dict(key, n_images=result["n_images"], clean_accuracy=result["clean_accuracy"]))
+        self.store(key, self.evaluate(model, images, labels, device=device, **NoiseConfig.config_of(key)))
+
+    def store(self, key, result, direct: bool = False):
+        self.insert1(
+            dict(key, n_images=result["n_images"], clean_accuracy=result["clean_accuracy"]), allow_direct_insert=direct
+        )
         self.Level.insert(dict(key, level=i, sigma=s, accuracy=a) for i, (s, a) in enumerate(result["levels"]))
 
 
@@ -95,7 +159,7 @@ class PerturbationConfig(ConfigTable, dj.Lookup, settings=protocols.perturbation
 
 
 @schema
-class MinimalPerturbation(dj.Computed):
+class MinimalPerturbation(GroupEvaluation, dj.Computed):
     """Per image, the smallest verified adversarial perturbation over attacks; the median is the score.
 
     Attacks run for minutes to hours on real sizes, so this is a three-part make: no transaction stays
@@ -138,24 +202,31 @@ class MinimalPerturbation(dj.Computed):
         success_rate     : float64                  # share of correctly classified images it flipped
         """
 
+    config_table = PerturbationConfig
+
+    @staticmethod
+    def evaluate(model, images, labels, *, device, **config):
+        """``protocols.perturbation_evaluation`` with this table's attacks (the rows of the config's hashes)."""
+        attack_configs = [AttackConfig.config_of({"attack_hash": h}) for h in config["attacks"]]
+        progress = lambda msg: logger.info("  %s", msg)  # noqa: E731
+        return protocols.perturbation_evaluation(
+            model, images, labels, attack_configs, device=device, progress=progress, **config
+        )
+
     def make_fetch(self, key):
         config = PerturbationConfig.config_of(key)
         return config, [AttackConfig.config_of({"attack_hash": h}) for h in config["attacks"]]
 
     def make_compute(self, key, config, attack_configs):
         model, images, labels, device = _evaluation_inputs(key)
-        result = protocols.perturbation_evaluation(
-            model,
-            images,
-            labels,
-            attack_configs,
-            device=device,
-            progress=lambda msg: logger.info("  %s", msg),
-            **config,
-        )
+        result = dict(self.evaluate(model, images, labels, device=device, **config))
         return result, result.pop("labels")
 
     def make_insert(self, key, result, labels):
+        self.store(key, dict(result, labels=labels))
+
+    def store(self, key, result, direct: bool = False):
+        labels = result["labels"]
         self.insert1(
             dict(
                 key,
@@ -164,7 +235,8 @@ class MinimalPerturbation(dj.Computed):
                 stochastic=result["stochastic"],
                 attack_seconds=result["attack_seconds"],
                 **result["medians"],
-            )
+            ),
+            allow_direct_insert=direct,
         )
         self.Distance.insert(
             dict(key, image_index=i, label=y, **row) for i, (y, row) in enumerate(zip(labels, result["images"]))
@@ -196,7 +268,7 @@ class CorruptionConfig(ConfigTable, dj.Lookup, settings=protocols.corruption_eva
 
 
 @schema
-class CorruptionAccuracy(dj.Computed):
+class CorruptionAccuracy(GroupEvaluation, dj.Computed):
     """Accuracy under common corruptions (noise, blur, contrast, JPEG) at five severities."""
 
     definition = _score_of(
@@ -214,13 +286,16 @@ class CorruptionAccuracy(dj.Computed):
         accuracy         : float64
         """
 
+    evaluate, config_table = staticmethod(protocols.corruption_evaluation), CorruptionConfig
+
     def make(self, key):
         model, images, labels, device = _evaluation_inputs(key)
-        result = protocols.corruption_evaluation(
-            model, images, labels, device=device, **CorruptionConfig.config_of(key)
-        )
+        self.store(key, self.evaluate(model, images, labels, device=device, **CorruptionConfig.config_of(key)))
+
+    def store(self, key, result, direct: bool = False):
+        result = dict(result)
         levels = result.pop("levels")
-        self.insert1(dict(key, **result))
+        self.insert1(dict(key, **result), allow_direct_insert=direct)
         self.Level.insert(dict(key, corruption=c, severity=s, accuracy=a) for c, s, a in levels)
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..digests import stable_hash
 from ..runtime import as_image_tensor, as_label_tensor, evaluation_mode, predict_labels, resolve_device
 from .attack_registry import ATTACKS, attack_norm, default_attack_configs, needs_starting_points, validate_attack_config
 from .evaluation import attackable_model, seeded_torch
@@ -200,7 +201,8 @@ def minimal_perturbations(
     such pool image get inf for those attacks. ``eot_samples`` attacks a stochastic model through its EoT average
     (required
     for stochastic models). ``seed`` fixes foolbox's random starts and proposals (torch's global
-    generator is restored afterwards). ``progress`` receives a short message after every batch.
+    generator is restored afterwards), each attack from its own ``attack_seed``. ``progress`` receives a
+    short message after every batch.
     """
     configs = [validate_attack_config(config) for config in configs]
     x_all = as_image_tensor(images)
@@ -233,22 +235,30 @@ def minimal_perturbations(
 
         fmodel = fb.PyTorchModel(target, bounds=(0.0, 1.0), device=device)
         for c, config in enumerate(configs):
-            for start in range(0, len(to_attack), batch_size):
-                index = to_attack[start : start + batch_size]
-                xb, yb = x_all[index].to(device), y_all[index].to(device)
-                adv = _run_attack(fmodel, target, xb, yb, config, pool, stochastic)
-                ok = _verify_by_vote(target, xb, yb, adv) if stochastic else _verify(target, xb, yb, adv)
-                adv_np = adv.detach().cpu().numpy().astype(np.float32)
-                dist = perturbation_norm(adv_np, xb.cpu().numpy(), norms[c])
-                distances[c, index] = np.where(ok, dist, np.inf)
-                adversarials[c, index[ok]] = adv_np[ok]
-                if progress is not None:
-                    done = min(start + batch_size, len(to_attack))
-                    progress(
-                        f"{config['attack']} (config {c + 1}/{len(configs)}): "
-                        f"{done}/{len(to_attack)} correctly classified images attacked"
-                    )
+            with seeded_torch(attack_seed(seed, config), device):
+                for start in range(0, len(to_attack), batch_size):
+                    index = to_attack[start : start + batch_size]
+                    xb, yb = x_all[index].to(device), y_all[index].to(device)
+                    adv = _run_attack(fmodel, target, xb, yb, config, pool, stochastic)
+                    ok = _verify_by_vote(target, xb, yb, adv) if stochastic else _verify(target, xb, yb, adv)
+                    adv_np = adv.detach().cpu().numpy().astype(np.float32)
+                    dist = perturbation_norm(adv_np, xb.cpu().numpy(), norms[c])
+                    distances[c, index] = np.where(ok, dist, np.inf)
+                    adversarials[c, index[ok]] = adv_np[ok]
+                    if progress is not None:
+                        done = min(start + batch_size, len(to_attack))
+                        progress(
+                            f"{config['attack']} (config {c + 1}/{len(configs)}): "
+                            f"{done}/{len(to_attack)} correctly classified images attacked"
+                        )
     return MinimalPerturbations(configs, norms, distances, adversarials, clean_correct)
+
+
+def attack_seed(seed: int | None, config: dict) -> int | None:
+    """The seed of one attack's random starts and proposals: from the evaluation's seed and the attack's
+    own config, so an attack draws the same numbers whichever other attacks run before it, and whether its
+    network is attacked alone or in a group (``group.py``)."""
+    return None if seed is None else int(stable_hash({"seed": int(seed), "attack": config})[:15], 16)
 
 
 def _misclassified(model: nn.Module, points: torch.Tensor, y: torch.Tensor, votes: int = 1) -> torch.Tensor:

@@ -50,7 +50,8 @@ def noise_accuracy(
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | torch.device | None = None,
 ) -> np.ndarray:
-    """Accuracy on ``clip(x + sigma * z, 0, 1)`` for every sigma, ``z ~ N(0, 1)`` per pixel.
+    """Accuracy on ``clip(x + sigma * z, 0, 1)`` for every sigma, ``z ~ N(0, 1)`` per pixel: (S,), or (S, K)
+    for a model answering for K networks at once (``group.py``).
 
     One noise draw ``z`` (from ``seed``, generated on the CPU so the result does not depend on the
     device or the batch size) is shared by all sigmas: common random numbers make the curve smooth in
@@ -66,7 +67,7 @@ def noise_accuracy(
         raise ValueError(f"sigmas must be finite and >= 0, got {sigmas}")
     device = resolve_device(model, device)
     unit_noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(int(seed)))
-    correct = np.zeros(len(sigmas))
+    correct = None
     with evaluation_mode(model):
         for start in range(0, len(x), batch_size):
             clean = x[start : start + batch_size].to(device)
@@ -74,7 +75,11 @@ def noise_accuracy(
             target = y[start : start + batch_size].to(device)
             for k, sigma in enumerate(sigmas):
                 noisy = (clean + float(sigma) * noise).clamp_(0.0, 1.0)
-                correct[k] += (model(noisy).argmax(dim=1) == target).sum().item()
+                predicted = model(noisy).argmax(dim=-1)  # (B,), or (B, K) for K networks at once
+                hits = (predicted == target.view(-1, *[1] * (predicted.ndim - 1))).sum(dim=0).cpu().numpy()
+                if correct is None:
+                    correct = np.zeros((len(sigmas), *hits.shape))
+                correct[k] += hits
     return correct / len(x)
 
 

@@ -30,6 +30,7 @@ from .evaluation import (
     robust_accuracy,
     seeded_torch,
 )
+from .group import NetworkGroup, group_minimal_perturbations
 
 DEFAULT_SIGMAS = [float(s) for s in default_noise_ladder()]
 _SIGMA_LIST = Rule(
@@ -54,6 +55,24 @@ _SEVERITIES = Rule(
 _NAMES = Rule(
     "a non-empty list of names", lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(n, str) for n in v)
 )
+
+
+def _forward(model):
+    """The module to run: the model, or a network group's shared-input view (``group.py``)."""
+    return model.shared if isinstance(model, NetworkGroup) else model
+
+
+def _column(values, k):
+    """Network k's numbers out of a group's (..., K) array; the values themselves for one network."""
+    return values if k is None else np.asarray(values)[..., k]
+
+
+def _per_network(model, build: Callable):
+    """``build(None)`` for one network; for a ``NetworkGroup`` the list of ``build(k)``, one per network.
+
+    Every evaluation below takes a network or a group: a group returns each network's result, in order,
+    equal to what that network gives alone (``group.py``)."""
+    return [build(k) for k in range(model.k)] if isinstance(model, NetworkGroup) else build(None)
 
 
 def evaluation_subset(n_available: int, n_images: int, seed: int) -> np.ndarray:
@@ -85,14 +104,18 @@ def noise_evaluation(
     one noise draw scaled to every sigma. A stochastic network's own noise is drawn from ``noise_seed`` too,
     so the row does not depend on what its worker computed before."""
     images, labels = _subset(test_images, test_labels, n_images, image_seed)
+    net = _forward(model)
     with seeded_torch(noise_seed, torch.device(device)):
-        levels = noise_accuracy(model, images, labels, np.asarray(sigmas, dtype=float), seed=noise_seed, device=device)
-        clean = accuracy(model, images, labels, device=device)
-    return {
-        "n_images": len(labels),
-        "clean_accuracy": float(clean),
-        "levels": [(float(s), float(a)) for s, a in zip(sigmas, levels)],
-    }
+        levels = noise_accuracy(net, images, labels, np.asarray(sigmas, dtype=float), seed=noise_seed, device=device)
+        clean = accuracy(net, images, labels, device=device)
+    return _per_network(
+        model,
+        lambda k: {
+            "n_images": len(labels),
+            "clean_accuracy": float(_column(clean, k)),
+            "levels": [(float(s), float(a)) for s, a in zip(sigmas, _column(levels, k))],
+        },
+    )
 
 
 # ------------------------------------------------------------------------------- minimal perturbations
@@ -125,8 +148,17 @@ def perturbation_evaluation(
     A stochastic network (VOneNet noise) is attacked through its EoT average over ``eot_samples`` passes.
     """
     images, labels = _subset(test_images, test_labels, n_images, image_seed)
-    stochastic = is_stochastic(model, images[:8], device)
     start = time.perf_counter()
+    if isinstance(model, NetworkGroup):
+        results = group_minimal_perturbations(
+            model, images, labels, attack_configs, progress=progress, batch_size=batch_size, seed=attack_seed
+        )
+        seconds = (time.perf_counter() - start) / model.k  # the group's time, shared among its networks
+        return [
+            {**r.summary(attacks), "stochastic": False, "labels": [int(y) for y in labels], "attack_seconds": seconds}
+            for r in results
+        ]
+    stochastic = is_stochastic(model, images[:8], device)
     result = minimal_perturbations(
         model,
         images,
@@ -220,22 +252,25 @@ def corruption_evaluation(
     accuracy per corruption and severity, their mean, and the clean accuracy on the same images (a stochastic
     network's noise drawn from ``corruption_seed``, as the corruptions are)."""
     images, labels = _subset(test_images, test_labels, n_images, image_seed)
+    net = _forward(model)
     with seeded_torch(corruption_seed, torch.device(device)):
         levels = []
         for name in corruptions:
             for severity in severities:
                 if source == "builtin":
-                    acc = corruption_accuracy(
-                        model, images, labels, name, severity, seed=corruption_seed, device=device
-                    )
+                    acc = corruption_accuracy(net, images, labels, name, severity, seed=corruption_seed, device=device)
                 else:
                     x, y = load_cifar10c(path, name, severity)
                     pick = evaluation_subset(len(y), min(n_images, len(y)), image_seed)
-                    acc = accuracy(model, x[pick], y[pick], device=device)
-                levels.append((name, int(severity), float(acc)))
-        return {
+                    acc = accuracy(net, x[pick], y[pick], device=device)
+                levels.append((name, int(severity), acc))
+        clean = accuracy(net, images, labels, device=device)
+    return _per_network(
+        model,
+        lambda k: {
             "n_images": len(labels),
-            "clean_accuracy": float(accuracy(model, images, labels, device=device)),
-            "mean_accuracy": float(np.mean([acc for _, _, acc in levels])),
-            "levels": levels,
-        }
+            "clean_accuracy": float(_column(clean, k)),
+            "mean_accuracy": float(np.mean([_column(acc, k) for _, _, acc in levels])),
+            "levels": [(name, severity, float(_column(acc, k))) for name, severity, acc in levels],
+        },
+    )

@@ -11,6 +11,7 @@ middle leaves each unfinished member pending and resumable from its own checkpoi
 from __future__ import annotations
 
 import os
+import re
 import signal
 
 import numpy as np
@@ -119,3 +120,58 @@ def test_group_sizes_are_checked():
     with pytest.raises(ValueError, match="--group"):
         WorkerOptions(group="many")
     WorkerOptions(group="auto")
+
+
+@pytest.mark.db
+def test_evaluations_of_a_group_store_what_each_network_gets_alone(pipeline, trained, monkeypatch, float64, caplog):
+    """Six networks of one architecture (three conditions, two seeds) evaluated as one group: noise,
+    corruption and minimal-perturbation rows equal each network's own evaluation (float64: the stored
+    float32 weights, evaluated without rounding differences). VOne is evaluated alone beside them."""
+    from neureg.models.robustness import protocols
+
+    rb, tr = pipeline.robustness, pipeline.training
+    monkeypatch.setenv("NEUREG_GROUP", "8")
+    attacks = [
+        rb.AttackConfig.add(dict(attack="linf_fmn", steps=12), label="fmn group test"),
+        rb.AttackConfig.add(dict(attack="l2_ddn", steps=12), label="ddn group test"),
+    ]
+    configs = [
+        rb.NoiseConfig.add(sigmas=[0.0, 0.25, 0.6], n_images=48),
+        rb.CorruptionConfig.add(corruptions=["gaussian_noise", "defocus_blur"], severities=[2, 4], n_images=48),
+        rb.PerturbationConfig.add(attacks=[a["attack_hash"] for a in attacks], n_images=10, eot_samples=2),
+    ]
+    nets = [dict(trained[c], seed=s) for c in ("None", "Pixel", "Neural (model)") for s in (0, 1)]
+    vone = dict(trained["VOne"], seed=0)
+    with caplog.at_level("INFO", logger="neureg"):
+        populate_stage(pipeline, ["robustness"], keys=[dict(n, **c) for n in [*nets, vone] for c in configs])
+    for table in ("NoiseAccuracy", "CorruptionAccuracy", "MinimalPerturbation"):
+        assert re.search(rf"{table}: group [12] of 2, 6 key\(s\)", caplog.text), table  # the six together, VOne alone
+    data = tr.Dataset.load(nets[0])
+    attack_configs = [rb.AttackConfig.config_of(a) for a in attacks]
+    for net in nets:
+        model = (tr.TrainedNetwork & net).load_model()
+        noise = protocols.noise_evaluation(
+            model, data.test_x, data.test_y, device="cpu", **rb.NoiseConfig.config_of(configs[0])
+        )
+        levels = (rb.NoiseAccuracy.Level & net & configs[0]).to_arrays("accuracy", order_by="level")
+        assert list(levels) == [a for _, a in noise["levels"]]
+        corrupted = protocols.corruption_evaluation(
+            model, data.test_x, data.test_y, device="cpu", **rb.CorruptionConfig.config_of(configs[1])
+        )
+        row = (rb.CorruptionAccuracy & net & configs[1]).fetch1()
+        assert (row["mean_accuracy"], row["clean_accuracy"]) == (
+            corrupted["mean_accuracy"],
+            corrupted["clean_accuracy"],
+        )
+        config = rb.PerturbationConfig.config_of(configs[2])
+        alone = protocols.perturbation_evaluation(
+            model, data.test_x, data.test_y, attack_configs, device="cpu", progress=None, **config
+        )
+        stored = (rb.MinimalPerturbation.Distance & net & configs[2]).to_dicts(order_by="image_index")
+        for mine, theirs in zip(stored, alone["images"], strict=True):
+            assert mine["clean_correct"] == theirs["clean_correct"]
+            for norm in ("linf", "l2"):
+                assert (mine[norm] is None) == (theirs[norm] is None)
+                if mine[norm] is not None:
+                    assert mine[norm] == pytest.approx(theirs[norm], rel=1e-9)
+    assert (rb.MinimalPerturbation & vone & configs[2]).fetch1("stochastic")
