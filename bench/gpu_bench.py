@@ -11,6 +11,8 @@ Sections (each checks the time left against ``--budget`` seconds and says "skipp
   "same images" is the plain step over the regularized step's images (the batch plus the stimulus
   images through the taps, no similarity term): regularized / same images is the regularizer's overhead;
   with ``gpu_busy`` (profiler kernel time / wall time) to show what bounds each step;
+- ``fused``: K = 1, 2, 4, 8 regularized networks trained as one fused model (gpu_bench_fused.py):
+  networks per hour and achieved TFLOPS, graphed and bf16 as the runtime says;
 - ``concurrency``: 1, 2 and 4 training processes on the one GPU, networks per hour at the paper's
   31,250 steps (40 epochs of 50,000 images at batch 64);
 - ``predictive``: one fit of the predictive model on a Sensorium-sized synthetic scan (8000 units,
@@ -43,6 +45,7 @@ from neureg.models.vision.training import PairBatch, training_step
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling module, however this file is loaded
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_bench_fused import bench_fused  # noqa: E402
 from gpu_bench_sections import bench_predictive, bench_robustness, time_left  # noqa: E402
 
 PAPER_STEPS = 31_250  # 40 epochs x 50,000 images / 64
@@ -66,6 +69,7 @@ SIZES = {
     "attack_images": (8, 100),
     "autoattack_images": (8, 50),
     "quick_attacks": (True, False),
+    "fused_groups": ((1, 2), (1, 2, 4, 8)),
 }
 
 
@@ -355,7 +359,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if visible, else cpu)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast + channels_last (CUDA only)")
     parser.add_argument("--budget", type=float, default=420.0, help="seconds for all sections together")
-    parser.add_argument("--sections", default="step,concurrency,predictive,robustness")
+    parser.add_argument("--sections", default="step,fused,concurrency,predictive,robustness")
     parser.add_argument("--out", type=Path, help="write the numbers as JSON here")
     parser.add_argument("--concurrency-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--start-at", type=float, help=argparse.SUPPRESS)
@@ -377,10 +381,12 @@ def main(argv=None) -> int:
         flush=True,
     )
     # Each section has a deadline (seconds since start) so the whole run fits one lent-device call.
-    deadlines = {"step": 0.35, "concurrency": 0.58, "predictive": 0.75, "robustness": 1.0}
+    deadlines = {"step": 0.3, "fused": 0.45, "concurrency": 0.6, "predictive": 0.75, "robustness": 1.0}
     with runtime.kernels():
         if "step" in sections:
             bench_steps(s, runtime, args.budget * deadlines["step"], results)
+        if "fused" in sections:
+            bench_fused(s, runtime, args.budget * deadlines["fused"], results, time_left)
         if "concurrency" in sections:
             bench_concurrency(s, runtime, args, args.budget * deadlines["concurrency"], results)
         if "predictive" in sections:

@@ -237,10 +237,11 @@ def run_demo(pipeline, out: Path | None = None, fast: bool = False) -> int:
         f"training {len(runs)} networks ({len(plans)} conditions x {len(sizes['seeds'])} seeds) "
         "on the MNIST demo digits"
     )
-    _populate_in_processes(pipeline, "training", training_batches(tr, runs))
+    batches = training_batches(tr, runs)
+    _populate_in_processes(pipeline, "training", batches)
 
-    configs = _demo_evaluation(rb, sizes)
-    _populate_in_processes(pipeline, "robustness", [[dict(r, **c) for c in configs] for r in runs])
+    configs = _demo_evaluation(rb, sizes)  # a training group is evaluated as one group too (one architecture)
+    _populate_in_processes(pipeline, "robustness", [[dict(r, **c) for r in b for c in configs] for b in batches])
 
     from ..reports.oracle import oracle_figures
     from ..reports.robustness import robustness_figures

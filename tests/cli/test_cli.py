@@ -287,3 +287,20 @@ def test_a_mistyped_execution_setting_is_refused_before_any_work(tmp_path):
         run = run_cli(*command, env=bad)
         assert run.returncode == 2, (command, run.stderr)
         assert "error: NEUREG_CHANNELS_LAST='maybe'" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_bad_group_size_is_refused_before_any_work(tmp_path):
+    """--group and NEUREG_GROUP take auto or 1..64: anything else is exit 2 with one line naming it, before
+    the demo writes anything or a worker or populate connects."""
+    home = tmp_path / "home"
+    demo = run_cli("demo", "--fast", "--group", "0", "--out", str(tmp_path / "out"), env={"NEUREG_HOME": str(home)})
+    assert demo.returncode == 2 and demo.stderr.strip().splitlines() == [
+        "error: --group='0': expected auto or a whole number from 1 to 64"
+    ], demo.stderr
+    assert not (tmp_path / "out").exists() and not (home / "pgdata").exists()
+    for command in (["populate", "--group", "many"], ["worker", "--once", "--group", "65"]):
+        run = run_cli(*command, env={"NEUREG_HOME": str(home)})
+        assert run.returncode == 2 and "--group" in run.stderr and "Traceback" not in run.stderr, (command, run.stderr)
+        assert len(run.stderr.strip().splitlines()) == 1
+    worker = run_cli("worker", "--once", env={"NEUREG_HOME": str(home), "NEUREG_GROUP": "-3"})
+    assert worker.returncode == 2 and "NEUREG_GROUP='-3'" in worker.stderr, worker.stderr

@@ -107,6 +107,81 @@ def test_cuda_graph_training_follows_the_eager_trajectory(strict_float32):
         torch.testing.assert_close(graphed.state_dict[key].float(), value.float(), rtol=1e-3, atol=1e-4)
 
 
+def _fused_members(net=TINY_NET, train=TINY_TRAIN):
+    from neureg.models.vision.group import Member
+
+    images, sim = toy_target()
+    other_images, other_sim = toy_target(seed=2)
+    return [
+        Member(net, train, REG, images, sim, seed=1),
+        Member(net, train, {**REG, "alpha": 0.5}, other_images, other_sim, seed=2),
+        Member(net, train, {"alpha": 0.0}, seed=3),
+    ]
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="CUDA graphs exist on CUDA only (the CPU runs the same path eagerly)")
+@pytest.mark.parametrize(
+    "net",
+    [TINY_NET, {"arch": "vone_resnet18", "width": 0.0625, "simple_channels": 4, "complex_channels": 4}],
+    ids=["resnet18", "vone_resnet18"],
+)
+def test_a_fused_group_under_cuda_graphs_follows_its_eager_trajectory(strict_float32, net):
+    """A captured fused step (each member's noise generator registered with the graph) trains the same
+    networks as the eager fused step, up to rounding; the CPU test of the same path is bitwise."""
+    from neureg.models.vision.group import train_group
+
+    data = toy_dataset()
+    eager = train_group(_fused_members(net), data, Runtime(device=DEVICE, deterministic=True))
+    graphed = train_group(_fused_members(net), data, Runtime(device=DEVICE, deterministic=True, cuda_graphs=True))
+    for a, b in zip(eager, graphed):
+        for x, y in zip(a.history, b.history):
+            assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-3)
+        for key, value in a.state_dict.items():
+            torch.testing.assert_close(b.state_dict[key].float(), value.float(), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="bf16 autocast applies on CUDA only")
+def test_a_fused_group_in_bf16_with_graphs_learns():
+    """bf16, channels_last and CUDA graphs together on a fused group: every member learns the task."""
+    from neureg.models.vision.group import train_group
+
+    data = toy_dataset(n_train=512)
+    train = {**TINY_TRAIN, "epochs": 4, "augment": "none"}
+    runtime = Runtime(device=DEVICE, amp=True, channels_last=True, cuda_graphs=True)
+    results = train_group(_fused_members(train=train), data, runtime)
+    assert all(np.isfinite(r.history[-1]["train_loss"]) and r.test_accuracy > 0.8 for r in results)
+
+
+def test_group_evaluation_on_device_matches_each_network_alone():
+    """Noise accuracy and FMN distances of three networks as one group on the device equal each network's
+    own on the device (float32: accuracies exactly, distances to 1e-3)."""
+    from neureg.models.robustness import protocols
+    from neureg.models.robustness.group import NetworkGroup
+    from neureg.models.vision.group import train_group
+    from neureg.models.vision.networks import build_network
+
+    data = toy_dataset(n_train=256)
+    results = train_group(_fused_members(train={**TINY_TRAIN, "epochs": 2}), data, Runtime(device=DEVICE))
+    models = []
+    for result in results:
+        model = build_network({**TINY_NET, "n_classes": 4})
+        model.load_state_dict(result.state_dict)
+        models.append(model.to(DEVICE).eval())
+    group = NetworkGroup(models, DEVICE)
+    x, y = data.test_x, data.test_y
+    together = protocols.noise_evaluation(group, x, y, device=DEVICE, n_images=64)
+    assert together == [protocols.noise_evaluation(m, x, y, device=DEVICE, n_images=64) for m in models]
+    attacks = [{"attack": "linf_fmn", "steps": 20}]
+    kwargs = dict(attacks=["fmn"], n_images=24, progress=None)
+    grouped = protocols.perturbation_evaluation(group, x, y, attacks, device=DEVICE, **kwargs)
+    for model, mine in zip(models, grouped):
+        alone = protocols.perturbation_evaluation(model, x, y, attacks, device=DEVICE, **kwargs)
+        for a, b in zip(alone["images"], mine["images"]):
+            assert (a["linf"] is None) == (b["linf"] is None)
+            if a["linf"] is not None:
+                assert b["linf"] == pytest.approx(a["linf"], rel=1e-3, abs=1e-5)
+
+
 def test_resume_on_device_replays_the_uninterrupted_run(tmp_path):
     data = toy_dataset()
     images, sim = toy_target()

@@ -123,7 +123,15 @@ def test_group_sizes_are_checked():
 
 
 @pytest.mark.db
-def test_evaluations_of_a_group_store_what_each_network_gets_alone(pipeline, trained, monkeypatch, float64, caplog):
+def _forget(pipeline, configs) -> None:
+    rb = pipeline.robustness
+    for table, config in zip((rb.NoiseAccuracy, rb.CorruptionAccuracy, rb.MinimalPerturbation), configs):
+        (table & config).delete(prompt=False)
+
+
+def test_evaluations_of_a_group_store_what_each_network_gets_alone(
+    pipeline, trained, monkeypatch, float64, caplog, request
+):
     """Six networks of one architecture (three conditions, two seeds) evaluated as one group: noise,
     corruption and minimal-perturbation rows equal each network's own evaluation (float64: the stored
     float32 weights, evaluated without rounding differences). VOne is evaluated alone beside them."""
@@ -142,6 +150,7 @@ def test_evaluations_of_a_group_store_what_each_network_gets_alone(pipeline, tra
     ]
     nets = [dict(trained[c], seed=s) for c in ("None", "Pixel", "Neural (model)") for s in (0, 1)]
     vone = dict(trained["VOne"], seed=0)
+    request.addfinalizer(lambda: _forget(pipeline, configs))  # the session's report tests see only theirs
     with caplog.at_level("INFO", logger="neureg"):
         populate_stage(pipeline, ["robustness"], keys=[dict(n, **c) for n in [*nets, vone] for c in configs])
     for table in ("NoiseAccuracy", "CorruptionAccuracy", "MinimalPerturbation"):
