@@ -164,6 +164,40 @@ def test_killed_worker_leaves_no_rows_and_its_job_is_done_by_another(toy_here, w
     assert "its worker stopped beating for 2 s (died 1 time(s) on it)" in Path(rescuer.log_path).read_text()
 
 
+def test_a_killed_group_worker_leaves_every_member_to_the_next(toy_here, workers):
+    """kill -9 of a worker running a group of three (item 0 sleeping inside it, items 1 and 2 waiting in
+    the group): all three reservations stop beating, are reclaimed as one death each and done by the
+    next worker; only the job that was running ran twice."""
+    toy_here.Item.insert([dict(item=i, first_delay=120 if i == 0 else 0) for i in range(3)])
+    group = workers(toy_here.env)
+    victim = group.toy(toy_here.database, "--group", "3", "--orphan-timeout", "2", "--idle-sleep", "0.2")
+    wait_for(lambda: toy.toy_events(toy_here.log).get(0), 60, "the group to start")
+    time.sleep(0.5)
+    victim.kill()
+    victim.wait()
+    assert toy.toy_report(toy_here)["jobs"] == {0: "reserved", 1: "reserved", 2: "reserved"}
+    rescuer = group.toy(
+        toy_here.database, "--group", "3", "--orphan-timeout", "2", "--idle-sleep", "0.2", "--retry-delay", "0"
+    )
+    wait_for(lambda: toy.toy_report(toy_here)["squares"] == [0, 1, 2], 60, "the rescuer to finish")
+    rescuer.send_signal(signal.SIGTERM)
+    assert rescuer.wait(timeout=30) == 0
+    report = toy.toy_report(toy_here)
+    assert report["complete"] and set(report["jobs"].values()) == {"success"}
+    assert toy.toy_events(toy_here.log) == {0: 2, 1: 1, 2: 1}
+    assert Path(rescuer.log_path).read_text().count("(died 1 time(s) on it)") == 3
+
+
+def test_time_limit_puts_a_whole_group_back(toy_here, workers):
+    toy_here.Item.insert([dict(item=i, first_delay=120 if i == 0 else 0) for i in range(3)])
+    group = workers(toy_here.env)
+    task = group.toy(toy_here.database, "--group", "3", "--time-limit", "00:04", "--idle-sleep", "0.2")
+    assert task.wait(timeout=60) == 0, group.output()
+    report = toy.toy_report(toy_here)
+    assert report["squares"] == [] and report["jobs"] == {0: "pending", 1: "pending", 2: "pending"}
+    assert all(f"released Square item={i} back to pending" in group.output() for i in range(3))
+
+
 def test_a_job_that_kills_every_worker_gives_up_after_its_attempts(toy_here, workers):
     """A poisoned job (its make() SIGKILLs the worker: an OOM kill, a segfault) counts an attempt per death,
     kept in the job's own row where DataJoint's reclaim cannot reset it, and ends in error."""

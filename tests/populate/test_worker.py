@@ -93,6 +93,32 @@ def toy_stage(database: str, stored: bool = False) -> SimpleNamespace:
             """
 
         def make(self, key):
+            self.compute(key)
+
+        # A group, as training's: the worker hands ``make_group`` up to --group items, which it computes
+        # one after another, each in its own transaction, telling the worker each outcome as it comes.
+        @staticmethod
+        def group_key(key):
+            return ()
+
+        @staticmethod
+        def group_limit(key, runtime):
+            return runtime.group or 1
+
+        def make_group(self, keys, on_outcome=None):
+            for key in keys:
+                try:
+                    self.connection.start_transaction()
+                    self.compute(key, direct=True)
+                    self.connection.commit_transaction()
+                    error = None
+                except Exception as exc:
+                    self.connection.cancel_transaction()
+                    error = exc
+                if on_outcome is not None:
+                    on_outcome(key, error)
+
+        def compute(self, key, direct=False):
             first_delay, fail_first, kill = (Item & key).fetch1("first_delay", "fail_first", "kill_always")
             earlier = toy_events(os.environ.get(TOY_LOG, "")).get(key["item"], 0)
             _toy_log("start", key["item"])
@@ -100,7 +126,7 @@ def toy_stage(database: str, stored: bool = False) -> SimpleNamespace:
                 os.kill(os.getpid(), signal.SIGKILL)
             square = key["item"] ** 2
             array = toy_stored("picture", toy_picture(key["item"])) if stored else {}
-            self.insert1(dict(key, square=square, **array))  # inside make's transaction: gone if the job dies
+            self.insert1(dict(key, square=square, **array), allow_direct_insert=direct)  # gone if the job dies
             if earlier == 0 and first_delay:
                 time.sleep(first_delay)
             if earlier < fail_first:
@@ -302,6 +328,27 @@ def test_heartbeat_keeps_a_long_job_and_reports_it(toy, monkeypatch, caplog):
     beat = (job["completed_time"] - job["reserved_time"]).total_seconds()
     assert beat < 1.5, f"last heartbeat {beat:.1f} s before the end of a 3 s job"  # beats every 0.25 s
     assert toy_events(toy.log) == {3: 1}
+
+
+def test_a_group_keeps_every_member_reserved_while_one_runs(toy, caplog):
+    """--group 3: the three items are reserved together and beat together. Items 2 and 3 wait 3 s inside
+    the group behind item 1 with a 1 s orphan timeout: without their own beats they would be reclaimed as
+    dead; each is computed once, stored and completed on its own."""
+    toy.Item.insert([dict(item=1, first_delay=3.0), dict(item=2, first_delay=0), dict(item=3, first_delay=0)])
+    with caplog.at_level("INFO", logger="neureg"):
+        assert run_once(toy, orphan_timeout=1, group="3") == 0
+    assert "start Square group of 3: item=1; item=2; item=3" in caplog.text
+    assert toy_events(toy.log) == {1: 1, 2: 1, 3: 1} and toy_report(toy)["complete"]
+    assert toy_report(toy)["jobs"] == {1: "success", 2: "success", 3: "success"}
+    assert "stopped beating" not in caplog.text
+
+
+def test_a_failing_group_member_spends_its_own_attempt(toy):
+    toy.Item.insert([dict(item=i, fail_first=int(i == 2)) for i in (1, 2, 3)])
+    assert run_once(toy, group="3", retry_delay=0) == 1
+    report = toy_report(toy)
+    assert report["jobs"] == {1: "success", 2: "error", 3: "success"} and report["squares"] == [1, 3]
+    assert report["messages"][2].startswith("[attempt 1 of 3] RuntimeError: toy failure 1 of item 2")
 
 
 def test_sigint_while_idle_stops_promptly(toy):
