@@ -372,3 +372,14 @@ def workers(tmp_path):
     yield make
     for group in made:
         group.kill_all()
+
+
+@pytest.fixture
+def float64():
+    """torch's default dtype float64 for one test: arithmetic compared without float32 rounding."""
+    import torch
+
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(saved)

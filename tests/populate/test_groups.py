@@ -16,7 +16,6 @@ import signal
 
 import numpy as np
 import pytest
-import torch
 
 from neureg.database.store import load_array
 from neureg.models.serialization import array_to_state
@@ -42,14 +41,6 @@ def _plans(tr, targets, train: dict, diverging: bool = False) -> list[dict]:
 def _job_status(jobs, key) -> str | None:
     rows = (jobs & {k: key[k] for k in jobs.primary_key}).to_arrays("status")
     return rows[0] if len(rows) else None  # None: done, and DataJoint keeps no completed rows by default
-
-
-@pytest.fixture
-def float64():
-    saved = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(saved)
 
 
 @pytest.mark.db

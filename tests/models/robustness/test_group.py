@@ -55,14 +55,6 @@ def trained64():
     return _networks(torch.float64)
 
 
-@pytest.fixture
-def float64():
-    saved = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(saved)
-
-
 def test_noise_and_corruption_accuracy_of_a_group_equal_each_network_alone(trained64, float64):
     models, data = trained64
     group = NetworkGroup(models, "cpu", probe=data.test_x[:8])

@@ -72,14 +72,6 @@ def relative(a: dict, b: dict) -> float:
     return float((x - y).norm() / x.norm())
 
 
-@pytest.fixture
-def float64():
-    saved = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(saved)
-
-
 @pytest.mark.parametrize("net", [NET, VONE], ids=["resnet18", "vone_resnet18"])
 def test_in_float64_a_group_member_is_its_run_alone(float64, net):
     data = learnable_dataset()
