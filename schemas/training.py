@@ -303,7 +303,7 @@ class TrainedNetwork(dj.Computed):
         if not members:
             return outcomes
         runtime = Runtime.from_env()
-        logger.info("training %d networks as one group on %s", len(members), runtime)
+        logger.info("training %d networks as one group on %s", len(members), runtime.describe())
 
         def finished(position, result):
             index = where[position]
