@@ -1,8 +1,9 @@
 """Several keys of one table computed together: which keys go together, and filling a table group by group.
 
-A table that can compute several keys at once (``TrainedNetwork``: networks fused into one model, see
-``models/vision/group.py``) says so with three members: ``group_key(key)`` (keys with equal group keys may
-share a group), ``group_limit(key, runtime)`` (how many at most, on this worker's device) and
+A table that can compute several keys at once (``TrainedNetwork``: networks trained as one fused model,
+``models/vision/group.py``; the noise, corruption and minimal-perturbation scores of networks of one
+architecture, ``models/robustness/group.py``) says so with three members: ``group_key(key)`` (keys with
+equal group keys may share a group), ``group_limit(key, runtime)`` (how many at most, on this worker's device) and
 ``make_group(keys, on_outcome)`` (computes them, storing each key's rows in its own transaction, and
 reports each key's outcome as it comes). The group size is an execution setting (``NEUREG_GROUP``,
 ``--group``): the rows stored are the same whatever it is, so it never enters a config hash.
