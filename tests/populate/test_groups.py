@@ -10,9 +10,13 @@ middle leaves each unfinished member pending and resumable from its own checkpoi
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import signal
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -105,7 +109,11 @@ def test_a_worker_group_fails_one_member_alone_and_resumes_the_others_after_sigt
     assert not (tr.TrainedNetwork & keys[2]) and _job_status(jobs, keys[2]) == "error"
 
 
-def test_group_sizes_are_checked():
+def test_worker_options_are_checked():
+    with pytest.raises(ValueError, match="orphan-timeout"):
+        WorkerOptions(orphan_timeout=0)
+    with pytest.raises(ValueError):
+        WorkerOptions(max_retries=-1)
     with pytest.raises(ValueError, match="--group"):
         WorkerOptions(group="0")
     with pytest.raises(ValueError, match="--group"):
@@ -175,3 +183,43 @@ def test_evaluations_of_a_group_store_what_each_network_gets_alone(
                 if mine[norm] is not None:
                     assert mine[norm] == pytest.approx(theirs[norm], rel=1e-9)
     assert (rb.MinimalPerturbation & vone & configs[2]).fetch1("stochastic")
+
+
+# ------------------------------------------------------------------------------------------------ the toy stage
+# test_worker.py's toy stage (its make_group computes items one after another): the worker's group path
+# without training's cost.
+_spec = importlib.util.spec_from_file_location("neureg_toy_stage_groups", Path(__file__).with_name("test_worker.py"))
+_toy = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_toy)
+run_once, toy_events, toy_report = _toy.run_once, _toy.toy_events, _toy.toy_report
+
+
+@pytest.fixture
+def toy(pipeline, tmp_path, monkeypatch):
+    stage = _toy.toy_stage(f"{pipeline.prefix}toyg{uuid.uuid4().hex[:6]}")
+    monkeypatch.setenv(_toy.TOY_LOG, str(tmp_path / "toy.log"))
+    stage.log = tmp_path / "toy.log"
+    stage.pipeline = SimpleNamespace(prefix=pipeline.prefix, toy=stage)
+    yield stage
+    stage.schema.drop(prompt=False)
+
+
+def test_a_group_keeps_every_member_reserved_while_one_runs(toy, caplog):
+    """--group 3: the three items are reserved together and beat together. Items 2 and 3 wait 3 s inside
+    the group behind item 1 with a 1 s orphan timeout: without their own beats they would be reclaimed as
+    dead; each is computed once, stored and completed on its own."""
+    toy.Item.insert([dict(item=1, first_delay=3.0), dict(item=2, first_delay=0), dict(item=3, first_delay=0)])
+    with caplog.at_level("INFO", logger="neureg"):
+        assert run_once(toy, orphan_timeout=1, group="3") == 0
+    assert "start Square group of 3: item=1; item=2; item=3" in caplog.text
+    assert toy_events(toy.log) == {1: 1, 2: 1, 3: 1} and toy_report(toy)["complete"]
+    assert toy_report(toy)["jobs"] == {1: "success", 2: "success", 3: "success"}
+    assert "stopped beating" not in caplog.text
+
+
+def test_a_failing_group_member_spends_its_own_attempt(toy):
+    toy.Item.insert([dict(item=i, fail_first=int(i == 2)) for i in (1, 2, 3)])
+    assert run_once(toy, group="3", retry_delay=0) == 1
+    report = toy_report(toy)
+    assert report["jobs"] == {1: "success", 2: "error", 3: "success"} and report["squares"] == [1, 3]
+    assert report["messages"][2].startswith("[attempt 1 of 3] RuntimeError: toy failure 1 of item 2")

@@ -24,10 +24,11 @@ import pytest
 from neureg.cli.worker import add_worker_arguments, options_from_args
 from neureg.database.store import load_array
 from neureg.database.store import stored as toy_stored
+from neureg.database.transaction import transaction
 from neureg.populate.devices import select_device
 from neureg.populate.stages import pipeline_tables, stage_tables
 from neureg.populate.worker import Worker, WorkerOptions, select_tables
-from neureg.populate.worker_jobs import HOST, attempts_recorded, release, retry_failed, tag_message
+from neureg.populate.worker_jobs import HOST, release, retry_failed
 
 TOY_LOG = "NEUREG_TOY_LOG"  # file each toy make() appends "start ITEM PID" / "end ITEM PID" to
 TOY_STORED = "NEUREG_TOY_STORED"  # "1": the toy stage keeps an array per item in the object store
@@ -95,28 +96,19 @@ def toy_stage(database: str, stored: bool = False) -> SimpleNamespace:
         def make(self, key):
             self.compute(key)
 
-        # A group, as training's: the worker hands ``make_group`` up to --group items, which it computes
-        # one after another, each in its own transaction, telling the worker each outcome as it comes.
-        @staticmethod
-        def group_key(key):
-            return ()
+        # Groups, as training's: up to --group items, each in its own transaction, its outcome told at once.
+        group_key = staticmethod(lambda key: ())
+        group_limit = staticmethod(lambda key, runtime: runtime.group or 1)
 
-        @staticmethod
-        def group_limit(key, runtime):
-            return runtime.group or 1
-
-        def make_group(self, keys, on_outcome=None):
+        def make_group(self, keys, on_outcome):
             for key in keys:
                 try:
-                    self.connection.start_transaction()
-                    self.compute(key, direct=True)
-                    self.connection.commit_transaction()
-                    error = None
+                    with transaction(self.connection):
+                        self.compute(key, direct=True)
                 except Exception as exc:
-                    self.connection.cancel_transaction()
-                    error = exc
-                if on_outcome is not None:
-                    on_outcome(key, error)
+                    on_outcome(key, exc)
+                    continue
+                on_outcome(key, None)
 
         def compute(self, key, direct=False):
             first_delay, fail_first, kill = (Item & key).fetch1("first_delay", "fail_first", "kill_always")
@@ -330,27 +322,6 @@ def test_heartbeat_keeps_a_long_job_and_reports_it(toy, monkeypatch, caplog):
     assert toy_events(toy.log) == {3: 1}
 
 
-def test_a_group_keeps_every_member_reserved_while_one_runs(toy, caplog):
-    """--group 3: the three items are reserved together and beat together. Items 2 and 3 wait 3 s inside
-    the group behind item 1 with a 1 s orphan timeout: without their own beats they would be reclaimed as
-    dead; each is computed once, stored and completed on its own."""
-    toy.Item.insert([dict(item=1, first_delay=3.0), dict(item=2, first_delay=0), dict(item=3, first_delay=0)])
-    with caplog.at_level("INFO", logger="neureg"):
-        assert run_once(toy, orphan_timeout=1, group="3") == 0
-    assert "start Square group of 3: item=1; item=2; item=3" in caplog.text
-    assert toy_events(toy.log) == {1: 1, 2: 1, 3: 1} and toy_report(toy)["complete"]
-    assert toy_report(toy)["jobs"] == {1: "success", 2: "success", 3: "success"}
-    assert "stopped beating" not in caplog.text
-
-
-def test_a_failing_group_member_spends_its_own_attempt(toy):
-    toy.Item.insert([dict(item=i, fail_first=int(i == 2)) for i in (1, 2, 3)])
-    assert run_once(toy, group="3", retry_delay=0) == 1
-    report = toy_report(toy)
-    assert report["jobs"] == {1: "success", 2: "error", 3: "success"} and report["squares"] == [1, 3]
-    assert report["messages"][2].startswith("[attempt 1 of 3] RuntimeError: toy failure 1 of item 2")
-
-
 def test_sigint_while_idle_stops_promptly(toy):
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
@@ -455,21 +426,6 @@ def test_release_and_retry_go_through_datajoints_api(toy):
     reset = retry_failed(jobs, max_retries=2, retry_delay=0)
     assert reset == [({"item": 2}, 1, "[attempt 1 of 3] RuntimeError: y")]
     assert (jobs & {"item": 2}).fetch1("status", "error_message") == ("pending", "[attempt 1 of 3] RuntimeError: y")
-
-
-def test_attempt_tags():
-    assert attempts_recorded("", "pending") == 0 and attempts_recorded("ValueError: x", "error") == 1
-    tagged = tag_message("ValueError: x", 2, 3)
-    assert tagged == "[attempt 2 of 3] ValueError: x" and attempts_recorded(tagged, "pending") == 2
-    assert tag_message(tagged, 3, 3) == "[attempt 3 of 3] ValueError: x"  # re-tagging replaces the tag
-    assert len(tag_message("x" * 5000, 1, 3)) == 2047
-
-
-def test_options_are_checked():
-    with pytest.raises(ValueError, match="orphan-timeout"):
-        WorkerOptions(orphan_timeout=0)
-    with pytest.raises(ValueError):
-        WorkerOptions(max_retries=-1)
 
 
 def test_device_comes_from_the_environment(monkeypatch):
