@@ -101,16 +101,15 @@ class GroupLedger:
         return [key for key in keys if key not in self.settled]
 
 
-def populate_in_groups(table, restriction, runtime, *, reserve_jobs=False, suppress_errors=False) -> dict:
-    """``populate`` a groupable table group by group; returns ``{"success_count", "error_list"}`` as
-    DataJoint's populate does (``error_list``: (key, "Type: message") pairs, with ``suppress_errors``).
-    Without ``suppress_errors`` the first failure is raised once its group has finished: the group's
-    other members are stored first."""
+def populate_in_groups(table, groups: list[list[dict]], *, reserve_jobs=False, suppress_errors=False) -> dict:
+    """``populate`` a groupable table group by group (``groups``: its ``pending_groups``); returns
+    ``{"success_count", "error_list"}`` as DataJoint's populate does (``error_list``: (key, "Type: message")
+    pairs, with ``suppress_errors``). Without ``suppress_errors`` the first failure is raised once its group
+    has finished: the group's other members are stored first."""
     instance = table()
     jobs = instance.jobs if reserve_jobs else None
     if jobs is not None:
         jobs.refresh(delay=-1)
-    groups = pending_groups(table, restriction, runtime)
     done, errors = 0, []
     for number, keys in enumerate(groups, 1):
         if jobs is not None:

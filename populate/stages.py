@@ -196,10 +196,9 @@ def populate_stage(
             continue
         before = len(table())
         start = time.perf_counter()
-        if groupable(table) and any(len(g) > 1 for g in pending_groups(table, restriction, runtime)):
-            result = populate_in_groups(
-                table, restriction, runtime, reserve_jobs=reserve_jobs, suppress_errors=suppress_errors
-            )
+        groups = pending_groups(table, restriction, runtime) if groupable(table) else []
+        if any(len(g) > 1 for g in groups):
+            result = populate_in_groups(table, groups, reserve_jobs=reserve_jobs, suppress_errors=suppress_errors)
         else:
             result = populate_beside_others(
                 table,
