@@ -189,7 +189,7 @@ def _register(pipeline, scans: list[dict], note: str, loaded, cifar_root, seeds:
     for s in range(seeds):
         ledger.note(tr.Seed, {"seed": s})
 
-    added = rb.add_standard_configs()
+    added = rb.add_standard_configs(dataset=DATASET)
     for value in added.values():
         for key in value if isinstance(value, list) else [value]:
             ledger.note(_table_of(robustness_tables, key), key)

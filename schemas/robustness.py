@@ -16,7 +16,7 @@ import datajoint as dj
 from ..database.transaction import transaction
 from ..models.robustness import protocols
 from ..models.robustness.attack_registry import ATTACKS, default_attack_configs
-from ..models.robustness.evaluation import is_stochastic
+from ..models.robustness.evaluation import dataset_epsilons, is_stochastic
 from ..models.robustness.group import NetworkGroup
 from ..models.runtime import Runtime, group_size
 from . import training
@@ -299,16 +299,42 @@ class CorruptionAccuracy(GroupEvaluation, dj.Computed):
         self.Level.insert(dict(key, corruption=c, severity=s, accuracy=a) for c, s, a in levels)
 
 
-def add_standard_configs(quick: bool = False, n_images: int | None = None) -> dict:
-    """The standard evaluation as config rows; ``quick`` is the CPU demo version (fewer steps, no BB/Boundary,
-    robust accuracy by PGD instead of AutoAttack).
+def budget_label(epsilon: float) -> str:
+    """An epsilon as papers write it: a short decimal (0.2, 1.5), else k/255 for a multiple of 1/255 (8/255)."""
+    steps = round(epsilon * 255)
+    if round(epsilon, 3) != epsilon and steps and abs(epsilon * 255 - steps) < 1e-9:
+        return f"{steps}/255"
+    return f"{epsilon:g}"
 
-    Returns the keys added, by table. The paper's sizes (1000 images, full attack set) need a GPU.
+
+def add_standard_configs(quick: bool = False, n_images: int | None = None, dataset: str = "cifar10") -> dict:
+    """The standard evaluation as config rows; ``quick`` is the CPU demo version (fewer steps, no BB/Boundary,
+    robust accuracy by PGD instead of AutoAttack). The fixed-epsilon budgets are ``dataset``'s
+    (``evaluation.dataset_epsilons``: Linf 8/255 and L2 0.5 for CIFAR; Linf 0.1, 0.2, 0.3 and L2 1.5, 2.0 for
+    MNIST).
+
+    Returns the keys added, by table (``robust_linf`` and ``robust_l2`` are lists, one key per budget). The
+    paper's sizes (1000 images, full attack set) need a GPU.
     """
+    budgets = dataset_epsilons(dataset)  # first: an unknown dataset writes nothing
     n = n_images or (100 if quick else 1000)
     attack_keys = [AttackConfig.add(c, label=c["attack"]) for c in default_attack_configs(quick=quick)]
     steps = 10 if quick else 40
     method = "pgd" if quick else "autoattack"  # AutoAttack is the leaderboards' number; PGD the quick one
+    robust = {
+        f"robust_{norm}": [
+            RobustConfig.add(
+                method=method,
+                norm=norm,
+                epsilon=eps,
+                steps=steps,
+                n_images=n,
+                label=f"{method} {norm} {budget_label(eps)}",
+            )
+            for eps in budgets[norm]
+        ]
+        for norm in ("linf", "l2")
+    }
     return {
         "noise": NoiseConfig.add(n_images=n, label="ladder"),
         "perturbation": PerturbationConfig.add(
@@ -317,12 +343,7 @@ def add_standard_configs(quick: bool = False, n_images: int | None = None) -> di
             eot_samples=4 if quick else 8,
             label="quick" if quick else "paper",
         ),
-        "robust_linf": RobustConfig.add(
-            method=method, norm="linf", epsilon=8 / 255, steps=steps, n_images=n, label=f"{method} linf 8/255"
-        ),
-        "robust_l2": RobustConfig.add(
-            method=method, norm="l2", epsilon=0.5, steps=steps, n_images=n, label=f"{method} l2 0.5"
-        ),
+        **robust,
         "corruption": CorruptionConfig.add(n_images=n, label="builtin"),
         "attacks": attack_keys,
     }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -21,6 +22,24 @@ from ..runtime import DEFAULT_BATCH_SIZE, as_image_tensor, as_label_tensor, eval
 
 #: The perturbation budgets the field's leaderboards (RobustBench) report for CIFAR-10.
 LEADERBOARD_EPSILONS = {"linf": 8 / 255, "l2": 0.5}
+
+#: Fixed-epsilon budgets per dataset family (images in [0, 1]). CIFAR: the leaderboards' (RobustBench).
+#: MNIST: the budgets MNIST robustness papers report (Linf 0.1 to 0.3 after Madry et al. 2018; L2 1.5 and
+#: 2.0 after Schott et al. 2019 and Croce & Hein 2020). A CIFAR budget says nothing on MNIST: at Linf 8/255
+#: an unregularized demo network keeps over 90% of its digits.
+DATASET_EPSILONS = {"cifar": {"linf": (8 / 255,), "l2": (0.5,)}, "mnist": {"linf": (0.1, 0.2, 0.3), "l2": (1.5, 2.0)}}
+
+
+def dataset_epsilons(dataset: str) -> dict[str, tuple[float, ...]]:
+    """The fixed-epsilon budgets, by norm, for ``dataset`` (a Dataset row's name: cifar10, cifar100,
+    mnist_demo, ...), chosen by the name's family (its leading letters)."""
+    family = re.match(r"[a-z]*", str(dataset).lower()).group(0)
+    if family not in DATASET_EPSILONS:
+        raise ValueError(
+            f"no fixed-epsilon budgets for dataset {dataset!r}; known families: {sorted(DATASET_EPSILONS)}"
+        )
+    return DATASET_EPSILONS[family]
+
 
 # ---------------------------------------------------------------------------------------------------
 # Gaussian-noise accuracy (paper Fig. 4A)

@@ -105,3 +105,28 @@ def test_bad_robustness_configs_are_refused(pipeline, evaluated):
     with pytest.raises(ValueError, match="needs 'path'"):
         rb.CorruptionConfig.add(source="cifar10c")
     assert [len(t()) for t in tables] == before
+
+
+def test_standard_budgets_follow_the_dataset(pipeline):
+    """MNIST gets MNIST's budgets (a CIFAR one separates nothing there); CIFAR keeps the leaderboards' rows,
+    whose hashes are those written before budgets depended on the dataset."""
+    rb = pipeline.robustness
+    mnist = rb.add_standard_configs(quick=True, dataset="mnist_demo")
+    budgets = {
+        norm: sorted((rb.RobustConfig & key).fetch1("robust_config")["epsilon"] for key in mnist[f"robust_{norm}"])
+        for norm in ("linf", "l2")
+    }
+    assert budgets == {"linf": [0.1, 0.2, 0.3], "l2": [1.5, 2.0]}
+    labels = {(rb.RobustConfig & key).fetch1("robust_label") for key in mnist["robust_linf"] + mnist["robust_l2"]}
+    assert labels == {"pgd linf 0.1", "pgd linf 0.2", "pgd linf 0.3", "pgd l2 1.5", "pgd l2 2"}
+    cifar = rb.add_standard_configs(quick=True)
+    assert cifar["robust_linf"] == [
+        rb.RobustConfig.add(method="pgd", norm="linf", epsilon=8 / 255, steps=10, n_images=100)
+    ]
+    assert cifar["robust_l2"] == [rb.RobustConfig.add(method="pgd", norm="l2", epsilon=0.5, steps=10, n_images=100)]
+    assert (rb.RobustConfig & cifar["robust_linf"][0]).fetch1("robust_label") == "pgd linf 8/255"
+    tables = (rb.NoiseConfig, rb.AttackConfig, rb.PerturbationConfig, rb.RobustConfig, rb.CorruptionConfig)
+    before = [len(t()) for t in tables]
+    with pytest.raises(ValueError, match="no fixed-epsilon budgets for dataset 'imagenet'"):
+        rb.add_standard_configs(dataset="imagenet", n_images=7)
+    assert [len(t()) for t in tables] == before
