@@ -36,7 +36,7 @@ from torch import nn
 from ..digests import stable_hash
 from ..runtime import as_image_tensor, as_label_tensor, evaluation_mode, predict_labels, resolve_device
 from .attack_registry import ATTACKS, attack_norm, default_attack_configs, needs_starting_points, validate_attack_config
-from .evaluation import attackable_model, seeded_torch
+from .evaluation import VOTES, attackable_model, misclassified, seeded_torch
 
 NORMS = ("linf", "l2")
 __all__ = [
@@ -52,8 +52,6 @@ __all__ = [
 
 #: Float slack when comparing a recomputed distance with a reported one.
 DISTANCE_TOLERANCE = 1e-6
-#: Draws of a stochastic network's EoT average that vote on whether a point is adversarial (majority).
-VOTES = 25
 #: Factors by which a stochastic network's failed end point is pushed outward along its perturbation.
 GROWTH = (1.02, 1.05, 1.1, 1.2, 1.5, 2.0)
 
@@ -261,12 +259,6 @@ def attack_seed(seed: int | None, config: dict) -> int | None:
     return None if seed is None else int(stable_hash({"seed": int(seed), "attack": config})[:15], 16)
 
 
-def _misclassified(model: nn.Module, points: torch.Tensor, y: torch.Tensor, votes: int = 1) -> torch.Tensor:
-    """Which points a majority of ``votes`` forward passes misclassify (one pass: the model's answer)."""
-    wrong = sum((model(points).argmax(dim=1) != y).int() for _ in range(votes))
-    return wrong > votes // 2
-
-
 @torch.no_grad()
 def _verify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, adv: torch.Tensor, votes: int = 1) -> np.ndarray:
     """Which candidate adversarials are real: finite, inside [0, 1] and misclassified (by a majority of
@@ -274,7 +266,7 @@ def _verify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, adv: torch.Tenso
     finite = torch.isfinite(adv).flatten(1).all(dim=1)
     safe = torch.where(finite.view(-1, *[1] * (adv.ndim - 1)), adv, x)
     in_box = ((safe >= 0) & (safe <= 1)).flatten(1).all(dim=1)
-    return (finite & in_box & _misclassified(model, safe, y, votes)).cpu().numpy()
+    return (finite & in_box & misclassified(model, safe, y, votes)).cpu().numpy()
 
 
 @torch.no_grad()
@@ -288,7 +280,7 @@ def _verify_by_vote(model: nn.Module, x: torch.Tensor, y: torch.Tensor, adv: tor
         if len(todo) == 0:
             break
         pushed = (x[todo] + factor * (adv[todo] - x[todo])).clamp(0.0, 1.0)
-        now = _misclassified(model, pushed, y[todo], VOTES)
+        now = misclassified(model, pushed, y[todo], VOTES)
         adv[todo[now]] = pushed[now]
         ok[todo[now]] = True
     return ok.cpu().numpy()
