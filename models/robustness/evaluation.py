@@ -115,7 +115,9 @@ class ExpectationOverTransformation(nn.Module):
     ``average="logits"`` returns the mean logits; ``average="softmax"`` returns the log of the mean
     class probabilities, which is a valid logit vector (its softmax is the mean softmax) and so plugs
     into cross-entropy and arg-max like any model output. For a deterministic network the logits
-    average is the network itself. The passes run one after the other, so memory stays that of one.
+    average is the network itself. The draws run as one batch (``n_samples`` copies of the images, each
+    copy its own noise), so a draw costs one kernel's share instead of one sequential pass; memory grows
+    ``n_samples``-fold, which the caller's batch size accounts for.
     """
 
     def __init__(self, model: nn.Module, n_samples: int, average: str = "logits"):
@@ -129,13 +131,12 @@ class ExpectationOverTransformation(nn.Module):
         self.average = average
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.n_samples
+        draws = self.model(x.repeat(n, *[1] * (x.ndim - 1)))  # copy k of image i is row k * len(x) + i
+        draws = draws.view(n, len(x), *draws.shape[1:])
         if self.average == "logits":
-            total = self.model(x)
-            for _ in range(self.n_samples - 1):
-                total = total + self.model(x)
-            return total / self.n_samples
-        log_probs = torch.stack([torch.log_softmax(self.model(x), dim=1) for _ in range(self.n_samples)])
-        return torch.logsumexp(log_probs, dim=0) - math.log(self.n_samples)
+            return draws.mean(dim=0)
+        return torch.logsumexp(torch.log_softmax(draws, dim=-1), dim=0) - math.log(n)
 
 
 @torch.no_grad()

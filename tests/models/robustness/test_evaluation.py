@@ -141,6 +141,30 @@ def test_eot_averages_out_the_noise(trained):
     assert averaged == pytest.approx(0.1, abs=0.03), "std of a mean of 100 N(0, 1) is 0.1"
 
 
+class RowOffset(nn.Module):
+    """A 'noise' that is the row's position in its batch: it shows which copy of which image each row was."""
+
+    def forward(self, x):
+        rows = torch.arange(len(x), dtype=torch.float32)
+        return torch.stack([rows, -rows], dim=1)
+
+
+def test_eot_draws_run_as_one_batch():
+    """One forward over n copies of the B images: image i's draws are rows i, B + i, ..., (n - 1) B + i."""
+    calls = []
+    model = RowOffset()
+    model.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    b, n = 5, 4
+    out = ExpectationOverTransformation(model, n)(torch.zeros(b, 1, 2, 2))
+    assert calls == [n * b]
+    expected = torch.arange(b, dtype=torch.float32) + b * (n - 1) / 2
+    torch.testing.assert_close(out, torch.stack([expected, -expected], dim=1))
+    soft = ExpectationOverTransformation(model, n, average="softmax")(torch.zeros(b, 1, 2, 2))
+    rows = torch.arange(n * b, dtype=torch.float32).view(n, b)
+    mean_probs = torch.softmax(torch.stack([rows, -rows], dim=2), dim=2).mean(dim=0)
+    torch.testing.assert_close(soft, mean_probs.log())
+
+
 def test_eot_validates_arguments(trained):
     model = trained[0]
     with pytest.raises(ValueError):
