@@ -133,6 +133,30 @@ def config_rules(rules: Callable[..., None] | None = None):
     return mark
 
 
+def config_history(*, added: dict):
+    """Decorator: keys a config function gained after rows were keyed by it, each with the value that does
+    what configs without it did. A config holding exactly that value hashes as it did before the key
+    existed, so an old row and the same config added today are one row (``ConfigTable``; docs/architecture.md,
+    "Configs that change")."""
+
+    def mark(function: Callable) -> Callable:
+        function.config_added = dict(added)
+        return function
+
+    return mark
+
+
+def added_keys(function: Callable | None) -> dict:
+    """The keys ``function``'s config gained later, with their values that change nothing (:func:`config_history`)."""
+    return dict(getattr(function, "config_added", {}))
+
+
+def hashed_form(function: Callable | None, full: dict) -> dict:
+    """What a completed config's hash is taken of: without the later keys that hold their neutral value."""
+    added = added_keys(function)
+    return {k: v for k, v in full.items() if not (k in added and v == added[k])}
+
+
 def check_config_rules(function: Callable, full: dict) -> None:
     """Apply the rules across keys of ``function``'s completed config (see :func:`config_rules`)."""
     rules = getattr(function, "config_rules", function)

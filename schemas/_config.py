@@ -21,7 +21,7 @@ import numpy as np
 from ..database.store import load_array
 from ..models.digests import stable_hash
 from ..models.neural.oracle import LabeledSimilarity
-from ..models.registry import Registry, check_config_rules, complete_kwargs
+from ..models.registry import Registry, added_keys, check_config_rules, complete_kwargs, hashed_form
 
 logger = logging.getLogger("neureg")
 
@@ -130,12 +130,14 @@ class ConfigTable:
     @classmethod
     def key_of(cls, full: dict) -> dict:
         """The primary key of a completed config."""
-        return {f"{cls.config_name}_hash": stable_hash(full)}
+        return {f"{cls.config_name}_hash": stable_hash(hashed_form(cls.settings, full))}
 
     @classmethod
     def config_of(cls, key: dict) -> dict:
-        """The stored (complete) config of one key."""
-        return (cls() & key).fetch1(f"{cls.config_name}_config")
+        """The stored (complete) config of one key, in today's form: keys added since it was stored hold the
+        values that do what it did (``models.registry.config_history``)."""
+        stored = (cls() & key).fetch1(f"{cls.config_name}_config")
+        return {**added_keys(cls.settings), **stored}
 
 
 class ImageRows(dj.Part):

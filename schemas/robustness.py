@@ -146,13 +146,14 @@ class AttackConfig(ConfigTable, dj.Lookup, registry=ATTACKS):
 
 @schema
 class PerturbationConfig(ConfigTable, dj.Lookup, settings=protocols.perturbation_evaluation):
-    """Which attacks (AttackConfig hashes) on how many images (``protocols.perturbation_evaluation``)."""
+    """Which attacks (AttackConfig hashes) on how many images, and which cross-checks on how many of them
+    (``protocols.perturbation_evaluation``)."""
 
     @classmethod
     def check_references(cls, full: dict) -> dict:
-        """Every attack hash names an AttackConfig row; the list is sorted, so its order never splits rows."""
-        full = {**full, "attacks": sorted(set(full["attacks"]))}
-        missing = [h for h in full["attacks"] if not (AttackConfig & {"attack_hash": h})]
+        """Every attack hash names an AttackConfig row; the lists are sorted, so order never splits rows."""
+        full = {**full, "attacks": sorted(set(full["attacks"])), "cross_checks": sorted(set(full["cross_checks"]))}
+        missing = [h for h in full["attacks"] + full["cross_checks"] if not (AttackConfig & {"attack_hash": h})]
         if missing:
             raise ValueError(f"attack hashes not in AttackConfig: {missing}")
         return full
@@ -202,22 +203,42 @@ class MinimalPerturbation(GroupEvaluation, dj.Computed):
         success_rate     : float64                  # share of correctly classified images it flipped
         """
 
+    class Coverage(dj.Part):
+        """How many images each attack ran on, and how often a cross-check beat the primary attacks (the sign
+        of a weak primary attack). Rows written before cross-checks existed have none: every attack ran on
+        every image."""
+
+        definition = """
+        -> master
+        -> AttackConfig
+        ---
+        n_images         : int32                    # evaluation images this attack ran on
+        cross_check      : bool                     # run on the cross-check subset, not on every image
+        beat_primary = null : int32                 # cross-checks: images where it beat every primary attack
+        """
+
     config_table = PerturbationConfig
 
     @staticmethod
     def evaluate(model, images, labels, *, device, **config):
         """``protocols.perturbation_evaluation`` with this table's attacks (the rows of the config's hashes)."""
-        attack_configs = [AttackConfig.config_of({"attack_hash": h}) for h in config["attacks"]]
+        rows = lambda hashes: [AttackConfig.config_of({"attack_hash": h}) for h in hashes]  # noqa: E731
         progress = lambda msg: logger.info("  %s", msg)  # noqa: E731
         return protocols.perturbation_evaluation(
-            model, images, labels, attack_configs, device=device, progress=progress, **config
+            model,
+            images,
+            labels,
+            rows(config["attacks"]),
+            rows(config["cross_checks"]),
+            device=device,
+            progress=progress,
+            **config,
         )
 
     def make_fetch(self, key):
-        config = PerturbationConfig.config_of(key)
-        return config, [AttackConfig.config_of({"attack_hash": h}) for h in config["attacks"]]
+        return (PerturbationConfig.config_of(key),)
 
-    def make_compute(self, key, config, attack_configs):
+    def make_compute(self, key, config):
         model, images, labels, device = _evaluation_inputs(key)
         result = dict(self.evaluate(model, images, labels, device=device, **config))
         return result, result.pop("labels")
@@ -241,8 +262,23 @@ class MinimalPerturbation(GroupEvaluation, dj.Computed):
         self.Distance.insert(
             dict(key, image_index=i, label=y, **row) for i, (y, row) in enumerate(zip(labels, result["images"]))
         )
-        hashes = PerturbationConfig.config_of(key)["attacks"]
-        self.Attack.insert(dict(key, attack_hash=h, **row) for h, row in zip(hashes, result["attacks"]))
+        config = PerturbationConfig.config_of(key)
+        hashes = config["attacks"] + config["cross_checks"]
+        per_attack = result["attacks"]
+        self.Attack.insert(
+            dict(key, attack_hash=h, median_distance=row["median_distance"], success_rate=row["success_rate"])
+            for h, row in zip(hashes, per_attack)
+        )
+        self.Coverage.insert(
+            dict(
+                key,
+                attack_hash=h,
+                n_images=row["n_images"],
+                cross_check=h in config["cross_checks"],
+                beat_primary=row["beat_primary"],
+            )
+            for h, row in zip(hashes, per_attack)
+        )
 
 
 @schema
@@ -299,6 +335,11 @@ class CorruptionAccuracy(GroupEvaluation, dj.Computed):
         self.Level.insert(dict(key, corruption=c, severity=s, accuracy=a) for c, s, a in levels)
 
 
+#: The standard evaluation's primary attacks, run on every image: the fast minimal-norm ones. The others
+#: (PGD search, Brendel-Bethge, C&W, Boundary) cross-check them on a subset (docs/attacks.md).
+PRIMARY_ATTACKS = ("linf_fmn", "l2_fmn", "l2_ddn")
+
+
 def budget_label(epsilon: float) -> str:
     """An epsilon as papers write it: a short decimal (0.2, 1.5), else k/255 for a multiple of 1/255 (8/255)."""
     steps = round(epsilon * 255)
@@ -309,9 +350,10 @@ def budget_label(epsilon: float) -> str:
 
 def add_standard_configs(quick: bool = False, n_images: int | None = None, dataset: str = "cifar10") -> dict:
     """The standard evaluation as config rows; ``quick`` is the CPU demo version (fewer steps, no BB/Boundary,
-    robust accuracy by PGD instead of AutoAttack). The fixed-epsilon budgets are ``dataset``'s
-    (``evaluation.dataset_epsilons``: Linf 8/255 and L2 0.5 for CIFAR; Linf 0.1, 0.2, 0.3 and L2 1.5, 2.0 for
-    MNIST).
+    robust accuracy by PGD instead of AutoAttack). The minimal perturbations run ``PRIMARY_ATTACKS`` on every
+    image and the other attacks, as cross-checks, on the first 100 (the paper version). The fixed-epsilon
+    budgets are ``dataset``'s (``evaluation.dataset_epsilons``: Linf 8/255 and L2 0.5 for CIFAR; Linf 0.1,
+    0.2, 0.3 and L2 1.5, 2.0 for MNIST).
 
     Returns the keys added, by table (``robust_linf`` and ``robust_l2`` are lists, one key per budget). The
     paper's sizes (1000 images, full attack set) need a GPU.
@@ -319,6 +361,12 @@ def add_standard_configs(quick: bool = False, n_images: int | None = None, datas
     budgets = dataset_epsilons(dataset)  # first: an unknown dataset writes nothing
     n = n_images or (100 if quick else 1000)
     attack_keys = [AttackConfig.add(c, label=c["attack"]) for c in default_attack_configs(quick=quick)]
+    primary = [
+        k["attack_hash"]
+        for k, c in zip(attack_keys, default_attack_configs(quick=quick))
+        if c["attack"] in PRIMARY_ATTACKS
+    ]
+    checks = [k["attack_hash"] for k in attack_keys if k["attack_hash"] not in primary]
     steps = 10 if quick else 40
     method = "pgd" if quick else "autoattack"  # AutoAttack is the leaderboards' number; PGD the quick one
     robust = {
@@ -338,7 +386,9 @@ def add_standard_configs(quick: bool = False, n_images: int | None = None, datas
     return {
         "noise": NoiseConfig.add(n_images=n, label="ladder"),
         "perturbation": PerturbationConfig.add(
-            attacks=[k["attack_hash"] for k in attack_keys],
+            attacks=primary,
+            cross_checks=checks,
+            cross_check_images=min(n, 50) if quick else 100,
             n_images=min(n, 50) if quick else n,
             eot_samples=4 if quick else 8,
             label="quick" if quick else "paper",

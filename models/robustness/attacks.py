@@ -52,6 +52,8 @@ __all__ = [
 
 #: Float slack when comparing a recomputed distance with a reported one.
 DISTANCE_TOLERANCE = 1e-6
+#: A cross-check beats the primary attacks on an image when its distance is below this share of theirs.
+BEAT_MARGIN = 0.99
 #: Factors by which a stochastic network's failed end point is pushed outward along its perturbation.
 GROWTH = (1.02, 1.05, 1.1, 1.2, 1.5, 2.0)
 
@@ -108,6 +110,9 @@ class MinimalPerturbations:
     distances: np.ndarray
     adversarials: np.ndarray
     clean_correct: np.ndarray
+    stochastic: bool = False  # attacked through its EoT average, verdicts by vote
+    cross_check: np.ndarray | None = None  # (C,) bool: config c is a cross-check (``with_cross_checks``)
+    attacked: np.ndarray | None = None  # (C, N) bool: config c ran on image i (None: every config on every image)
 
     def best(self, norm: str) -> tuple[np.ndarray, np.ndarray]:
         """Per image, the smallest distance over configs of ``norm`` and the index of that config.
@@ -139,13 +144,31 @@ class MinimalPerturbations:
         """The score: median over images of the per-image minimum in ``norm``."""
         return median_perturbation(self.best(norm)[0])
 
+    def beat_primary(self) -> list[int | None]:
+        """Per config: for a cross-check, on how many correctly classified images it verified a distance
+        below ``BEAT_MARGIN`` times the best primary attack of its norm (or one where they found none), the
+        sign of a weak primary attack; None for a primary attack."""
+        cross = np.zeros(len(self.configs), dtype=bool) if self.cross_check is None else self.cross_check
+        correct = np.asarray(self.clean_correct, dtype=bool)
+        out: list[int | None] = []
+        for c, norm in enumerate(self.norms):
+            if not cross[c]:
+                out.append(None)
+                continue
+            rows = [r for r, n in enumerate(self.norms) if n == norm and not cross[r]]
+            primary = self.distances[rows].min(axis=0) if rows else np.full(self.distances.shape[1], np.inf)
+            won = correct & np.isfinite(self.distances[c]) & (self.distances[c] < BEAT_MARGIN * primary)
+            out.append(int(won.sum()))
+        return out
+
     def summary(self, attack_ids: list[str]) -> dict:
         """What a results table keeps, ``attack_ids[c]`` naming config c (e.g. its hash).
 
         ``medians`` and ``images[i][norm]`` are None where nothing finite was found (databases store no
         infinity, and a failed image still counts as larger than every distance in the median);
         ``images[i][norm + '_attack']`` is '' where no attack earned the image; ``attacks[c]`` holds
-        that attack's own median and its success rate over the correctly classified images.
+        that attack's own median and success rate over the correctly classified images it ran on, how many
+        images it ran on, and for a cross-check how many it won (:meth:`beat_primary`; None otherwise).
         """
         finite = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731
         best = {norm: self.best(norm) for norm in NORMS if norm in self.norms}
@@ -157,10 +180,16 @@ class MinimalPerturbations:
                 row[f"{norm}_attack"] = attack_ids[index[i]] if index[i] >= 0 else ""
             images.append(row)
         correct = np.asarray(self.clean_correct, dtype=bool)
+        ran = np.ones(self.distances.shape, dtype=bool) if self.attacked is None else self.attacked
+        beaten = self.beat_primary()
         attacks = [
             {
-                "median_distance": finite(median_perturbation(self.distances[c])),
-                "success_rate": float(np.isfinite(self.distances[c][correct]).mean()) if correct.any() else 0.0,
+                "median_distance": finite(median_perturbation(self.distances[c][ran[c]])),
+                "success_rate": float(np.isfinite(self.distances[c][correct & ran[c]]).mean())
+                if (correct & ran[c]).any()
+                else 0.0,
+                "n_images": int(ran[c].sum()),
+                "beat_primary": None if beaten[c] is None else int(beaten[c]),
             }
             for c in range(len(self.configs))
         ]
@@ -211,7 +240,7 @@ def minimal_perturbations(
     adversarials = np.full((len(configs),) + tuple(x_all.shape), np.nan, dtype=np.float32)
     norms = [attack_norm(config) for config in configs]
     if n_images == 0:
-        return MinimalPerturbations(configs, norms, distances, adversarials, np.zeros(0, bool))
+        return MinimalPerturbations(configs, norms, distances, adversarials, np.zeros(0, bool), eot_samples is not None)
 
     with evaluation_mode(model), seeded_torch(seed, device):
         target = attackable_model(model, x_all, eot_samples, device)
@@ -249,7 +278,39 @@ def minimal_perturbations(
                             f"{config['attack']} (config {c + 1}/{len(configs)}): "
                             f"{done}/{len(to_attack)} correctly classified images attacked"
                         )
-    return MinimalPerturbations(configs, norms, distances, adversarials, clean_correct)
+    return MinimalPerturbations(configs, norms, distances, adversarials, clean_correct, stochastic)
+
+
+def with_cross_checks(primary: MinimalPerturbations, checks: MinimalPerturbations) -> MinimalPerturbations:
+    """One result from the primary attacks on N images and the cross-checks on the first M of them.
+
+    A cross-check has no distance (inf, NaN adversarial) on images it did not run on, and on an image its
+    own run found misclassified but the primary run attacked (a stochastic network's clean verdict can
+    differ between runs): neither was attacked by it. Images the primary run found misclassified keep
+    distance 0 under every config (the module's convention)."""
+    n, m = primary.distances.shape[1], checks.distances.shape[1]
+    correct = np.asarray(primary.clean_correct, dtype=bool)
+    ran = np.zeros((len(checks.configs), n), dtype=bool)
+    ran[:, :m] = np.asarray(checks.clean_correct, dtype=bool) | ~correct[:m]  # the first M, less disagreements
+    distances = np.full((len(checks.configs), n), np.inf)
+    distances[:, :m] = checks.distances
+    adversarials = np.full((len(checks.configs), *primary.adversarials.shape[1:]), np.nan, dtype=np.float32)
+    adversarials[:, :m] = checks.adversarials
+    distances[~ran] = np.inf
+    adversarials[~ran] = np.nan
+    distances[:, ~correct] = 0.0
+    adversarials[:, ~correct] = primary.adversarials[0, ~correct]  # every config stores the clean image there
+    before = np.ones(primary.distances.shape, dtype=bool) if primary.attacked is None else primary.attacked
+    return MinimalPerturbations(
+        primary.configs + checks.configs,
+        primary.norms + checks.norms,
+        np.concatenate([primary.distances, distances]),
+        np.concatenate([primary.adversarials, adversarials]),
+        primary.clean_correct,
+        primary.stochastic,
+        np.array([False] * len(primary.configs) + [True] * len(checks.configs)),
+        np.concatenate([before, ran]),
+    )
 
 
 def attack_seed(seed: int | None, config: dict) -> int | None:

@@ -17,9 +17,9 @@ from typing import Annotated
 import numpy as np
 import torch
 
-from ..registry import NonNegativeInt, PositiveInt, Rule, config_rules, one_of
+from ..registry import NonNegativeInt, PositiveInt, Rule, config_history, config_rules, one_of
 from ..runtime import accuracy
-from .attacks import minimal_perturbations
+from .attacks import minimal_perturbations, with_cross_checks
 from .autoattack import autoattack_robust_accuracy
 from .corruptions import CORRUPTIONS, SEVERITIES, corruption_accuracy, load_cifar10c
 from .evaluation import (
@@ -44,6 +44,10 @@ _SIGMA_LIST = Rule(
 _HASH_LIST = Rule(
     "a non-empty list of AttackConfig hashes (AttackConfig.add(...)['attack_hash'])",
     lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(a, str) for a in v),
+)
+_HASHES = Rule(
+    "a list of AttackConfig hashes (AttackConfig.add(...)['attack_hash']), possibly empty",
+    lambda v: isinstance(v, list) and all(isinstance(a, str) for a in v),
 )
 _EPSILON = Rule(
     "a number in [0, 1000]", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1e3
@@ -119,22 +123,29 @@ def noise_evaluation(
 
 
 # ------------------------------------------------------------------------------- minimal perturbations
-def _perturbation_rules(*, attacks, **_) -> None:
+def _perturbation_rules(*, attacks, cross_checks, **_) -> None:
     if not attacks:
         raise ValueError(
             "attacks must be a non-empty list of AttackConfig hashes (AttackConfig.add(...)['attack_hash'])"
         )
+    both = sorted(set(attacks) & set(cross_checks))
+    if both:
+        raise ValueError(f"attack(s) {both} are both primary attacks and cross-checks; name each once")
 
 
+@config_history(added={"cross_checks": [], "cross_check_images": 100})
 @config_rules(_perturbation_rules)
 def perturbation_evaluation(
     model,
     test_images,
     test_labels,
     attack_configs: list[dict],
+    cross_check_configs: list[dict],
     *,
     device,
     attacks: Annotated[list, _HASH_LIST] = None,
+    cross_checks: Annotated[list, _HASHES] = (),
+    cross_check_images: PositiveInt = 100,
     n_images: PositiveInt = 1000,
     image_seed: NonNegativeInt = 0,
     eot_samples: PositiveInt = 8,
@@ -142,40 +153,59 @@ def perturbation_evaluation(
     batch_size: PositiveInt = 128,
     progress: Callable[[str], None] | None,
 ) -> dict:
-    """Every attack (``attack_configs``, the AttackConfig rows of the hashes ``attacks``) on every image; the
-    minimal perturbation is over all of them (``MinimalPerturbations.summary``), with the labels attacked.
+    """The primary attacks (``attack_configs``, the AttackConfig rows of the hashes ``attacks``) on every
+    image, and the cross-checks (``cross_check_configs``, of ``cross_checks``) on the first
+    ``cross_check_images`` of them; each image's minimal perturbation is over every attack that ran on it
+    (``MinimalPerturbations.summary``), with the labels attacked. The summary's ``attacks`` say how many
+    images each attack ran on and how often a cross-check beat the primary set.
 
     A stochastic network (VOneNet noise) is attacked through its EoT average over ``eot_samples`` passes.
     """
     images, labels = _subset(test_images, test_labels, n_images, image_seed)
     start = time.perf_counter()
+    hashes = list(attacks) + list(cross_checks)
+    m = min(cross_check_images, len(labels))
+    run = lambda x, y, configs: _minimal(model, x, y, configs, device, eot_samples, batch_size, attack_seed, progress)  # noqa: E731
+    results = run(images, labels, attack_configs)
+    if cross_check_configs:
+        checks = run(images[:m], labels[:m], cross_check_configs)
+        results = _per_network(model, lambda k: with_cross_checks(_column_of(results, k), _column_of(checks, k)))
+    stochastic = not isinstance(model, NetworkGroup) and results.stochastic
+    seconds = (time.perf_counter() - start) / (model.k if isinstance(model, NetworkGroup) else 1)
+    return _per_network(
+        model,
+        lambda k: {
+            **_column_of(results, k).summary(hashes),
+            "stochastic": stochastic,
+            "labels": [int(y) for y in labels],
+            "attack_seconds": seconds,  # a group's time is shared among its networks
+        },
+    )
+
+
+def _column_of(results, k):
+    """Network k's result out of a group's list; the result itself for one network."""
+    return results if k is None else results[k]
+
+
+def _minimal(model, images, labels, configs, device, eot_samples, batch_size, seed, progress):
+    """``minimal_perturbations`` of one network (EoT for a stochastic one), or of every network of a group."""
     if isinstance(model, NetworkGroup):
-        results = group_minimal_perturbations(
-            model, images, labels, attack_configs, progress=progress, batch_size=batch_size, seed=attack_seed
+        return group_minimal_perturbations(
+            model, images, labels, configs, progress=progress, batch_size=batch_size, seed=seed
         )
-        seconds = (time.perf_counter() - start) / model.k  # the group's time, shared among its networks
-        return [
-            {**r.summary(attacks), "stochastic": False, "labels": [int(y) for y in labels], "attack_seconds": seconds}
-            for r in results
-        ]
     stochastic = is_stochastic(model, images[:8], device)
-    result = minimal_perturbations(
+    return minimal_perturbations(
         model,
         images,
         labels,
-        attack_configs,
+        configs,
         device=device,
         eot_samples=eot_samples if stochastic else None,
         batch_size=batch_size,
-        seed=attack_seed,
+        seed=seed,
         progress=progress,
     )
-    return {
-        **result.summary(attacks),
-        "stochastic": bool(stochastic),
-        "labels": [int(y) for y in labels],
-        "attack_seconds": time.perf_counter() - start,
-    }
 
 
 # ---------------------------------------------------------------------------------- fixed epsilon

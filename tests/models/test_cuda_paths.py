@@ -173,9 +173,9 @@ def test_group_evaluation_on_device_matches_each_network_alone():
     assert together == [protocols.noise_evaluation(m, x, y, device=DEVICE, n_images=64) for m in models]
     attacks = [{"attack": "linf_fmn", "steps": 20}]
     kwargs = dict(attacks=["fmn"], n_images=24, progress=None)
-    grouped = protocols.perturbation_evaluation(group, x, y, attacks, device=DEVICE, **kwargs)
+    grouped = protocols.perturbation_evaluation(group, x, y, attacks, [], device=DEVICE, **kwargs)
     for model, mine in zip(models, grouped):
-        alone = protocols.perturbation_evaluation(model, x, y, attacks, device=DEVICE, **kwargs)
+        alone = protocols.perturbation_evaluation(model, x, y, attacks, [], device=DEVICE, **kwargs)
         for a, b in zip(alone["images"], mine["images"]):
             assert (a["linf"] is None) == (b["linf"] is None)
             if a["linf"] is not None:

@@ -130,3 +130,63 @@ def test_standard_budgets_follow_the_dataset(pipeline):
     with pytest.raises(ValueError, match="no fixed-epsilon budgets for dataset 'imagenet'"):
         rb.add_standard_configs(dataset="imagenet", n_images=7)
     assert [len(t()) for t in tables] == before
+
+
+def test_a_config_keyed_before_cross_checks_existed_is_the_same_row(pipeline, evaluated):
+    """Keys a config gained later hash as if absent at their neutral value: the stored row of a config
+    written without them and the same config added today are one row, read back in today's form."""
+    from neureg.models.digests import stable_hash
+
+    rb = pipeline.robustness
+    stored = (rb.PerturbationConfig & evaluated["perturbation"]).fetch1("perturbation_config")
+    assert stored["cross_checks"] == [] and stored["cross_check_images"] == 100
+    legacy = {k: v for k, v in stored.items() if k not in ("cross_checks", "cross_check_images")}
+    assert evaluated["perturbation"] == {"perturbation_hash": stable_hash(legacy)}
+    old = dict(legacy, n_images=13)  # a row as the code before cross-checks wrote it
+    key = {"perturbation_hash": stable_hash(old)}
+    rb.PerturbationConfig.insert1({**key, "perturbation_config": old, "perturbation_label": "legacy"})
+    try:
+        assert rb.PerturbationConfig.config_of(key) == dict(old, cross_checks=[], cross_check_images=100)
+        before = len(rb.PerturbationConfig())
+        assert rb.PerturbationConfig.add(old) == key and len(rb.PerturbationConfig()) == before
+        assert rb.PerturbationConfig.add(old, cross_checks=[], cross_check_images=100) == key  # spelled out
+        assert rb.PerturbationConfig.key_of(rb.PerturbationConfig.complete(old, cross_check_images=50)) != key
+    finally:
+        (rb.PerturbationConfig & key).delete_quick()
+    with pytest.raises(ValueError, match="both primary attacks and cross-checks"):
+        rb.PerturbationConfig.add(legacy, cross_checks=legacy["attacks"][:1])
+
+
+def test_cross_checks_run_on_a_subset_and_report_what_they_won(pipeline, trained, evaluated):
+    """DDN on all 12 images, the PGD search on the first 5: every stored number equals the attacks run
+    directly on those images, and the coverage rows say who ran where."""
+    from neureg.models.robustness.attacks import minimal_perturbations
+    from neureg.populate.stages import populate_stage
+
+    rb, tr = pipeline.robustness, pipeline.training
+    pgd, ddn = evaluated["attacks"]
+    config = rb.PerturbationConfig.add(
+        attacks=[ddn["attack_hash"]], cross_checks=[pgd["attack_hash"]], cross_check_images=5, n_images=12
+    )
+    key = dict(trained["None"], seed=0, **config)
+    populate_stage(pipeline, ["robustness"], keys=[key])
+    test = tr.Dataset.load(key)
+    pick = evaluation_subset(len(test.test_y), 12, 0)
+    images, labels = test.test_x[pick], test.test_y[pick]
+    model = (tr.TrainedNetwork & key).load_model()
+    as_config = lambda k: rb.AttackConfig.config_of(k)  # noqa: E731
+    alone_l2 = minimal_perturbations(model, images, labels, [as_config(ddn)]).distances[0]
+    alone_linf = minimal_perturbations(model, images[:5], labels[:5], [as_config(pgd)]).distances[0]
+    rows = (rb.MinimalPerturbation.Distance & key).to_dicts(order_by="image_index")
+    stored = lambda rows, norm: np.array([np.inf if r[norm] is None else r[norm] for r in rows])  # noqa: E731
+    np.testing.assert_allclose(stored(rows, "l2"), alone_l2)
+    np.testing.assert_allclose(stored(rows[:5], "linf"), alone_linf)
+    wrong = ~np.array([r["clean_correct"] for r in rows])
+    assert np.all(stored(rows[5:], "linf")[~wrong[5:]] == np.inf) and np.all(stored(rows, "linf")[wrong] == 0)
+    coverage = {r["attack_hash"]: r for r in (rb.MinimalPerturbation.Coverage & key).to_dicts()}
+    assert coverage[ddn["attack_hash"]] == dict(
+        key, attack_hash=ddn["attack_hash"], n_images=12, cross_check=False, beat_primary=None
+    )
+    check = coverage[pgd["attack_hash"]]
+    assert check["cross_check"] and check["n_images"] == 5
+    assert check["beat_primary"] == int((np.isfinite(alone_linf) & ~wrong[:5]).sum())  # no primary Linf attack

@@ -8,12 +8,14 @@ from torch import nn
 from neureg.models.robustness.attacks import (
     ATTACKS,
     DISTANCE_TOLERANCE,
+    MinimalPerturbations,
     attack_norm,
     default_attack_configs,
     median_perturbation,
     minimal_perturbations,
     perturbation_norm,
     validate_attack_config,
+    with_cross_checks,
 )
 from neureg.models.robustness.evaluation import ExpectationOverTransformation
 
@@ -332,3 +334,35 @@ def test_median_perturbation():
     for bad in ([], [0.1, np.nan], [-0.1]):
         with pytest.raises(ValueError):
             median_perturbation(bad)
+
+
+def test_cross_checks_join_the_primary_result_on_their_subset():
+    """Primary Linf and L2 attacks on 4 images, a Linf cross-check on the first 3: image 0 it wins (1% or
+    more below the primary), image 1 it ties, image 2 its own run saw misclassified (not attacked by it),
+    image 3 is outside its subset; image 1 is misclassified in the primary run (distance 0 everywhere)."""
+    inf = np.inf
+    images = np.arange(4, dtype=np.float32).reshape(4, 1, 1, 1)
+    primary = MinimalPerturbations(
+        [{"attack": "linf_fmn"}, {"attack": "l2_ddn"}],
+        ["linf", "l2"],
+        np.array([[0.5, 0.0, 0.3, 0.2], [1.0, 0.0, inf, 2.0]]),
+        np.stack([images, images]),
+        np.array([True, False, True, True]),
+    )
+    checks = MinimalPerturbations(
+        [{"attack": "linf_pgd"}],
+        ["linf"],
+        np.array([[0.4, 0.0, 0.0]]),
+        images[None, :3] + 0.5,
+        np.array([True, False, False]),
+    )
+    joined = with_cross_checks(primary, checks)
+    np.testing.assert_array_equal(joined.distances[2], [0.4, 0.0, inf, inf])
+    assert np.isnan(joined.adversarials[2, 2:]).all() and joined.adversarials[2, 1] == images[1]
+    np.testing.assert_array_equal(joined.best("linf")[0], [0.4, 0.0, 0.3, 0.2])
+    assert joined.best("linf")[1].tolist() == [2, -1, 0, 0]  # the cross-check is credited with image 0
+    assert joined.beat_primary() == [None, None, 1]
+    summary = joined.summary(["fmn", "ddn", "pgd"])
+    assert [a["n_images"] for a in summary["attacks"]] == [4, 4, 2]
+    assert summary["attacks"][2]["success_rate"] == 1.0  # its one correctly classified image, broken
+    assert summary["images"][0]["linf_attack"] == "pgd"

@@ -87,11 +87,18 @@ def test_attacks_on_a_group_find_what_each_network_alone_finds(trained64, float6
         {"attack": "l2_ddn", "steps": 20},
         {"attack": "linf_pgd", "steps": 3, "search_steps": 2},
     ]
-    hashes = ["fmn", "ddn", "pgd"]
-    config = dict(attacks=hashes, n_images=24, batch_size=5, progress=None)
-    together = protocols.perturbation_evaluation(group, data.test_x, data.test_y, attacks, device="cpu", **config)
+    config = dict(
+        attacks=["fmn", "ddn"], cross_checks=["pgd"], cross_check_images=10, n_images=24, batch_size=5, progress=None
+    )
+
+    def run(net):
+        return protocols.perturbation_evaluation(
+            net, data.test_x, data.test_y, attacks[:2], attacks[2:], device="cpu", **config
+        )
+
+    together = run(group)
     for model, grouped in zip(models, together):
-        single = protocols.perturbation_evaluation(model, data.test_x, data.test_y, attacks, device="cpu", **config)
+        single = run(model)
         assert grouped["labels"] == single["labels"] and grouped["clean_accuracy"] == single["clean_accuracy"]
         for a, b in zip(single["images"], grouped["images"]):
             assert a["clean_correct"] == b["clean_correct"]
@@ -101,7 +108,12 @@ def test_attacks_on_a_group_find_what_each_network_alone_finds(trained64, float6
                 if a[norm] is not None:
                     assert b[norm] == pytest.approx(a[norm], rel=1e-9, abs=1e-12)
         for a, b in zip(single["attacks"], grouped["attacks"]):
-            assert a["success_rate"] == b["success_rate"]
+            assert (a["success_rate"], a["n_images"], a["beat_primary"]) == (
+                b["success_rate"],
+                b["n_images"],
+                b["beat_primary"],
+            )
+        assert [a["n_images"] for a in single["attacks"]][2] <= 10 and single["attacks"][0]["beat_primary"] is None
     medians = {r["medians"]["median_linf"] for r in together}
     assert len(medians) == 3 and min(medians) > 0, "the three networks differ, so a mix-up would show"
 
