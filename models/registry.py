@@ -133,14 +133,19 @@ def config_rules(rules: Callable[..., None] | None = None):
     return mark
 
 
-def config_history(*, added: dict):
-    """Decorator: keys a config function gained after rows were keyed by it, each with the value that does
-    what configs without it did. A config holding exactly that value hashes as it did before the key
-    existed, so an old row and the same config added today are one row (``ConfigTable``; docs/architecture.md,
-    "Configs that change")."""
+def config_history(*, added: dict | None = None, retired: dict | None = None):
+    """Decorator: how a config function's keys changed after rows were keyed by it, so those rows keep their
+    hashes (``ConfigTable``; docs/architecture.md, "Configs that change").
+
+    ``added``: keys introduced later, each with the value that does what configs without it did. A config
+    holding exactly that value hashes as it did before the key existed, so an old row and the same config
+    added today are one row. ``retired``: keys that left the config (execution settings now), each with the
+    value configs of its time carried by default. The hash still counts them at that value, a stored config
+    is read back without them, and a config that names one is refused."""
 
     def mark(function: Callable) -> Callable:
-        function.config_added = dict(added)
+        function.config_added = dict(added or {})
+        function.config_retired = dict(retired or {})
         return function
 
     return mark
@@ -151,10 +156,16 @@ def added_keys(function: Callable | None) -> dict:
     return dict(getattr(function, "config_added", {}))
 
 
+def retired_keys(function: Callable | None) -> dict:
+    """The keys that left ``function``'s config, with the values hashes still count (:func:`config_history`)."""
+    return dict(getattr(function, "config_retired", {}))
+
+
 def hashed_form(function: Callable | None, full: dict) -> dict:
-    """What a completed config's hash is taken of: without the later keys that hold their neutral value."""
+    """What a completed config's hash is taken of: without the later keys that hold their neutral value, with
+    the retired keys at their old value."""
     added = added_keys(function)
-    return {k: v for k, v in full.items() if not (k in added and v == added[k])}
+    return {**retired_keys(function), **{k: v for k, v in full.items() if not (k in added and v == added[k])}}
 
 
 def check_config_rules(function: Callable, full: dict) -> None:

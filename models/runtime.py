@@ -18,6 +18,11 @@ None of these settings enters a config hash. Two runs that differ only here are 
   fastest convolution algorithms (cuDNN benchmark mode); on, a resumed CUDA run replays the
   uninterrupted one exactly on the same GPU and software stack. CPU runs are deterministic either way.
 - ``NEUREG_EVAL_BATCH``: images per evaluation forward pass (memory, not results).
+- ``NEUREG_ATTACK_BATCH``: images per attack call (minimal perturbations, PGD, AutoAttack). Unset or 0:
+  on CUDA as many as half the free memory holds, measured by one probe call
+  (``robustness.evaluation.attack_batch_size``); on the CPU the batches rows were always computed with
+  (128 for minimal perturbations, 256 for fixed epsilon), so CPU rows reproduce. Attacks with random
+  starts draw them per batch, so a different batch gives numbers that differ as two seeds do.
 - ``NEUREG_CUDA_GRAPHS=1``: capture each training step as one CUDA graph (``graphs.py``): 4-5x
   faster steps at batch 64 on an H200, where eager launches leave the GPU mostly idle.
 - ``NEUREG_GROUP`` (or ``--group K`` of ``neureg worker`` / ``populate`` / ``demo``): how many compatible
@@ -75,6 +80,7 @@ class Runtime:
     eval_batch_size: int = 500
     cuda_graphs: bool = False
     group: int = 0  # networks trained as one fused model; 0: chosen by ``group_size``
+    attack_batch: int = 0  # images per attack call; 0: chosen from memory (``robustness.evaluation``)
 
     @classmethod
     def from_env(cls, **overrides) -> Runtime:
@@ -83,6 +89,9 @@ class Runtime:
         if not batch.isdigit() or int(batch) < 1:
             raise ValueError(f"NEUREG_EVAL_BATCH={batch!r}: expected a positive integer")
         device = _device_from_env()
+        attack_batch = os.environ.get("NEUREG_ATTACK_BATCH", "0").strip() or "0"
+        if not attack_batch.isdigit():
+            raise ValueError(f"NEUREG_ATTACK_BATCH={attack_batch!r}: expected a positive integer, or 0 for automatic")
         runtime = cls(
             device=device,
             amp=_flag("NEUREG_AMP", False),
@@ -91,6 +100,7 @@ class Runtime:
             eval_batch_size=int(batch),
             cuda_graphs=_flag("NEUREG_CUDA_GRAPHS", False),
             group=group_from_text(os.environ.get("NEUREG_GROUP", ""), "NEUREG_GROUP"),
+            attack_batch=int(attack_batch),
         )
         return replace(runtime, **overrides)
 

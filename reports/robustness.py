@@ -34,9 +34,10 @@ def per_network_metrics(pipeline, restriction=None) -> list[dict]:
             above = [lv["sigma"] for lv in levels if lv["accuracy"] >= 0.5]
             row["noise sigma at 50% accuracy"] = max(above) if above else 0.0
         for mp in (rb.MinimalPerturbation * rb.PerturbationConfig & key).to_dicts():
+            config = mp["perturbation_config"]
             attacked = {
                 attacks.attack_norm(rb.AttackConfig.config_of({"attack_hash": h}))
-                for h in mp["perturbation_config"]["attacks"]
+                for h in config["attacks"] + config.get("cross_checks", [])
             }
             for norm in attacked:
                 value = mp[f"median_{norm}"]  # null: most images unbroken, so the median is beyond every attack
@@ -170,8 +171,46 @@ def perturbation_figure(rows: list[dict], out: Path) -> Path:
     return save(fig, out, "robustness_perturbation.png")
 
 
+def write_attack_coverage(pipeline, out: Path) -> Path | None:
+    """``attack_coverage.md``: per perturbation config and attack, how many images it ran on and, for a
+    cross-check, on how many images (summed over networks) it beat every primary attack of its norm."""
+    rb = pipeline.robustness
+    rows = (
+        rb.MinimalPerturbation.Coverage * rb.AttackConfig * rb.PerturbationConfig.proj("perturbation_label")
+    ).to_dicts()
+    if not rows:
+        return None
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["perturbation_hash"], row["attack_hash"]), []).append(row)
+    lines = [
+        "| perturbation config | attack | role | networks | images per network | cross-check wins |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (config, _), group in sorted(groups.items(), key=lambda item: (item[0][0], item[1][0]["cross_check"])):
+        first = group[0]
+        attack = first["attack_config"]
+        name = ", ".join([attack["attack"]] + [f"{k}={v}" for k, v in attack.items() if k in ("steps", "search_steps")])
+        counts = sorted({r["n_images"] for r in group})
+        wins = sum(r["beat_primary"] for r in group) if first["cross_check"] else ""
+        role = "cross-check" if first["cross_check"] else "primary"
+        images = counts[0] if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+        label = first["perturbation_label"] or config[:8]
+        lines.append(f"| {label} | {name} | {role} | {len(group)} | {images} | {wins} |")
+    lines.append("")
+    lines.append(
+        "A cross-check wins an image when it verified a distance below 99% of the best primary attack of its norm "
+        "(or one where they found none): often, and the primary attacks are weak (docs/attacks.md)."
+    )
+    path = Path(out) / "attack_coverage.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def robustness_figures(pipeline, out: Path) -> list[Path]:
-    """`neureg report robustness`: the table (CSV, Markdown) and both figures."""
+    """`neureg report robustness`: the table (CSV, Markdown), both figures, and which attack ran on how many
+    images (``attack_coverage.md``)."""
     rows = per_network_metrics(pipeline)
     if not rows:
         raise LookupError("no trained networks yet: plan training runs and populate the training stage")
@@ -182,4 +221,5 @@ def robustness_figures(pipeline, out: Path) -> list[Path]:
         paths.append(noise_figure(rows, out))
     if any(k.startswith("median") for r in rows for k in r):
         paths.append(perturbation_figure(rows, out))
-    return paths
+    coverage = write_attack_coverage(pipeline, out)
+    return paths + ([coverage] if coverage else [])

@@ -21,7 +21,7 @@ import numpy as np
 from ..database.store import load_array
 from ..models.digests import stable_hash
 from ..models.neural.oracle import LabeledSimilarity
-from ..models.registry import Registry, added_keys, check_config_rules, complete_kwargs, hashed_form
+from ..models.registry import Registry, added_keys, check_config_rules, complete_kwargs, hashed_form, retired_keys
 
 logger = logging.getLogger("neureg")
 
@@ -102,6 +102,12 @@ class ConfigTable:
         if config is not None and not isinstance(config, dict):
             raise ValueError(f"{cls.__name__}: a config is a dict, got {type(config).__name__}")
         given = {**(config or {}), **overrides}
+        retired = sorted(set(given) & set(retired_keys(cls.settings)))
+        if retired:
+            raise ValueError(
+                f"{cls.__name__}: {retired} left the config: an execution setting now, which does not change "
+                "results (docs/architecture.md, 'Configs that change')"
+            )
         if cls.registry is not None:
             full = cls.registry.complete(given)
         else:
@@ -135,9 +141,10 @@ class ConfigTable:
     @classmethod
     def config_of(cls, key: dict) -> dict:
         """The stored (complete) config of one key, in today's form: keys added since it was stored hold the
-        values that do what it did (``models.registry.config_history``)."""
+        values that do what it did, retired keys are left out (``models.registry.config_history``)."""
         stored = (cls() & key).fetch1(f"{cls.config_name}_config")
-        return {**added_keys(cls.settings), **stored}
+        retired = retired_keys(cls.settings)
+        return {**added_keys(cls.settings), **{k: v for k, v in stored.items() if k not in retired}}
 
 
 class ImageRows(dj.Part):

@@ -15,7 +15,7 @@ import datajoint as dj
 
 from ..database.transaction import transaction
 from ..models.robustness import protocols
-from ..models.robustness.attack_registry import ATTACKS, default_attack_configs
+from ..models.robustness.attack_registry import ATTACKS, PRIMARY_ATTACKS, default_attack_configs
 from ..models.robustness.evaluation import dataset_epsilons, is_stochastic
 from ..models.robustness.group import NetworkGroup
 from ..models.runtime import Runtime, group_size
@@ -231,6 +231,7 @@ class MinimalPerturbation(GroupEvaluation, dj.Computed):
             rows(config["attacks"]),
             rows(config["cross_checks"]),
             device=device,
+            batch_size=Runtime.from_env().attack_batch or None,
             progress=progress,
             **config,
         )
@@ -294,7 +295,9 @@ class RobustAccuracy(dj.Computed):
 
     def make(self, key):
         model, images, labels, device = _evaluation_inputs(key)
-        result = protocols.robust_evaluation(model, images, labels, device=device, **RobustConfig.config_of(key))
+        batch = Runtime.from_env().attack_batch or None
+        config = RobustConfig.config_of(key)
+        result = protocols.robust_evaluation(model, images, labels, device=device, batch_size=batch, **config)
         self.insert1(dict(key, **result))
 
 
@@ -333,11 +336,6 @@ class CorruptionAccuracy(GroupEvaluation, dj.Computed):
         levels = result.pop("levels")
         self.insert1(dict(key, **result), allow_direct_insert=direct)
         self.Level.insert(dict(key, corruption=c, severity=s, accuracy=a) for c, s, a in levels)
-
-
-#: The standard evaluation's primary attacks, run on every image: the fast minimal-norm ones. The others
-#: (PGD search, Brendel-Bethge, C&W, Boundary) cross-check them on a subset (docs/attacks.md).
-PRIMARY_ATTACKS = ("linf_fmn", "l2_fmn", "l2_ddn")
 
 
 def budget_label(epsilon: float) -> str:

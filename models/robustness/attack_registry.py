@@ -226,6 +226,12 @@ def needs_starting_points(config: dict) -> bool:
     return ATTACKS[config["attack"]].info.get("starting_points", False)
 
 
+#: The standard evaluation's primary attacks, run on every image: the fast minimal-norm ones (FMN-100 needs
+#: 100 gradient calls where the PGD epsilon search needs 560 to 1,400 for an equal or larger median). The
+#: others (PGD search, Brendel-Bethge, C&W, Boundary) cross-check them on a subset (docs/attacks.md).
+PRIMARY_ATTACKS = ("linf_fmn", "l2_fmn", "l2_ddn")
+
+
 def default_attack_configs(quick: bool = False) -> list[dict]:
     """The standard minimal-perturbation attack set, validated.
 

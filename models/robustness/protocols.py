@@ -18,11 +18,14 @@ import numpy as np
 import torch
 
 from ..registry import NonNegativeInt, PositiveInt, Rule, config_history, config_rules, one_of
-from ..runtime import accuracy
+from ..runtime import DEFAULT_BATCH_SIZE, accuracy
 from .attacks import minimal_perturbations, with_cross_checks
 from .autoattack import autoattack_robust_accuracy
 from .corruptions import CORRUPTIONS, SEVERITIES, corruption_accuracy, load_cifar10c
 from .evaluation import (
+    CPU_ATTACK_BATCH,
+    ExpectationOverTransformation,
+    attack_batch_size,
     attackable_model,
     default_noise_ladder,
     is_stochastic,
@@ -133,7 +136,7 @@ def _perturbation_rules(*, attacks, cross_checks, **_) -> None:
         raise ValueError(f"attack(s) {both} are both primary attacks and cross-checks; name each once")
 
 
-@config_history(added={"cross_checks": [], "cross_check_images": 100})
+@config_history(added={"cross_checks": [], "cross_check_images": 100}, retired={"batch_size": 128})
 @config_rules(_perturbation_rules)
 def perturbation_evaluation(
     model,
@@ -150,7 +153,7 @@ def perturbation_evaluation(
     image_seed: NonNegativeInt = 0,
     eot_samples: PositiveInt = 8,
     attack_seed: NonNegativeInt = 0,
-    batch_size: PositiveInt = 128,
+    batch_size: int | None,
     progress: Callable[[str], None] | None,
 ) -> dict:
     """The primary attacks (``attack_configs``, the AttackConfig rows of the hashes ``attacks``) on every
@@ -160,8 +163,11 @@ def perturbation_evaluation(
     images each attack ran on and how often a cross-check beat the primary set.
 
     A stochastic network (VOneNet noise) is attacked through its EoT average over ``eot_samples`` passes.
+    ``batch_size`` (images per attack call, an execution setting) None: from the device's memory
+    (``evaluation.attack_batch_size``).
     """
     images, labels = _subset(test_images, test_labels, n_images, image_seed)
+    batch_size = batch_size or _attack_batch(model, images, device, eot_samples, CPU_ATTACK_BATCH)
     start = time.perf_counter()
     hashes = list(attacks) + list(cross_checks)
     m = min(cross_check_images, len(labels))
@@ -180,6 +186,17 @@ def perturbation_evaluation(
             "labels": [int(y) for y in labels],
             "attack_seconds": seconds,  # a group's time is shared among its networks
         },
+    )
+
+
+def _attack_batch(model, images, device, eot_samples: int, cpu_batch: int) -> int:
+    """Images per attack call for ``model`` (a group's: per network) on ``device`` (``attack_batch_size``)."""
+    single = model.models[0] if isinstance(model, NetworkGroup) else model
+    if is_stochastic(single, images[:8], device):
+        single = ExpectationOverTransformation(single, eot_samples)
+    batch = attack_batch_size(single, images.shape[1:], len(images), device, cpu_batch)
+    return (
+        max(1, batch // model.k) if isinstance(model, NetworkGroup) and torch.device(device).type == "cuda" else batch
     )
 
 
@@ -225,16 +242,19 @@ def robust_evaluation(
     image_seed: NonNegativeInt = 0,
     eot_samples: PositiveInt = 8,
     attack_seed: NonNegativeInt = 0,
+    batch_size: int | None,
 ) -> dict:
     """Fixed-epsilon robust accuracy: Foolbox PGD (``steps``, ``restarts``), or AutoAttack, the leaderboards'
     number (standard, or rand with EoT for stochastic networks; steps and restarts unused); and the clean
-    accuracy of the same (EoT-averaged, for a noisy network) model."""
+    accuracy of the same (EoT-averaged, for a noisy network) model. ``batch_size``: images per attack call
+    (execution, not config; None: from the device's memory, 256 on the CPU as always)."""
     images, labels = _subset(test_images, test_labels, n_images, image_seed)
     eot = eot_samples if is_stochastic(model, images[:8], device) else None
+    batch_size = batch_size or _attack_batch(model, images, device, eot_samples, DEFAULT_BATCH_SIZE)
     if method == "autoattack":  # version rand (EoT) for a stochastic network, standard otherwise
         version = "rand" if eot else "standard"
         robust = autoattack_robust_accuracy(
-            model, images, labels, norm, epsilon, version, eot, device=device, seed=attack_seed
+            model, images, labels, norm, epsilon, version, eot, batch_size, device=device, seed=attack_seed
         )
     else:
         robust = robust_accuracy(
@@ -246,6 +266,7 @@ def robust_evaluation(
             steps=steps,
             restarts=restarts,
             eot_samples=eot,
+            batch_size=batch_size,
             device=device,
             seed=attack_seed,
         )

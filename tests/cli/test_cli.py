@@ -304,3 +304,6 @@ def test_a_bad_group_size_is_refused_before_any_work(tmp_path):
         assert len(run.stderr.strip().splitlines()) == 1
     worker = run_cli("worker", "--once", env={"NEUREG_HOME": str(home), "NEUREG_GROUP": "-3"})
     assert worker.returncode == 2 and "NEUREG_GROUP='-3'" in worker.stderr, worker.stderr
+    batch = run_cli("worker", "--once", env={"NEUREG_HOME": str(home), "NEUREG_ATTACK_BATCH": "lots"})
+    assert batch.returncode == 2 and "NEUREG_ATTACK_BATCH='lots'" in batch.stderr, batch.stderr
+    assert "Traceback" not in batch.stderr and len(batch.stderr.strip().splitlines()) == 1

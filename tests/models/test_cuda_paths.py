@@ -172,7 +172,7 @@ def test_group_evaluation_on_device_matches_each_network_alone():
     together = protocols.noise_evaluation(group, x, y, device=DEVICE, n_images=64)
     assert together == [protocols.noise_evaluation(m, x, y, device=DEVICE, n_images=64) for m in models]
     attacks = [{"attack": "linf_fmn", "steps": 20}]
-    kwargs = dict(attacks=["fmn"], n_images=24, progress=None)
+    kwargs = dict(attacks=["fmn"], n_images=24, batch_size=None, progress=None)
     grouped = protocols.perturbation_evaluation(group, x, y, attacks, [], device=DEVICE, **kwargs)
     for model, mine in zip(models, grouped):
         alone = protocols.perturbation_evaluation(model, x, y, attacks, [], device=DEVICE, **kwargs)
@@ -280,6 +280,20 @@ def test_fmn_attacks_on_device_find_verified_minimal_perturbations(toy_classifie
         np.testing.assert_allclose(recomputed, result.distances[index][found], atol=1e-5)
     # FMN minimises the norm directly; the PGD epsilon search may only be as small or larger (slack 25%).
     assert np.median(result.distances[0]) <= 1.25 * np.median(result.distances[2])
+
+
+def test_the_attack_batch_comes_from_the_devices_memory(toy_classifier):
+    """The probe gives a batch the device holds: an attack at that batch runs (no out-of-memory) and finds
+    what it finds at a small batch (FMN draws no random numbers)."""
+    from neureg.models.robustness.evaluation import attack_batch_size
+
+    model, x, y = toy_classifier
+    batch = attack_batch_size(model, x.shape[1:], len(x), DEVICE)
+    assert 16 <= batch <= len(x)
+    config = [{"attack": "linf_fmn", "steps": 20}]
+    big = minimal_perturbations(model, x, y, config, device=DEVICE, batch_size=batch)
+    small = minimal_perturbations(model, x, y, config, device=DEVICE, batch_size=8)
+    np.testing.assert_allclose(big.distances[0], small.distances[0], rtol=1e-3, atol=1e-5)
 
 
 def test_autoattack_on_device_is_at_least_as_strong_as_pgd(toy_classifier):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from neureg.models.robustness.protocols import evaluation_subset
-from neureg.reports.robustness import per_network_metrics, results_table, robustness_figures
+from neureg.reports.robustness import per_network_metrics, results_table, robustness_figures, write_attack_coverage
 
 
 def test_noise_accuracy_levels_match_a_direct_computation(pipeline, trained, evaluated):
@@ -133,31 +133,37 @@ def test_standard_budgets_follow_the_dataset(pipeline):
 
 
 def test_a_config_keyed_before_cross_checks_existed_is_the_same_row(pipeline, evaluated):
-    """Keys a config gained later hash as if absent at their neutral value: the stored row of a config
-    written without them and the same config added today are one row, read back in today's form."""
+    """Keys a config gained later hash as if absent at their neutral value, and a key that left it (the
+    attack batch, an execution setting now) at its old value: the row of a config written by the older code
+    and the same config added today are one row, read back in today's form."""
     from neureg.models.digests import stable_hash
 
     rb = pipeline.robustness
     stored = (rb.PerturbationConfig & evaluated["perturbation"]).fetch1("perturbation_config")
-    assert stored["cross_checks"] == [] and stored["cross_check_images"] == 100
+    assert stored["cross_checks"] == [] and stored["cross_check_images"] == 100 and "batch_size" not in stored
     legacy = {k: v for k, v in stored.items() if k not in ("cross_checks", "cross_check_images")}
+    legacy["batch_size"] = 128
     assert evaluated["perturbation"] == {"perturbation_hash": stable_hash(legacy)}
     old = dict(legacy, n_images=13)  # a row as the code before cross-checks wrote it
     key = {"perturbation_hash": stable_hash(old)}
     rb.PerturbationConfig.insert1({**key, "perturbation_config": old, "perturbation_label": "legacy"})
+    today = {k: v for k, v in old.items() if k != "batch_size"}
     try:
-        assert rb.PerturbationConfig.config_of(key) == dict(old, cross_checks=[], cross_check_images=100)
+        assert rb.PerturbationConfig.config_of(key) == dict(today, cross_checks=[], cross_check_images=100)
         before = len(rb.PerturbationConfig())
-        assert rb.PerturbationConfig.add(old) == key and len(rb.PerturbationConfig()) == before
-        assert rb.PerturbationConfig.add(old, cross_checks=[], cross_check_images=100) == key  # spelled out
-        assert rb.PerturbationConfig.key_of(rb.PerturbationConfig.complete(old, cross_check_images=50)) != key
+        assert rb.PerturbationConfig.add(today) == key and len(rb.PerturbationConfig()) == before
+        assert rb.PerturbationConfig.add(today, cross_checks=[], cross_check_images=100) == key  # spelled out
+        assert rb.PerturbationConfig.key_of(rb.PerturbationConfig.complete(today, cross_check_images=50)) != key
+        with pytest.raises(ValueError, match=r"\['batch_size'\] left the config: an execution setting now"):
+            rb.PerturbationConfig.add(old)
+        assert len(rb.PerturbationConfig()) == before
     finally:
         (rb.PerturbationConfig & key).delete_quick()
     with pytest.raises(ValueError, match="both primary attacks and cross-checks"):
-        rb.PerturbationConfig.add(legacy, cross_checks=legacy["attacks"][:1])
+        rb.PerturbationConfig.add(today, cross_checks=today["attacks"][:1])
 
 
-def test_cross_checks_run_on_a_subset_and_report_what_they_won(pipeline, trained, evaluated):
+def test_cross_checks_run_on_a_subset_and_report_what_they_won(pipeline, trained, evaluated, tmp_path):
     """DDN on all 12 images, the PGD search on the first 5: every stored number equals the attacks run
     directly on those images, and the coverage rows say who ran where."""
     from neureg.models.robustness.attacks import minimal_perturbations
@@ -190,3 +196,7 @@ def test_cross_checks_run_on_a_subset_and_report_what_they_won(pipeline, trained
     check = coverage[pgd["attack_hash"]]
     assert check["cross_check"] and check["n_images"] == 5
     assert check["beat_primary"] == int((np.isfinite(alone_linf) & ~wrong[:5]).sum())  # no primary Linf attack
+    lines = write_attack_coverage(pipeline, tmp_path).read_text().splitlines()
+    label = config["perturbation_hash"][:8]
+    assert f"| {label} | l2_ddn, steps=20 | primary | 1 | 12 |  |" in lines
+    assert f"| {label} | linf_pgd, steps=8, search_steps=5 | cross-check | 1 | 5 | {check['beat_primary']} |" in lines

@@ -272,3 +272,22 @@ def test_a_stochastic_networks_noise_and_corruption_rows_do_not_depend_on_earlie
     torch.randn(1000)  # earlier work on this worker
     assert rows(1) == first
     assert rows(2) != first
+
+
+def test_attack_batches_are_an_execution_setting(trained, monkeypatch):
+    """On the CPU the batch every CPU row was computed with; on CUDA a share of the free memory (arithmetic
+    checked here, the probe on a device in tests/models/test_cuda_paths.py); NEUREG_ATTACK_BATCH overrides."""
+    from neureg.models.robustness.evaluation import MEMORY_SHARE, attack_batch_size, batch_from_memory
+    from neureg.models.runtime import Runtime
+
+    model, x, _ = trained
+    assert attack_batch_size(model, x.shape[1:], 1000, "cpu") == 128
+    assert attack_batch_size(model, x.shape[1:], 40, "cpu", cpu_batch=256) == 40
+    assert batch_from_memory(80e9, 20e6, 1000) == 1000  # the standard evaluation in one call
+    assert batch_from_memory(8e9, 20e6, 1000) == int(MEMORY_SHARE * 8e9 // 20e6) == 200
+    assert batch_from_memory(1e6, 20e6, 1000) == 1
+    monkeypatch.setenv("NEUREG_ATTACK_BATCH", "64")
+    assert Runtime.from_env().attack_batch == 64
+    monkeypatch.setenv("NEUREG_ATTACK_BATCH", "-1")
+    with pytest.raises(ValueError, match="NEUREG_ATTACK_BATCH='-1'"):
+        Runtime.from_env()
