@@ -224,6 +224,7 @@ class MinimalPerturbation(GroupEvaluation, dj.Computed):
         """``protocols.perturbation_evaluation`` with this table's attacks (the rows of the config's hashes)."""
         rows = lambda hashes: [AttackConfig.config_of({"attack_hash": h}) for h in hashes]  # noqa: E731
         progress = lambda msg: logger.info("  %s", msg)  # noqa: E731
+        runtime = Runtime.from_env()
         return protocols.perturbation_evaluation(
             model,
             images,
@@ -231,7 +232,8 @@ class MinimalPerturbation(GroupEvaluation, dj.Computed):
             rows(config["attacks"]),
             rows(config["cross_checks"]),
             device=device,
-            batch_size=Runtime.from_env().attack_batch or None,
+            batch_size=runtime.attack_batch or None,
+            gradient_dtype=runtime.amp_dtype,
             progress=progress,
             **config,
         )
@@ -295,9 +297,16 @@ class RobustAccuracy(dj.Computed):
 
     def make(self, key):
         model, images, labels, device = _evaluation_inputs(key)
-        batch = Runtime.from_env().attack_batch or None
-        config = RobustConfig.config_of(key)
-        result = protocols.robust_evaluation(model, images, labels, device=device, batch_size=batch, **config)
+        runtime, config = Runtime.from_env(), RobustConfig.config_of(key)
+        result = protocols.robust_evaluation(
+            model,
+            images,
+            labels,
+            device=device,
+            batch_size=runtime.attack_batch or None,
+            gradient_dtype=runtime.amp_dtype,
+            **config,
+        )
         self.insert1(dict(key, **result))
 
 

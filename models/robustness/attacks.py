@@ -36,7 +36,7 @@ from torch import nn
 from ..digests import stable_hash
 from ..runtime import as_image_tensor, as_label_tensor, evaluation_mode, predict_labels, resolve_device
 from .attack_registry import ATTACKS, attack_norm, default_attack_configs, needs_starting_points, validate_attack_config
-from .evaluation import VOTES, attackable_model, misclassified, seeded_torch
+from .evaluation import VOTES, attackable_model, gradient_model, misclassified, seeded_torch
 
 NORMS = ("linf", "l2")
 __all__ = [
@@ -217,6 +217,7 @@ def minimal_perturbations(
     progress: Callable[[str], None] | None = None,
     batch_size: int = 128,
     seed: int | None = 0,
+    gradient_dtype: torch.dtype | None = None,
 ) -> MinimalPerturbations:
     """Run every attack config on every image and keep only verified adversarials.
 
@@ -229,7 +230,10 @@ def minimal_perturbations(
     (required
     for stochastic models). ``seed`` fixes foolbox's random starts and proposals (torch's global
     generator is restored afterwards), each attack from its own ``attack_seed``. ``progress`` receives a
-    short message after every batch.
+    short message after every batch. ``gradient_dtype`` (bf16 on CUDA under ``NEUREG_AMP``): the precision
+    the gradient attacks follow (``evaluation.gradient_model``); Brendel-Bethge and Boundary, whose costs are
+    elsewhere and which assert their starting points are adversarial, stay float32, and every verdict is
+    the float32 model's.
     """
     configs = [validate_attack_config(config) for config in configs]
     x_all = as_image_tensor(images)
@@ -260,8 +264,10 @@ def minimal_perturbations(
 
         import foolbox as fb
 
-        fmodel = fb.PyTorchModel(target, bounds=(0.0, 1.0), device=device)
+        exact = fb.PyTorchModel(target, bounds=(0.0, 1.0), device=device)
+        reduced = fb.PyTorchModel(gradient_model(target, gradient_dtype), bounds=(0.0, 1.0), device=device)
         for c, config in enumerate(configs):
+            fmodel = exact if needs_starting_points(config) else reduced
             with seeded_torch(attack_seed(seed, config), device):
                 for start in range(0, len(to_attack), batch_size):
                     index = to_attack[start : start + batch_size]

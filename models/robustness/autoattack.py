@@ -31,6 +31,7 @@ from .evaluation import (
     VOTES,
     attackable_model,
     fixed_epsilon_inputs,
+    gradient_model,
     misclassified_in_batches,
     pgd_breaks,
     seeded_torch,
@@ -56,11 +57,13 @@ def autoattack_robust_accuracy(
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | torch.device | None = None,
     seed: int | None = 0,
+    gradient_dtype: torch.dtype | None = None,
 ) -> float:
     """Fraction of images that AutoAttack at ``epsilon`` (default: the leaderboard budget) cannot flip.
 
     ``eot_samples`` (stochastic models): the EoT average the verdicts vote with, and through which every
-    image still standing after AutoAttack is attacked again (module notes).
+    image still standing after AutoAttack is attacked again (module notes). ``gradient_dtype`` (bf16 on CUDA
+    under ``NEUREG_AMP``): the precision AutoAttack runs the model in; the verdicts are float32.
     """
     from pyautoattack import AutoAttack
 
@@ -75,7 +78,8 @@ def autoattack_robust_accuracy(
         clean_ok = ~misclassified_in_batches(judge, x, y, votes, batch_size, device)
         if epsilon == 0:
             return float(clean_ok.float().mean())
-        attack = AutoAttack(model, device=device, eps=epsilon, norm=_NORM_NAMES[norm], version=version, seed=seed)
+        attacked = gradient_model(model, gradient_dtype)  # AutoAttack's own steps; the verdicts are float32
+        attack = AutoAttack(attacked, device=device, eps=epsilon, norm=_NORM_NAMES[norm], version=version, seed=seed)
         attack.verbose = False
         # The standard version targets the 9 runner-up classes: fewer when the task has fewer classes.
         with torch.no_grad():
@@ -86,13 +90,15 @@ def autoattack_robust_accuracy(
         broken = misclassified_in_batches(judge, x_adv.clamp(0, 1), y, votes, batch_size, device)
         if eot_samples is not None:
             broken |= _attack_survivors_again(
-                judge, x, y, clean_ok & ~broken, y_adv.cpu() != y, norm, epsilon, batch_size, device
+                judge, x, y, clean_ok & ~broken, y_adv.cpu() != y, norm, epsilon, batch_size, device, gradient_dtype
             )
     _check_inside_budget(x, x_adv, norm, epsilon)
     return float((clean_ok & ~broken).float().mean())
 
 
-def _attack_survivors_again(judge, x, y, survivors, claimed, norm, epsilon, batch_size, device) -> torch.Tensor:
+def _attack_survivors_again(
+    judge, x, y, survivors, claimed, norm, epsilon, batch_size, device, gradient_dtype
+) -> torch.Tensor:
     """Which of a stochastic network's ``survivors`` of AutoAttack (images the vote still calls correct) PGD on
     the EoT average breaks, by the same vote: a (N,) bool CPU tensor (False outside the survivors). Two kinds
     survive: those AutoAttack stopped on at a point one draw misclassified (``claimed``: saved by luck), and
@@ -101,7 +107,19 @@ def _attack_survivors_again(judge, x, y, survivors, claimed, norm, epsilon, batc
     index = survivors.nonzero().flatten()
     if len(index):
         broken[index] = pgd_breaks(
-            judge, x[index], y[index], norm, epsilon, REATTACK_STEPS, None, 1, VOTES, batch_size, device
+            judge,
+            x[index],
+            y[index],
+            norm,
+            epsilon,
+            REATTACK_STEPS,
+            None,
+            1,
+            VOTES,
+            batch_size,
+            device,
+            None,
+            gradient_dtype,
         )
     logger.info(
         "AutoAttack on a stochastic network: %d of %d images survived the EoT vote (%d of them saved by one lucky "

@@ -139,6 +139,26 @@ class ExpectationOverTransformation(nn.Module):
         return torch.logsumexp(torch.log_softmax(draws, dim=-1), dim=0) - math.log(n)
 
 
+class ReducedPrecision(nn.Module):
+    """The model run under autocast to ``dtype`` (bfloat16 on CUDA: tensor cores), its logits returned in
+    float32. What an attack follows when the worker asks for bf16 (``NEUREG_AMP``); a verdict never uses
+    it: every adversarial counts only if the float32 model (its EoT vote, for a stochastic one) misclassifies
+    it, so reduced precision can make an attack weaker, never a distance smaller than it is."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            return self.model(x).float()
+
+
+def gradient_model(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """The module an attack takes gradients of: ``model`` itself (float32), or under autocast to ``dtype``."""
+    return model if dtype is None else ReducedPrecision(model, dtype).train(model.training)
+
+
 @torch.no_grad()
 def is_stochastic(model: nn.Module, images, device: str | torch.device | None = None) -> bool:
     """True when two evaluation-mode forward passes on the same images give different logits."""
@@ -263,6 +283,7 @@ def robust_accuracy(
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | torch.device | None = None,
     seed: int | None = 0,
+    gradient_dtype: torch.dtype | None = None,
 ) -> float:
     """Fraction of images still correctly classified after a PGD attack of size ``epsilon``.
 
@@ -277,7 +298,8 @@ def robust_accuracy(
     one than the AutoAttack ensemble the leaderboards run; the number is comparable between our
     conditions, not with RobustBench entries. Stochastic models need ``eot_samples``: the attack follows
     the EoT average's gradient, and every verdict (clean and attacked) is the majority of ``VOTES`` draws
-    of that average, the judge the minimal perturbations use.
+    of that average, the judge the minimal perturbations use. ``gradient_dtype`` (bf16 on CUDA under
+    ``NEUREG_AMP``): the precision of PGD's gradients only; the verdicts are float32.
     """
     x, y, epsilon = fixed_epsilon_inputs(images, labels, norm, epsilon)
     if int(steps) != steps or steps < 1 or int(restarts) != restarts or restarts < 1:
@@ -306,18 +328,20 @@ def pgd_breaks(
     batch_size: int,
     device,
     settled: torch.Tensor | None = None,
+    gradient_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Which images (CPU tensors ``x``, ``y``) some restart of foolbox's PGD moves to a point ``target``
     misclassifies (by a majority of ``votes`` passes): a (N,) bool CPU tensor. ``target`` is the network, or
     its EoT average for a stochastic one; the caller seeds torch and sets evaluation mode. Images marked in
     ``settled`` (already misclassified) need no attack: a batch of only those, or a restart after every
-    image of its batch is settled or broken, is skipped (and draws no random start)."""
+    image of its batch is settled or broken, is skipped (and draws no random start). ``gradient_dtype``: the
+    precision PGD's gradients are taken in (``gradient_model``); the verdicts are float32."""
     import foolbox as fb
 
     rel_stepsize = 2.5 / steps if rel_stepsize is None else float(rel_stepsize)
     attack_class = fb.attacks.LinfPGD if norm == "linf" else fb.attacks.L2PGD
     attack = attack_class(steps=int(steps), rel_stepsize=rel_stepsize, random_start=True)
-    fmodel = fb.PyTorchModel(target, bounds=(0.0, 1.0), device=device)
+    fmodel = fb.PyTorchModel(gradient_model(target, gradient_dtype), bounds=(0.0, 1.0), device=device)
     settled = torch.zeros(len(x), dtype=torch.bool) if settled is None else settled
     broken = torch.zeros(len(x), dtype=torch.bool)
     if epsilon == 0:

@@ -35,7 +35,7 @@ from ..runtime import as_image_tensor, as_label_tensor, evaluation_mode, predict
 from ..vision.fused import fuse
 from .attack_registry import attack_norm, validate_attack_config
 from .attacks import MinimalPerturbations, _run_attack, _verify, attack_seed, minimal_perturbations, perturbation_norm
-from .evaluation import is_stochastic, seeded_torch
+from .evaluation import gradient_model, is_stochastic, seeded_torch
 
 #: Attacks whose every model call takes the whole batch they were given (so rows can be interleaved).
 WHOLE_BATCH_ATTACKS = ("linf_fmn", "l2_fmn", "l2_ddn", "l2_cw")
@@ -85,10 +85,12 @@ def group_minimal_perturbations(
     progress: Callable[[str], None] | None = None,
     batch_size: int = 128,
     seed: int | None = 0,
+    gradient_dtype: torch.dtype | None = None,
 ) -> list[MinimalPerturbations]:
     """``attacks.minimal_perturbations`` of every network of the group, on the same images: whole-batch
     attacks on interleaved batches of ``batch_size`` images per network, the others per network. Returns one
-    result per network, as its own call would (every adversarial verified on the network it fools)."""
+    result per network, as its own call would (every adversarial verified on the network it fools, in float32
+    whatever ``gradient_dtype`` the attacks follow)."""
     configs = [validate_attack_config(config) for config in configs]
     x_all = as_image_tensor(images)
     y_all = as_label_tensor(labels, len(x_all))
@@ -106,11 +108,22 @@ def group_minimal_perturbations(
     for c, config in enumerate(configs):
         if config["attack"] not in WHOLE_BATCH_ATTACKS:
             for net, model in enumerate(group.models):
-                alone = minimal_perturbations(model, x_all, y_all, [config], device, batch_size=batch_size, seed=seed)
+                alone = minimal_perturbations(
+                    model,
+                    x_all,
+                    y_all,
+                    [config],
+                    device,
+                    batch_size=batch_size,
+                    seed=seed,
+                    gradient_dtype=gradient_dtype,
+                )
                 distances[net, c], adversarials[net, c] = alone.distances[0], alone.adversarials[0]
             continue
         with evaluation_mode(group.fused), seeded_torch(attack_seed(seed, config), device):
-            _attack_interleaved(group, x_all, y_all, config, c, slots, batch_size, distances, adversarials, norms[c])
+            _attack_interleaved(
+                group, x_all, y_all, config, c, slots, batch_size, distances, adversarials, norms[c], gradient_dtype
+            )
         if progress is not None:
             progress(f"{config['attack']} (config {c + 1}/{len(configs)}): {k} networks attacked as one batch")
     return [MinimalPerturbations(configs, norms, distances[i], adversarials[i], correct[i]) for i in range(k)]
@@ -125,12 +138,14 @@ def _interleaved_slots(correct: np.ndarray) -> np.ndarray:
     return slots
 
 
-def _attack_interleaved(group, x_all, y_all, config, c, slots, batch_size, distances, adversarials, norm) -> None:
+def _attack_interleaved(
+    group, x_all, y_all, config, c, slots, batch_size, distances, adversarials, norm, gradient_dtype
+) -> None:
     """One whole-batch attack over the interleaved slots; a network short of images fills its slot with
     its first image to attack, whose outcome is discarded (the attack treats every row independently)."""
     import foolbox as fb
 
-    fmodel = fb.PyTorchModel(group.interleaved, bounds=(0.0, 1.0), device=group.device)
+    fmodel = fb.PyTorchModel(gradient_model(group.interleaved, gradient_dtype), bounds=(0.0, 1.0), device=group.device)
     filler = np.where(slots[0] >= 0, slots[0], 0) if len(slots) else None
     for start in range(0, len(slots), batch_size):
         block = slots[start : start + batch_size]

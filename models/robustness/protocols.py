@@ -154,6 +154,7 @@ def perturbation_evaluation(
     eot_samples: PositiveInt = 8,
     attack_seed: NonNegativeInt = 0,
     batch_size: int | None,
+    gradient_dtype: torch.dtype | None,
     progress: Callable[[str], None] | None,
 ) -> dict:
     """The primary attacks (``attack_configs``, the AttackConfig rows of the hashes ``attacks``) on every
@@ -164,14 +165,18 @@ def perturbation_evaluation(
 
     A stochastic network (VOneNet noise) is attacked through its EoT average over ``eot_samples`` passes.
     ``batch_size`` (images per attack call, an execution setting) None: from the device's memory
-    (``evaluation.attack_batch_size``).
+    (``evaluation.attack_batch_size``). ``gradient_dtype`` (execution too): the precision the gradient attacks
+    follow, bf16 on CUDA under ``NEUREG_AMP``; every distance is verified on the float32 model.
     """
     images, labels = _subset(test_images, test_labels, n_images, image_seed)
     batch_size = batch_size or _attack_batch(model, images, device, eot_samples, CPU_ATTACK_BATCH)
     start = time.perf_counter()
     hashes = list(attacks) + list(cross_checks)
     m = min(cross_check_images, len(labels))
-    run = lambda x, y, configs: _minimal(model, x, y, configs, device, eot_samples, batch_size, attack_seed, progress)  # noqa: E731
+
+    def run(x, y, configs):
+        return _minimal(model, x, y, configs, device, eot_samples, batch_size, attack_seed, progress, gradient_dtype)
+
     results = run(images, labels, attack_configs)
     if cross_check_configs:
         checks = run(images[:m], labels[:m], cross_check_configs)
@@ -205,12 +210,10 @@ def _column_of(results, k):
     return results if k is None else results[k]
 
 
-def _minimal(model, images, labels, configs, device, eot_samples, batch_size, seed, progress):
+def _minimal(model, images, labels, configs, device, eot_samples, batch_size, seed, progress, gradient_dtype):
     """``minimal_perturbations`` of one network (EoT for a stochastic one), or of every network of a group."""
     if isinstance(model, NetworkGroup):
-        return group_minimal_perturbations(
-            model, images, labels, configs, progress=progress, batch_size=batch_size, seed=seed
-        )
+        return group_minimal_perturbations(model, images, labels, configs, progress, batch_size, seed, gradient_dtype)
     stochastic = is_stochastic(model, images[:8], device)
     return minimal_perturbations(
         model,
@@ -222,6 +225,7 @@ def _minimal(model, images, labels, configs, device, eot_samples, batch_size, se
         batch_size=batch_size,
         seed=seed,
         progress=progress,
+        gradient_dtype=gradient_dtype,
     )
 
 
@@ -243,18 +247,20 @@ def robust_evaluation(
     eot_samples: PositiveInt = 8,
     attack_seed: NonNegativeInt = 0,
     batch_size: int | None,
+    gradient_dtype: torch.dtype | None,
 ) -> dict:
     """Fixed-epsilon robust accuracy: Foolbox PGD (``steps``, ``restarts``), or AutoAttack, the leaderboards'
     number (standard, or rand with EoT for stochastic networks; steps and restarts unused); and the clean
     accuracy of the same (EoT-averaged, for a noisy network) model. ``batch_size``: images per attack call
-    (execution, not config; None: from the device's memory, 256 on the CPU as always)."""
+    (execution, not config; None: from the device's memory, 256 on the CPU as always); ``gradient_dtype``:
+    the precision of the attack's steps (execution; the verdicts are float32)."""
     images, labels = _subset(test_images, test_labels, n_images, image_seed)
     eot = eot_samples if is_stochastic(model, images[:8], device) else None
     batch_size = batch_size or _attack_batch(model, images, device, eot_samples, DEFAULT_BATCH_SIZE)
     if method == "autoattack":  # version rand (EoT) for a stochastic network, standard otherwise
         version = "rand" if eot else "standard"
         robust = autoattack_robust_accuracy(
-            model, images, labels, norm, epsilon, version, eot, batch_size, device=device, seed=attack_seed
+            model, images, labels, norm, epsilon, version, eot, batch_size, device, attack_seed, gradient_dtype
         )
     else:
         robust = robust_accuracy(
@@ -269,6 +275,7 @@ def robust_evaluation(
             batch_size=batch_size,
             device=device,
             seed=attack_seed,
+            gradient_dtype=gradient_dtype,
         )
     with seeded_torch(attack_seed, torch.device(device)):
         clean = accuracy(attackable_model(model, images, eot, device), images, labels, device=device)

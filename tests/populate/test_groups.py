@@ -173,7 +173,16 @@ def test_evaluations_of_a_group_store_what_each_network_gets_alone(
         )
         config = rb.PerturbationConfig.config_of(configs[2])
         alone = protocols.perturbation_evaluation(
-            model, data.test_x, data.test_y, attack_configs, [], device="cpu", batch_size=None, progress=None, **config
+            model,
+            data.test_x,
+            data.test_y,
+            attack_configs,
+            [],
+            device="cpu",
+            batch_size=None,
+            gradient_dtype=None,
+            progress=None,
+            **config,
         )
         stored = (rb.MinimalPerturbation.Distance & net & configs[2]).to_dicts(order_by="image_index")
         for mine, theirs in zip(stored, alone["images"], strict=True):

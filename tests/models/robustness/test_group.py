@@ -88,7 +88,13 @@ def test_attacks_on_a_group_find_what_each_network_alone_finds(trained64, float6
         {"attack": "linf_pgd", "steps": 3, "search_steps": 2},
     ]
     config = dict(
-        attacks=["fmn", "ddn"], cross_checks=["pgd"], cross_check_images=10, n_images=24, batch_size=5, progress=None
+        attacks=["fmn", "ddn"],
+        cross_checks=["pgd"],
+        cross_check_images=10,
+        n_images=24,
+        batch_size=5,
+        gradient_dtype=None,
+        progress=None,
     )
 
     def run(net):
