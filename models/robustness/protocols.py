@@ -69,6 +69,15 @@ def _forward(model):
     return model.shared if isinstance(model, NetworkGroup) else model
 
 
+def _scored(model, images, device, eot_samples: int):
+    """The module accuracy is taken of: a group's shared-input view, the network, or (``eot_samples`` > 1, a
+    stochastic network) its EoT average, whose draws run as one batch. Groups hold no stochastic networks."""
+    net = _forward(model)
+    if eot_samples > 1 and not isinstance(model, NetworkGroup) and is_stochastic(net, images[:8], device):
+        return ExpectationOverTransformation(net, eot_samples)
+    return net
+
+
 def _column(values, k):
     """Network k's numbers out of a group's (..., K) array; the values themselves for one network."""
     return values if k is None else np.asarray(values)[..., k]
@@ -95,6 +104,7 @@ def _subset(images, labels, n_images: int, image_seed: int):
 
 
 # ------------------------------------------------------------------------------------------ noise
+@config_history(added={"eot_samples": 1})
 @config_rules()
 def noise_evaluation(
     model,
@@ -106,12 +116,14 @@ def noise_evaluation(
     n_images: PositiveInt = 1000,
     image_seed: NonNegativeInt = 0,
     noise_seed: NonNegativeInt = 0,
+    eot_samples: PositiveInt = 1,
 ) -> dict:
     """Gaussian-noise accuracy: clean accuracy and accuracy at every sigma of the ladder (pixel units, [0, 1]),
     one noise draw scaled to every sigma. A stochastic network's own noise is drawn from ``noise_seed`` too,
-    so the row does not depend on what its worker computed before."""
+    so the row does not depend on what its worker computed before; ``eot_samples`` 1 scores it as it runs
+    (one draw per image), n > 1 scores its EoT average over n draws (run as one batch)."""
     images, labels = _subset(test_images, test_labels, n_images, image_seed)
-    net = _forward(model)
+    net = _scored(model, images, device, eot_samples)
     with seeded_torch(noise_seed, torch.device(device)):
         levels = noise_accuracy(net, images, labels, np.asarray(sigmas, dtype=float), seed=noise_seed, device=device)
         clean = accuracy(net, images, labels, device=device)
@@ -291,6 +303,7 @@ def _corruption_rules(*, source, path, corruptions, **_) -> None:
         raise ValueError(f"unknown corruption(s) {unknown}; built in: {sorted(CORRUPTIONS)}")
 
 
+@config_history(added={"eot_samples": 1})
 @config_rules(_corruption_rules)
 def corruption_evaluation(
     model,
@@ -305,12 +318,13 @@ def corruption_evaluation(
     n_images: PositiveInt = 1000,
     image_seed: NonNegativeInt = 0,
     corruption_seed: NonNegativeInt = 0,
+    eot_samples: PositiveInt = 1,
 ) -> dict:
     """Common corruptions, computed here ('builtin') or read from CIFAR-10-C files ('cifar10c', grayscale):
     accuracy per corruption and severity, their mean, and the clean accuracy on the same images (a stochastic
-    network's noise drawn from ``corruption_seed``, as the corruptions are)."""
+    network's noise drawn from ``corruption_seed``, as the corruptions are; ``eot_samples`` as for noise)."""
     images, labels = _subset(test_images, test_labels, n_images, image_seed)
-    net = _forward(model)
+    net = _scored(model, images, device, eot_samples)
     with seeded_torch(corruption_seed, torch.device(device)):
         levels = []
         for name in corruptions:

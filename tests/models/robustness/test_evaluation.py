@@ -49,6 +49,18 @@ class NoisyLogits(nn.Module):
         return logits + torch.randn_like(logits)
 
 
+class LoudLogits(nn.Module):
+    """The wrapped model's logits plus N(0, scale^2) noise on every call."""
+
+    def __init__(self, model, scale):
+        super().__init__()
+        self.model, self.scale = model, scale
+
+    def forward(self, x):
+        logits = self.model(x)
+        return logits + self.scale * torch.randn_like(logits)
+
+
 @pytest.fixture(scope="module")
 def trained():
     torch.manual_seed(0)
@@ -291,3 +303,30 @@ def test_attack_batches_are_an_execution_setting(trained, monkeypatch):
     monkeypatch.setenv("NEUREG_ATTACK_BATCH", "-1")
     with pytest.raises(ValueError, match="NEUREG_ATTACK_BATCH='-1'"):
         Runtime.from_env()
+
+
+def test_noise_and_corruption_accuracy_of_a_stochastic_network_by_its_eot_average(trained):
+    """eot_samples 1 scores one draw per image; 64 scores the EoT average, its 64 draws in one forward per
+    batch. With logit noise of standard deviation 6 against margins near 6, one draw errs on about a quarter
+    of the images; the average of 64 (standard deviation 0.75) comes out at the noiseless network's accuracy."""
+    from neureg.models.robustness import protocols
+
+    model, x, y = trained
+    noisy = LoudLogits(model, 6.0).eval()
+    sizes = []
+    noisy.register_forward_hook(lambda module, args, out: sizes.append(len(args[0])))
+    common = dict(device="cpu", sigmas=[0.0, 0.05], n_images=100)
+    exact = protocols.noise_evaluation(model, x, y, **common)
+    one = protocols.noise_evaluation(noisy, x, y, **common)
+    sizes.clear()
+    averaged = protocols.noise_evaluation(noisy, x, y, eot_samples=64, **common)
+    assert 64 * 100 in sizes and set(sizes) <= {8, 64 * 100}  # all 64 draws of the 100 images at once (8: the probe)
+    assert abs(averaged["clean_accuracy"] - exact["clean_accuracy"]) < abs(
+        one["clean_accuracy"] - exact["clean_accuracy"]
+    )
+    assert averaged["clean_accuracy"] == pytest.approx(exact["clean_accuracy"], abs=0.02)
+    settings = dict(device="cpu", corruptions=["contrast"], severities=[1], n_images=100)
+    corrupted = protocols.corruption_evaluation(noisy, x, y, eot_samples=64, **settings)
+    assert corrupted["mean_accuracy"] == pytest.approx(
+        protocols.corruption_evaluation(model, x, y, **settings)["mean_accuracy"], abs=0.02
+    )
