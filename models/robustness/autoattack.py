@@ -11,8 +11,8 @@ both clean and after the attack.
 
 Stochastic models are judged as the minimal perturbations judge them: a point is misclassified when a
 majority of ``VOTES`` draws of the EoT average misclassify it. AutoAttack itself decides on one noisy
-forward pass, and stops attacking an image as soon as one draw misclassifies its current point (upstream
-AutoAttack PR #105), often a point the EoT average still classifies correctly. Such an image was saved by
+forward pass, and stops attacking an image as soon as one draw misclassifies its current point (so does
+the reference code it packages), often a point the EoT average still classifies correctly. Such an image was saved by
 one lucky draw, not by the network. And on noisy logits AutoAttack's own steps can fail where PGD on the
 EoT average succeeds (its step-size control reads the noise). So every image the vote still calls correct
 after AutoAttack is attacked again, by PGD on the EoT average judged by the same vote
