@@ -330,3 +330,33 @@ def test_noise_and_corruption_accuracy_of_a_stochastic_network_by_its_eot_averag
     assert corrupted["mean_accuracy"] == pytest.approx(
         protocols.corruption_evaluation(model, x, y, **settings)["mean_accuracy"], abs=0.02
     )
+
+
+class Scripted(nn.Module):
+    """Pass k calls point i (its image holds i) wrong when ``script[k, i]``; records the points it saw."""
+
+    def __init__(self, script):
+        super().__init__()
+        self.script, self.calls = script, []
+
+    def forward(self, x):
+        ids = x.flatten(1)[:, 0].long()
+        self.calls.append(ids.tolist())
+        wrong = torch.as_tensor(self.script[len(self.calls) - 1][ids.numpy()])
+        return torch.stack([(~wrong).float(), wrong.float()], dim=1)  # label 0 is right
+
+
+def test_a_vote_stops_for_a_point_once_its_majority_is_settled():
+    from neureg.models.robustness.evaluation import VOTES, misclassified
+
+    rng = np.random.default_rng(0)
+    rates = np.array([0.0, 1.0, 0.5, 0.45, 0.55, 0.1, 0.9, 0.5])
+    script = rng.random((VOTES, len(rates))) < rates
+    model = Scripted(script)
+    x = torch.arange(len(rates), dtype=torch.float32).view(-1, 1, 1, 1)
+    out = misclassified(model, x, torch.zeros(len(rates), dtype=torch.long), VOTES)
+    full_majority = script.sum(axis=0) > VOTES // 2
+    np.testing.assert_array_equal(out.numpy(), full_majority)  # the outcome of all 25 passes
+    assert len(model.calls[12]) == len(rates) and model.calls[13] == [i for i in model.calls[13] if i >= 2]
+    assert sum(len(c) for c in model.calls) < VOTES * len(rates)  # settled points left the vote
+    assert misclassified(Scripted(script), x, torch.zeros(8, dtype=torch.long)).tolist() == script[0].tolist()
