@@ -273,7 +273,10 @@ def minimal_perturbations(
                     index = to_attack[start : start + batch_size]
                     xb, yb = x_all[index].to(device), y_all[index].to(device)
                     adv = _run_attack(fmodel, target, xb, yb, config, pool, stochastic)
-                    ok = _verify_by_vote(target, xb, yb, adv) if stochastic else _verify(target, xb, yb, adv)
+                    if stochastic or gradient_dtype is not None:  # end points on another model's boundary
+                        ok = _verify_by_vote(target, xb, yb, adv, VOTES if stochastic else 1)
+                    else:
+                        ok = _verify(target, xb, yb, adv)
                     adv_np = adv.detach().cpu().numpy().astype(np.float32)
                     dist = perturbation_norm(adv_np, xb.cpu().numpy(), norms[c])
                     distances[c, index] = np.where(ok, dist, np.inf)
@@ -337,17 +340,20 @@ def _verify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, adv: torch.Tenso
 
 
 @torch.no_grad()
-def _verify_by_vote(model: nn.Module, x: torch.Tensor, y: torch.Tensor, adv: torch.Tensor) -> np.ndarray:
-    """``_verify`` for a stochastic model, by ``VOTES`` passes. A finite candidate that fails is replaced in
+def _verify_by_vote(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, adv: torch.Tensor, votes: int = VOTES
+) -> np.ndarray:
+    """``_verify`` by ``votes`` passes (a stochastic model's vote; 1 for an attack that followed reduced
+    precision, whose end points lie on that model's boundary). A finite candidate that fails is replaced in
     ``adv`` (in place) by the first outward push (``GROWTH``, clamped to the box) that passes."""
-    ok = torch.from_numpy(_verify(model, x, y, adv, VOTES)).to(adv.device)
+    ok = torch.from_numpy(_verify(model, x, y, adv, votes)).to(adv.device)
     finite = torch.isfinite(adv).flatten(1).all(dim=1)
     for factor in GROWTH:
         todo = (finite & ~ok).nonzero().flatten()
         if len(todo) == 0:
             break
         pushed = (x[todo] + factor * (adv[todo] - x[todo])).clamp(0.0, 1.0)
-        now = misclassified(model, pushed, y[todo], VOTES)
+        now = misclassified(model, pushed, y[todo], votes)
         adv[todo[now]] = pushed[now]
         ok[todo[now]] = True
     return ok.cpu().numpy()

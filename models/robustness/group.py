@@ -106,7 +106,7 @@ def group_minimal_perturbations(
         adversarials[net][:, wrong] = x_all[wrong].numpy()
     slots = _interleaved_slots(correct)  # (M, K) image indices, -1 where a network has fewer to attack
     for c, config in enumerate(configs):
-        if config["attack"] not in WHOLE_BATCH_ATTACKS:
+        if config["attack"] not in WHOLE_BATCH_ATTACKS or gradient_dtype is not None:  # per network: the push
             for net, model in enumerate(group.models):
                 alone = minimal_perturbations(
                     model,
