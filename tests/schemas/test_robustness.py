@@ -187,7 +187,7 @@ def test_cross_checks_run_on_a_subset_and_report_what_they_won(pipeline, trained
     stored = lambda rows, norm: np.array([np.inf if r[norm] is None else r[norm] for r in rows])  # noqa: E731
     np.testing.assert_allclose(stored(rows, "l2"), alone_l2)
     np.testing.assert_allclose(stored(rows[:5], "linf"), alone_linf)
-    wrong = ~np.array([r["clean_correct"] for r in rows])
+    wrong = ~np.array([bool(r["clean_correct"]) for r in rows])  # MySQL returns 0 / 1
     assert np.all(stored(rows[5:], "linf")[~wrong[5:]] == np.inf) and np.all(stored(rows, "linf")[wrong] == 0)
     coverage = {r["attack_hash"]: r for r in (rb.MinimalPerturbation.Coverage & key).to_dicts()}
     assert coverage[ddn["attack_hash"]] == dict(
