@@ -208,13 +208,13 @@ def perturbation_evaluation(
 
 def _attack_batch(model, images, device, eot_samples: int, cpu_batch: int) -> int:
     """Images per attack call for ``model`` (a group's: per network) on ``device`` (``attack_batch_size``)."""
+    if torch.device(device).type != "cuda":  # the CPU's fixed batch: no model to probe
+        return attack_batch_size(model, images.shape[1:], len(images), device, cpu_batch)
     single = model.models[0] if isinstance(model, NetworkGroup) else model
     if is_stochastic(single, images[:8], device):
         single = ExpectationOverTransformation(single, eot_samples)
     batch = attack_batch_size(single, images.shape[1:], len(images), device, cpu_batch)
-    return (
-        max(1, batch // model.k) if isinstance(model, NetworkGroup) and torch.device(device).type == "cuda" else batch
-    )
+    return max(1, batch // model.k) if isinstance(model, NetworkGroup) else batch
 
 
 def _column_of(results, k):

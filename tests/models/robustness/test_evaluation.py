@@ -38,21 +38,9 @@ class TinyCNN(nn.Module):
 
 
 class NoisyLogits(nn.Module):
-    """A stochastic network: the wrapped model's logits plus N(0, 1) noise on every call."""
+    """A stochastic network: the wrapped model's logits plus N(0, scale^2) noise on every call."""
 
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        logits = self.model(x)
-        return logits + torch.randn_like(logits)
-
-
-class LoudLogits(nn.Module):
-    """The wrapped model's logits plus N(0, scale^2) noise on every call."""
-
-    def __init__(self, model, scale):
+    def __init__(self, model, scale=1.0):
         super().__init__()
         self.model, self.scale = model, scale
 
@@ -312,7 +300,7 @@ def test_noise_and_corruption_accuracy_of_a_stochastic_network_by_its_eot_averag
     from neureg.models.robustness import protocols
 
     model, x, y = trained
-    noisy = LoudLogits(model, 6.0).eval()
+    noisy = NoisyLogits(model, 6.0).eval()
     sizes = []
     noisy.register_forward_hook(lambda module, args, out: sizes.append(len(args[0])))
     common = dict(device="cpu", sigmas=[0.0, 0.05], n_images=100)
