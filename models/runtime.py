@@ -17,10 +17,14 @@ None of these settings enters a config hash. Two runs that differ only here are 
 - ``NEUREG_DETERMINISTIC=1``: cuDNN's deterministic kernels. Off by default because it forbids the
   fastest convolution algorithms (cuDNN benchmark mode); on, a resumed CUDA run replays the
   uninterrupted one exactly on the same GPU and software stack. CPU runs are deterministic either way.
-- ``NEUREG_EVAL_BATCH``: images per evaluation forward pass (memory, not results).
+- ``NEUREG_EVAL_BATCH``: images per evaluation forward pass (test accuracy after training, noise and
+  corruption accuracy). Unset or 0: on CUDA as many as half the free memory holds, measured by one probe
+  call (:func:`memory_batch_size`); on the CPU the batches rows were always computed with (500 for test
+  accuracy, 256 for noise and corruptions), so CPU rows reproduce. A stochastic network draws its noise
+  per forward, so a different batch gives its numbers that differ as two noise seeds do.
 - ``NEUREG_ATTACK_BATCH``: images per attack call (minimal perturbations, PGD, AutoAttack). Unset or 0:
-  on CUDA as many as half the free memory holds, measured by one probe call
-  (``robustness.evaluation.attack_batch_size``); on the CPU the batches rows were always computed with
+  on CUDA as many as half the free memory holds, measured by one probe gradient call
+  (:func:`memory_batch_size`); on the CPU the batches rows were always computed with
   (128 for minimal perturbations, 256 for fixed epsilon), so CPU rows reproduce. Attacks with random
   starts draw them per batch, so a different batch gives numbers that differ as two seeds do.
 - ``NEUREG_CUDA_GRAPHS=1``: capture each training step as one CUDA graph (``graphs.py``): 4-5x
@@ -77,7 +81,7 @@ class Runtime:
     amp: bool = False
     channels_last: bool = False
     deterministic: bool = False
-    eval_batch_size: int = 500
+    eval_batch_size: int = 0  # images per evaluation forward; 0: chosen from memory (``memory_batch_size``)
     cuda_graphs: bool = False
     group: int = 0  # networks trained as one fused model; 0: chosen by ``group_size``
     attack_batch: int = 0  # images per attack call; 0: chosen from memory (``robustness.evaluation``)
@@ -85,9 +89,9 @@ class Runtime:
     @classmethod
     def from_env(cls, **overrides) -> Runtime:
         """The worker's settings: NEUREG_* variables, then explicit ``overrides``."""
-        batch = os.environ.get("NEUREG_EVAL_BATCH", "500")
-        if not batch.isdigit() or int(batch) < 1:
-            raise ValueError(f"NEUREG_EVAL_BATCH={batch!r}: expected a positive integer")
+        batch = os.environ.get("NEUREG_EVAL_BATCH", "0").strip() or "0"
+        if not batch.isdigit():
+            raise ValueError(f"NEUREG_EVAL_BATCH={batch!r}: expected a positive integer, or 0 for automatic")
         device = _device_from_env()
         attack_batch = os.environ.get("NEUREG_ATTACK_BATCH", "0").strip() or "0"
         if not attack_batch.isdigit():
@@ -220,6 +224,36 @@ def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
 # ------------------------------------------------------------------- images in, labels out: one accuracy
 #: How many images go through the model at once when nothing else is said.
 DEFAULT_BATCH_SIZE = 256
+#: Share of the free GPU memory one batch may take (attack libraries keep copies of it besides).
+MEMORY_SHARE = 0.5
+
+
+def memory_batch_size(model: nn.Module, image_shape, n_images: int, device, *, cpu_batch: int, gradient: bool) -> int:
+    """Images per call of ``model``: ``cpu_batch`` on the CPU (what the CPU rows were computed with, so they
+    reproduce); on CUDA as many of ``n_images`` as ``MEMORY_SHARE`` of the free memory holds, from the peak
+    memory of one call on a 16-image probe (with the input gradient an attack takes when ``gradient``). The
+    probe is of the model as it will be called: an EoT average already holds its draws, a network group its
+    K networks. An execution setting, never a config key."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return max(1, min(cpu_batch, n_images))
+    probe = max(1, min(n_images, 16))
+    torch.cuda.synchronize(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    x = torch.rand(probe, *image_shape, device=device, requires_grad=gradient)
+    with evaluation_mode(model), torch.set_grad_enabled(gradient):
+        out = model(x)
+        if gradient:
+            torch.autograd.grad(out.float().sum(), x)
+    per_image = max(1, (torch.cuda.max_memory_allocated(device) - before) / probe)
+    return batch_from_memory(free, per_image, n_images)
+
+
+def batch_from_memory(free_bytes: float, per_image_bytes: float, n_images: int) -> int:
+    """The arithmetic of :func:`memory_batch_size`: ``MEMORY_SHARE`` of ``free_bytes``, at least one image."""
+    return int(max(1, min(n_images, MEMORY_SHARE * free_bytes // per_image_bytes)))
 
 
 def as_image_tensor(images) -> torch.Tensor:

@@ -36,6 +36,17 @@ def _evaluation_inputs(key: dict) -> tuple:
     return model, dataset.test_x, dataset.test_y, runtime.device
 
 
+def _with_forward_batch(protocol):
+    """``protocol`` (noise or corruption accuracy) with the worker's images per forward: NEUREG_EVAL_BATCH,
+    or from the device's memory when unset (``models.runtime.memory_batch_size``)."""
+
+    def evaluate(model, images, labels, *, device, **config):
+        batch_size = Runtime.from_env().eval_batch_size or None
+        return protocol(model, images, labels, device=device, batch_size=batch_size, **config)
+
+    return staticmethod(evaluate)
+
+
 def _score_of(config: str, columns: str = "") -> str:
     """The definition of a score of one trained network under one row of ``config``: keyed by both, with the
     number of images it used and the clean accuracy on them, then the table's own ``columns``."""
@@ -126,7 +137,7 @@ class NoiseAccuracy(GroupEvaluation, dj.Computed):
         accuracy         : float64
         """
 
-    evaluate, config_table = staticmethod(protocols.noise_evaluation), NoiseConfig
+    evaluate, config_table = _with_forward_batch(protocols.noise_evaluation), NoiseConfig
 
     def make(self, key):
         model, images, labels, device = _evaluation_inputs(key)
@@ -334,7 +345,7 @@ class CorruptionAccuracy(GroupEvaluation, dj.Computed):
         accuracy         : float64
         """
 
-    evaluate, config_table = staticmethod(protocols.corruption_evaluation), CorruptionConfig
+    evaluate, config_table = _with_forward_batch(protocols.corruption_evaluation), CorruptionConfig
 
     def make(self, key):
         model, images, labels, device = _evaluation_inputs(key)

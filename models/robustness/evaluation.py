@@ -222,32 +222,6 @@ def misclassified_in_batches(model: nn.Module, points, labels, votes: int, batch
 
 #: Images per minimal-perturbation attack call on the CPU: what every CPU row was computed with.
 CPU_ATTACK_BATCH = 128
-#: Share of the free GPU memory an attack's batch may take (Foolbox and AutoAttack keep copies besides).
-MEMORY_SHARE = 0.5
-
-
-def attack_batch_size(model: nn.Module, image_shape, n_images: int, device, cpu_batch: int = CPU_ATTACK_BATCH) -> int:
-    """Images per attack call: ``cpu_batch`` on the CPU; on CUDA as many of ``n_images`` as ``MEMORY_SHARE`` of
-    the free memory holds, from the peak memory of one gradient call on a probe batch of ``model`` (the model
-    the attack sees: an EoT average already holds its draws). An execution setting, never a config key."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return max(1, min(cpu_batch, n_images))
-    probe = max(1, min(n_images, 16))
-    torch.cuda.synchronize(device)
-    free, _ = torch.cuda.mem_get_info(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    x = torch.rand(probe, *image_shape, device=device, requires_grad=True)
-    with evaluation_mode(model):
-        torch.autograd.grad(model(x).float().sum(), x)
-    per_image = max(1, (torch.cuda.max_memory_allocated(device) - before) / probe)
-    return batch_from_memory(free, per_image, n_images)
-
-
-def batch_from_memory(free_bytes: float, per_image_bytes: float, n_images: int) -> int:
-    """The arithmetic of :func:`attack_batch_size`: ``MEMORY_SHARE`` of ``free_bytes``, at least one image."""
-    return int(max(1, min(n_images, MEMORY_SHARE * free_bytes // per_image_bytes)))
 
 
 @contextlib.contextmanager

@@ -18,14 +18,13 @@ import numpy as np
 import torch
 
 from ..registry import NonNegativeInt, PositiveInt, Rule, config_history, config_rules, one_of
-from ..runtime import DEFAULT_BATCH_SIZE, accuracy
+from ..runtime import DEFAULT_BATCH_SIZE, accuracy, memory_batch_size
 from .attacks import minimal_perturbations, with_cross_checks
 from .autoattack import autoattack_robust_accuracy
 from .corruptions import CORRUPTIONS, SEVERITIES, corruption_accuracy, load_cifar10c
 from .evaluation import (
     CPU_ATTACK_BATCH,
     ExpectationOverTransformation,
-    attack_batch_size,
     attackable_model,
     default_noise_ladder,
     is_stochastic,
@@ -78,6 +77,14 @@ def _scored(model, images, device, eot_samples: int):
     return net
 
 
+def _forward_batch(scored, images, device, batch_size: int | None) -> int:
+    """Images per forward of ``scored`` (what ``_scored`` returned): ``batch_size``, or when None from the
+    device's memory (``runtime.memory_batch_size``; on the CPU the 256 every CPU row was computed with)."""
+    return batch_size or memory_batch_size(
+        scored, images.shape[1:], len(images), device, cpu_batch=DEFAULT_BATCH_SIZE, gradient=False
+    )
+
+
 def _column(values, k):
     """Network k's numbers out of a group's (..., K) array; the values themselves for one network."""
     return values if k is None else np.asarray(values)[..., k]
@@ -117,16 +124,20 @@ def noise_evaluation(
     image_seed: NonNegativeInt = 0,
     noise_seed: NonNegativeInt = 0,
     eot_samples: PositiveInt = 1,
+    batch_size: int | None,
 ) -> dict:
     """Gaussian-noise accuracy: clean accuracy and accuracy at every sigma of the ladder (pixel units, [0, 1]),
     one noise draw scaled to every sigma. A stochastic network's own noise is drawn from ``noise_seed`` too,
     so the row does not depend on what its worker computed before; ``eot_samples`` 1 scores it as it runs
-    (one draw per image), n > 1 scores its EoT average over n draws (run as one batch)."""
+    (one draw per image), n > 1 scores its EoT average over n draws (run as one batch). ``batch_size``
+    (images per forward, an execution setting) None: from the device's memory (``_forward_batch``)."""
     images, labels = _subset(test_images, test_labels, n_images, image_seed)
     net = _scored(model, images, device, eot_samples)
+    batch = _forward_batch(net, images, device, batch_size)
     with seeded_torch(noise_seed, torch.device(device)):
-        levels = noise_accuracy(net, images, labels, np.asarray(sigmas, dtype=float), seed=noise_seed, device=device)
-        clean = accuracy(net, images, labels, device=device)
+        sigma = np.asarray(sigmas, dtype=float)
+        levels = noise_accuracy(net, images, labels, sigma, seed=noise_seed, batch_size=batch, device=device)
+        clean = accuracy(net, images, labels, batch, device=device)
     return _per_network(
         model,
         lambda k: {
@@ -177,7 +188,7 @@ def perturbation_evaluation(
 
     A stochastic network (VOneNet noise) is attacked through its EoT average over ``eot_samples`` passes.
     ``batch_size`` (images per attack call, an execution setting) None: from the device's memory
-    (``evaluation.attack_batch_size``). ``gradient_dtype`` (execution too): the precision the gradient attacks
+    (``runtime.memory_batch_size``). ``gradient_dtype`` (execution too): the precision the gradient attacks
     follow, bf16 on CUDA under ``NEUREG_AMP``; every distance is verified on the float32 model.
     """
     images, labels = _subset(test_images, test_labels, n_images, image_seed)
@@ -207,13 +218,14 @@ def perturbation_evaluation(
 
 
 def _attack_batch(model, images, device, eot_samples: int, cpu_batch: int) -> int:
-    """Images per attack call for ``model`` (a group's: per network) on ``device`` (``attack_batch_size``)."""
+    """Images per attack call for ``model`` (a group's: per network) on ``device`` (``memory_batch_size``)."""
+    shape, n = images.shape[1:], len(images)
     if torch.device(device).type != "cuda":  # the CPU's fixed batch: no model to probe
-        return attack_batch_size(model, images.shape[1:], len(images), device, cpu_batch)
+        return memory_batch_size(model, shape, n, device, cpu_batch=cpu_batch, gradient=True)
     single = model.models[0] if isinstance(model, NetworkGroup) else model
     if is_stochastic(single, images[:8], device):
         single = ExpectationOverTransformation(single, eot_samples)
-    batch = attack_batch_size(single, images.shape[1:], len(images), device, cpu_batch)
+    batch = memory_batch_size(single, shape, n, device, cpu_batch=cpu_batch, gradient=True)
     return max(1, batch // model.k) if isinstance(model, NetworkGroup) else batch
 
 
@@ -290,7 +302,7 @@ def robust_evaluation(
             gradient_dtype=gradient_dtype,
         )
     with seeded_torch(attack_seed, torch.device(device)):
-        clean = accuracy(attackable_model(model, images, eot, device), images, labels, device=device)
+        clean = accuracy(attackable_model(model, images, eot, device), images, labels, batch_size, device=device)
     return {"n_images": len(labels), "clean_accuracy": float(clean), "robust_accuracy": float(robust)}
 
 
@@ -319,24 +331,27 @@ def corruption_evaluation(
     image_seed: NonNegativeInt = 0,
     corruption_seed: NonNegativeInt = 0,
     eot_samples: PositiveInt = 1,
+    batch_size: int | None,
 ) -> dict:
     """Common corruptions, computed here ('builtin') or read from CIFAR-10-C files ('cifar10c', grayscale):
     accuracy per corruption and severity, their mean, and the clean accuracy on the same images (a stochastic
-    network's noise drawn from ``corruption_seed``, as the corruptions are; ``eot_samples`` as for noise)."""
+    network's noise drawn from ``corruption_seed``, as the corruptions are; ``eot_samples`` and ``batch_size``
+    as for noise)."""
     images, labels = _subset(test_images, test_labels, n_images, image_seed)
     net = _scored(model, images, device, eot_samples)
+    batch = _forward_batch(net, images, device, batch_size)
     with seeded_torch(corruption_seed, torch.device(device)):
         levels = []
         for name in corruptions:
             for severity in severities:
                 if source == "builtin":
-                    acc = corruption_accuracy(net, images, labels, name, severity, seed=corruption_seed, device=device)
+                    acc = corruption_accuracy(net, images, labels, name, severity, corruption_seed, batch, device)
                 else:
                     x, y = load_cifar10c(path, name, severity)
                     pick = evaluation_subset(len(y), min(n_images, len(y)), image_seed)
-                    acc = accuracy(net, x[pick], y[pick], device=device)
+                    acc = accuracy(net, x[pick], y[pick], batch, device=device)
                 levels.append((name, int(severity), acc))
-        clean = accuracy(net, images, labels, device=device)
+        clean = accuracy(net, images, labels, batch, device=device)
     return _per_network(
         model,
         lambda k: {

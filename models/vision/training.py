@@ -39,13 +39,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..registry import complete_kwargs
-from ..runtime import Runtime, accuracy, as_runtime, synchronize
+from ..runtime import Runtime, accuracy, as_runtime, memory_batch_size, synchronize
 from .checkpoint import load_checkpoint
 from .datasets import ClassificationData
 from .graphs import GraphedStep
 from .networks import build_network, tap_feature_sizes
 from .regularizer import PairSampler, SimilarityRegularizer
 from .schedule import learning_rate, regularizer_settings, train_settings
+
+#: Test images per forward after training on the CPU: what every CPU row's test accuracy was computed with.
+CPU_TEST_BATCH = 500
 
 
 def derived_seed(seed: int, epoch: int, stream: str) -> int:
@@ -377,7 +380,11 @@ def finish_run(run: TrainingRun, dataset: ClassificationData, resumed_from: int,
     runtime = run.runtime
     eval_started = time.perf_counter()
     torch.manual_seed(derived_seed(run.seed, run.configs["train"]["epochs"], "evaluation"))
-    test_accuracy = accuracy(run.model, dataset.test_x, dataset.test_y, runtime.eval_batch_size)
+    test_x = dataset.test_x
+    batch = runtime.eval_batch_size or memory_batch_size(
+        run.model, test_x.shape[1:], len(test_x), runtime.device, cpu_batch=CPU_TEST_BATCH, gradient=False
+    )
+    test_accuracy = accuracy(run.model, test_x, dataset.test_y, batch)
     eval_seconds = time.perf_counter() - eval_started
     return TrainResult(
         state_dict={k: v.detach().cpu() for k, v in run.model.state_dict().items()},

@@ -169,8 +169,10 @@ def test_group_evaluation_on_device_matches_each_network_alone():
         models.append(model.to(DEVICE).eval())
     group = NetworkGroup(models, DEVICE)
     x, y = data.test_x, data.test_y
-    together = protocols.noise_evaluation(group, x, y, device=DEVICE, n_images=64)
-    assert together == [protocols.noise_evaluation(m, x, y, device=DEVICE, n_images=64) for m in models]
+    together = protocols.noise_evaluation(group, x, y, device=DEVICE, batch_size=None, n_images=64)
+    assert together == [
+        protocols.noise_evaluation(m, x, y, device=DEVICE, batch_size=None, n_images=64) for m in models
+    ]
     attacks = [{"attack": "linf_fmn", "steps": 20}]
     kwargs = dict(attacks=["fmn"], n_images=24, batch_size=None, gradient_dtype=None, progress=None)
     grouped = protocols.perturbation_evaluation(group, x, y, attacks, [], device=DEVICE, **kwargs)
@@ -284,16 +286,24 @@ def test_fmn_attacks_on_device_find_verified_minimal_perturbations(toy_classifie
 
 def test_the_attack_batch_comes_from_the_devices_memory(toy_classifier):
     """The probe gives a batch the device holds: an attack at that batch runs (no out-of-memory) and finds
-    what it finds at a small batch (FMN draws no random numbers)."""
-    from neureg.models.robustness.evaluation import attack_batch_size
+    what it finds at a small batch (FMN draws no random numbers); a forward without gradient holds at least
+    as many images, and noise accuracy at that batch equals it at a small one."""
+    from neureg.models.robustness import protocols
+    from neureg.models.runtime import memory_batch_size
 
     model, x, y = toy_classifier
-    batch = attack_batch_size(model, x.shape[1:], len(x), DEVICE)
+    batch = memory_batch_size(model, x.shape[1:], len(x), DEVICE, cpu_batch=128, gradient=True)
     assert 16 <= batch <= len(x)
+    assert memory_batch_size(model, x.shape[1:], len(x), DEVICE, cpu_batch=128, gradient=False) >= batch
     config = [{"attack": "linf_fmn", "steps": 20}]
     big = minimal_perturbations(model, x, y, config, device=DEVICE, batch_size=batch)
     small = minimal_perturbations(model, x, y, config, device=DEVICE, batch_size=8)
     np.testing.assert_allclose(big.distances[0], small.distances[0], rtol=1e-3, atol=1e-5)
+    noise = dict(device=DEVICE, sigmas=[0.0, 0.1], n_images=len(x))
+    automatic = protocols.noise_evaluation(model, x, y, batch_size=None, **noise)
+    small_batches = protocols.noise_evaluation(model, x, y, batch_size=8, **noise)
+    for (_, a), (_, b) in zip(automatic["levels"], small_batches["levels"]):  # cuDNN's kernels vary by batch
+        assert a == pytest.approx(b, abs=2 / len(x))
 
 
 def test_bf16_attack_gradients_find_what_float32_finds(toy_classifier):

@@ -159,12 +159,12 @@ def test_evaluations_of_a_group_store_what_each_network_gets_alone(
     for net in nets:
         model = (tr.TrainedNetwork & net).load_model()
         noise = protocols.noise_evaluation(
-            model, data.test_x, data.test_y, device="cpu", **rb.NoiseConfig.config_of(configs[0])
+            model, data.test_x, data.test_y, device="cpu", batch_size=None, **rb.NoiseConfig.config_of(configs[0])
         )
         levels = (rb.NoiseAccuracy.Level & net & configs[0]).to_arrays("accuracy", order_by="level")
         assert list(levels) == [a for _, a in noise["levels"]]
         corrupted = protocols.corruption_evaluation(
-            model, data.test_x, data.test_y, device="cpu", **rb.CorruptionConfig.config_of(configs[1])
+            model, data.test_x, data.test_y, device="cpu", batch_size=None, **rb.CorruptionConfig.config_of(configs[1])
         )
         row = (rb.CorruptionAccuracy & net & configs[1]).fetch1()
         assert (row["mean_accuracy"], row["clean_accuracy"]) == (

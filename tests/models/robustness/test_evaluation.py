@@ -251,7 +251,7 @@ def test_a_stochastic_networks_noise_and_corruption_rows_do_not_depend_on_earlie
 
     def rows(seed):
         noise = protocols.noise_evaluation(
-            noisy, x[:64], y[:64], sigmas=sigmas, n_images=64, noise_seed=seed, device="cpu"
+            noisy, x[:64], y[:64], sigmas=sigmas, n_images=64, noise_seed=seed, device="cpu", batch_size=None
         )
         corrupted = protocols.corruption_evaluation(
             noisy,
@@ -265,6 +265,7 @@ def test_a_stochastic_networks_noise_and_corruption_rows_do_not_depend_on_earlie
             image_seed=0,
             corruption_seed=seed,
             device="cpu",
+            batch_size=None,
         )
         return noise, corrupted
 
@@ -274,23 +275,53 @@ def test_a_stochastic_networks_noise_and_corruption_rows_do_not_depend_on_earlie
     assert rows(2) != first
 
 
-def test_attack_batches_are_an_execution_setting(trained, monkeypatch):
+def test_batches_are_an_execution_setting(trained, monkeypatch):
     """On the CPU the batch every CPU row was computed with; on CUDA a share of the free memory (arithmetic
-    checked here, the probe on a device in tests/models/test_cuda_paths.py); NEUREG_ATTACK_BATCH overrides."""
-    from neureg.models.robustness.evaluation import MEMORY_SHARE, attack_batch_size, batch_from_memory
-    from neureg.models.runtime import Runtime
+    checked here, the probe on a device in tests/models/test_cuda_paths.py); NEUREG_ATTACK_BATCH and
+    NEUREG_EVAL_BATCH override, 0 or unset is automatic, anything else is refused by name."""
+    from neureg.models.runtime import MEMORY_SHARE, Runtime, batch_from_memory, memory_batch_size
 
     model, x, _ = trained
-    assert attack_batch_size(model, x.shape[1:], 1000, "cpu") == 128
-    assert attack_batch_size(model, x.shape[1:], 40, "cpu", cpu_batch=256) == 40
+    assert memory_batch_size(model, x.shape[1:], 1000, "cpu", cpu_batch=128, gradient=True) == 128
+    assert memory_batch_size(model, x.shape[1:], 40, "cpu", cpu_batch=256, gradient=False) == 40
     assert batch_from_memory(80e9, 20e6, 1000) == 1000  # the standard evaluation in one call
     assert batch_from_memory(8e9, 20e6, 1000) == int(MEMORY_SHARE * 8e9 // 20e6) == 200
     assert batch_from_memory(1e6, 20e6, 1000) == 1
-    monkeypatch.setenv("NEUREG_ATTACK_BATCH", "64")
-    assert Runtime.from_env().attack_batch == 64
-    monkeypatch.setenv("NEUREG_ATTACK_BATCH", "-1")
-    with pytest.raises(ValueError, match="NEUREG_ATTACK_BATCH='-1'"):
-        Runtime.from_env()
+    for name, field in (("NEUREG_ATTACK_BATCH", "attack_batch"), ("NEUREG_EVAL_BATCH", "eval_batch_size")):
+        monkeypatch.delenv(name, raising=False)
+        assert getattr(Runtime.from_env(), field) == 0
+        monkeypatch.setenv(name, "64")
+        assert getattr(Runtime.from_env(), field) == 64
+        monkeypatch.setenv(name, "-1")
+        with pytest.raises(ValueError, match=f"{name}='-1'"):
+            Runtime.from_env()
+        monkeypatch.delenv(name)
+
+
+def test_noise_and_corruption_forwards_take_the_batch_they_are_given(trained):
+    """Unset on the CPU: 256 images per forward, as every CPU row was computed; a given batch is what each
+    forward holds; a deterministic network's accuracies do not depend on it (each image is scored alone)."""
+    from neureg.models.robustness import protocols
+
+    model = trained[0]
+    x, y = template_images(300, seed=3)
+    sizes = []
+    hook = model.register_forward_hook(lambda module, args, out: sizes.append(len(args[0])))
+    settings = dict(device="cpu", sigmas=[0.0, 0.1, 0.3], n_images=300)
+    try:
+        automatic = protocols.noise_evaluation(model, x, y, batch_size=None, **settings)
+        assert sorted(set(sizes)) == [300 - 256, 256]
+        sizes.clear()
+        given = protocols.noise_evaluation(model, x, y, batch_size=70, **settings)
+        assert max(sizes) == 70 and sum(sizes) == 300 * 4  # three sigmas and the clean pass
+        assert given == automatic
+        sizes.clear()
+        kinds = dict(corruptions=["contrast"], severities=[2], n_images=300)
+        corrupted = protocols.corruption_evaluation(model, x, y, device="cpu", batch_size=300, **kinds)
+        assert set(sizes) == {300}
+        assert corrupted == protocols.corruption_evaluation(model, x, y, device="cpu", batch_size=None, **kinds)
+    finally:
+        hook.remove()
 
 
 def test_noise_and_corruption_accuracy_of_a_stochastic_network_by_its_eot_average(trained):
@@ -303,7 +334,7 @@ def test_noise_and_corruption_accuracy_of_a_stochastic_network_by_its_eot_averag
     noisy = NoisyLogits(model, 6.0).eval()
     sizes = []
     noisy.register_forward_hook(lambda module, args, out: sizes.append(len(args[0])))
-    common = dict(device="cpu", sigmas=[0.0, 0.05], n_images=100)
+    common = dict(device="cpu", batch_size=None, sigmas=[0.0, 0.05], n_images=100)
     exact = protocols.noise_evaluation(model, x, y, **common)
     one = protocols.noise_evaluation(noisy, x, y, **common)
     sizes.clear()
@@ -313,7 +344,7 @@ def test_noise_and_corruption_accuracy_of_a_stochastic_network_by_its_eot_averag
         one["clean_accuracy"] - exact["clean_accuracy"]
     )
     assert averaged["clean_accuracy"] == pytest.approx(exact["clean_accuracy"], abs=0.02)
-    settings = dict(device="cpu", corruptions=["contrast"], severities=[1], n_images=100)
+    settings = dict(device="cpu", batch_size=None, corruptions=["contrast"], severities=[1], n_images=100)
     corrupted = protocols.corruption_evaluation(noisy, x, y, eot_samples=64, **settings)
     assert corrupted["mean_accuracy"] == pytest.approx(
         protocols.corruption_evaluation(model, x, y, **settings)["mean_accuracy"], abs=0.02

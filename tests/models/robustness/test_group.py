@@ -59,21 +59,29 @@ def test_noise_and_corruption_accuracy_of_a_group_equal_each_network_alone(train
     models, data = trained64
     group = NetworkGroup(models, "cpu", probe=data.test_x[:8])
     config = dict(sigmas=[0.0, 0.2, 0.5, 1.0], n_images=60)
-    together = protocols.noise_evaluation(group, data.test_x, data.test_y, device="cpu", **config)
-    alone = [protocols.noise_evaluation(m, data.test_x, data.test_y, device="cpu", **config) for m in models]
+    together = protocols.noise_evaluation(group, data.test_x, data.test_y, device="cpu", batch_size=None, **config)
+    alone = [
+        protocols.noise_evaluation(m, data.test_x, data.test_y, device="cpu", batch_size=None, **config) for m in models
+    ]
     assert together == alone
     assert len({r["clean_accuracy"] for r in alone}) > 1 or len({str(r["levels"]) for r in alone}) > 1, "distinct"
     config = dict(corruptions=["gaussian_noise", "contrast", "jpeg_compression"], severities=[1, 5], n_images=50)
-    together = protocols.corruption_evaluation(group, data.test_x, data.test_y, device="cpu", **config)
-    alone = [protocols.corruption_evaluation(m, data.test_x, data.test_y, device="cpu", **config) for m in models]
+    together = protocols.corruption_evaluation(group, data.test_x, data.test_y, device="cpu", batch_size=None, **config)
+    alone = [
+        protocols.corruption_evaluation(m, data.test_x, data.test_y, device="cpu", batch_size=None, **config)
+        for m in models
+    ]
     assert together == alone
 
 
 def test_float32_group_accuracies_equal_alone():
     models, data = _networks(torch.float32)
     group = NetworkGroup(models, "cpu")
-    together = protocols.noise_evaluation(group, data.test_x, data.test_y, device="cpu", n_images=64)
-    alone = [protocols.noise_evaluation(m, data.test_x, data.test_y, device="cpu", n_images=64) for m in models]
+    together = protocols.noise_evaluation(group, data.test_x, data.test_y, device="cpu", batch_size=None, n_images=64)
+    alone = [
+        protocols.noise_evaluation(m, data.test_x, data.test_y, device="cpu", batch_size=None, n_images=64)
+        for m in models
+    ]
     assert together == alone
 
 
