@@ -4,7 +4,9 @@ A config is the keyword arguments of one function (nnfabrik's builder idea; VOne
 Foolbox's attack constructors work the same way). The function's signature *is* the config's schema:
 its defaults fill what a config leaves out, a key it does not take is refused, and each annotation says
 what a value may be (``PositiveInt``, ``Fraction`` ...). :func:`complete_kwargs` is the one place that
-checks this, so a config is validated identically wherever it enters (a Lookup table, a test, a bench).
+checks this, so a config is validated identically wherever it enters (a Lookup table, a test, a bench);
+it also gives each value its annotation's one form (:func:`canonical`), so ``alpha=0`` and ``alpha=0.0``
+are one config and one hash.
 
 Variants (similarity methods, attacks, architectures) live in a :class:`Registry`: a config names its
 variant (``{"attack": "l2_ddn", "steps": 300}``) and the rest are that builder's keyword arguments. A
@@ -86,6 +88,37 @@ def _rules(annotation) -> tuple[list[Rule], bool]:
     return ([_PLAIN_RULES[origin]] if origin in _PLAIN_RULES else []), optional
 
 
+def _base_type(annotation):
+    """The plain type an annotation holds (``Annotated`` and ``Optional`` unwrapped), or None."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = members[0] if len(members) == 1 else Any
+    if typing.get_origin(annotation) is Annotated:
+        return _base_type(typing.get_args(annotation)[0])
+    return annotation if annotation is not Any else None
+
+
+def canonical(value, annotation):
+    """``value`` in the one form its annotation gives it, so equal configs hash alike: an int where a float
+    is meant becomes a float (``alpha=0`` is ``alpha=0.0``), an integral float where an int is meant an int
+    (``epochs=2.0`` is ``2``), 0 and 1 where a bool is meant a bool, and a ``list[T]``'s items each so.
+    Anything else is left as given, for the annotation's rule to accept or refuse."""
+    base = _base_type(annotation)
+    origin = typing.get_origin(base)
+    if origin is list and isinstance(value, (list, tuple)):
+        (item,) = typing.get_args(base) or (Any,)
+        return [canonical(v, item) for v in value]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    if base is float and isinstance(value, int):
+        return float(value)
+    if base is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if base is bool and value in (0, 1):
+        return bool(value)
+    return value
+
+
 def config_parameters(function: Callable) -> dict[str, inspect.Parameter]:
     """The parameters of ``function`` that are config: those with a default (inputs come first, without)."""
     return {
@@ -111,7 +144,7 @@ def complete_kwargs(function: Callable, given: dict, context: str = "") -> dict:
     hints = typing.get_type_hints(function, include_extras=True)
     full = {}
     for name, parameter in parameters.items():
-        value = plain(given.get(name, parameter.default))
+        value = canonical(plain(given.get(name, parameter.default)), hints.get(name, Any))
         rules, optional = _rules(hints.get(name, Any))
         if not (value is None and (optional or parameter.default is None)):
             for rule in rules:

@@ -128,6 +128,9 @@ class ConfigTable:
         full = cls.complete(config, **overrides)
         key = cls.key_of(full)
         if not (cls() & key):
+            twin = cls.non_canonical().get(key[f"{cls.config_name}_hash"])
+            if twin is not None:  # stored before values were canonical: that row is this config
+                return {f"{cls.config_name}_hash": twin}
             cls.insert1(
                 {**key, f"{cls.config_name}_config": full, f"{cls.config_name}_label": label[:64]}, skip_duplicates=True
             )
@@ -142,9 +145,37 @@ class ConfigTable:
     def config_of(cls, key: dict) -> dict:
         """The stored (complete) config of one key, in today's form: keys added since it was stored hold the
         values that do what it did, retired keys are left out (``models.registry.config_history``)."""
-        stored = (cls() & key).fetch1(f"{cls.config_name}_config")
+        return cls._today_form((cls() & key).fetch1(f"{cls.config_name}_config"))
+
+    @classmethod
+    def _today_form(cls, stored: dict) -> dict:
         retired = retired_keys(cls.settings)
         return {**added_keys(cls.settings), **{k: v for k, v in stored.items() if k not in retired}}
+
+    @classmethod
+    def non_canonical(cls) -> dict[str, str]:
+        """Rows keyed before config values were canonical (``models.registry.canonical``) whose stored config
+        is not in its canonical form (``alpha: 0`` where ``0.0`` is meant): {canonical hash: stored hash}.
+        Their keys stay (results hang off them); :meth:`add` returns such a row for the config it holds, so
+        ``alpha=0`` and ``alpha=0.0`` reach it as one row. A stored config that no longer validates is left out."""
+        name = cls.config_name
+        rows = zip(*cls().to_arrays(f"{name}_hash", f"{name}_config"))
+        return stored_twins(rows, lambda stored: cls.key_of(cls.complete(cls._today_form(stored)))[f"{name}_hash"])
+
+
+def stored_twins(rows, canonical_hash: Callable) -> dict[str, str]:
+    """{canonical hash: stored hash} for the (stored hash, stored config) ``rows`` whose hash differs from
+    ``canonical_hash(stored config)``: rows keyed before values were canonical. The first row of a canonical
+    hash wins; a stored config that no longer validates (ValueError, TypeError) is left out."""
+    twins = {}
+    for stored_hash, stored in rows:
+        try:
+            canonical = canonical_hash(stored)
+        except (ValueError, TypeError):
+            continue
+        if canonical != stored_hash:
+            twins.setdefault(canonical, stored_hash)
+    return twins
 
 
 class ImageRows(dj.Part):

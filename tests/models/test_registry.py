@@ -5,6 +5,7 @@ from typing import Annotated
 import numpy as np
 import pytest
 
+from neureg.models.digests import stable_hash
 from neureg.models.registry import (
     Fraction,
     PositiveInt,
@@ -51,7 +52,7 @@ def test_numpy_scalars_become_plain_values_so_hashes_are_stable():
         ({"stepz": 3}, "unknown config key"),
         ({"inputs": 3}, "unknown config key"),  # an input is never config
         ({"steps": 0}, "'steps' must be a positive integer"),
-        ({"steps": 2.0}, "'steps' must be a positive integer"),
+        ({"steps": 2.5}, "'steps' must be a positive integer"),  # 2.0 is 2 (test_canonical_forms...)
         ({"steps": True}, "'steps' must be a positive integer"),
         ({"rate": 1.0}, "'rate' must be a number in \\[0, 1\\)"),
         ({"rate": float("nan")}, "'rate'"),
@@ -59,7 +60,7 @@ def test_numpy_scalars_become_plain_values_so_hashes_are_stable():
         ({"eps": 0.5}, "'eps' must be a number in \\(0, 0.5\\)"),
         ({"eps": "x"}, "'eps'"),
         ({"limit": 0}, "'limit'"),
-        ({"flag": 1}, "'flag' must be True or False"),
+        ({"flag": 2}, "'flag' must be True or False"),  # 1 is True
     ],
 )
 def test_bad_values_are_refused_with_the_key_named(given, fault):
@@ -95,3 +96,34 @@ def test_a_new_variant_is_one_registered_function():
         shapes.complete({"sides": 3})
     with pytest.raises(ValueError, match="registered twice"):
         shapes.register("polygon")(lambda: None)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (dict(alpha=0), dict(alpha=0.0)),  # an int where a float is meant
+        (dict(pairs_per_step=32.0), dict(pairs_per_step=32)),  # an integral float where an int is meant
+        (dict(alpha=np.int64(3), pairs_per_step=np.float32(8)), dict(alpha=3.0, pairs_per_step=8)),
+    ],
+)
+def test_values_take_their_annotations_one_form(given, expected):
+    from neureg.models.vision.schedule import regularizer_settings
+
+    full = complete_kwargs(regularizer_settings, given)
+    for name, value in expected.items():
+        assert full[name] == value and type(full[name]) is type(value)
+    assert stable_hash(full) == stable_hash(complete_kwargs(regularizer_settings, expected))
+
+
+def test_canonical_forms_of_lists_and_flags_and_what_stays_refused():
+    from neureg.models.registry import canonical
+
+    assert canonical((0, 1), list[float]) == [0.0, 1.0] and type(canonical([0], list[float])[0]) is float
+    assert canonical([1.0, 5.0], list[int]) == [1, 5] and type(canonical([1.0], list[int])[0]) is int
+    assert canonical(1, bool) is True and canonical(0, bool | None) is False
+    assert canonical(2, bool) == 2  # not a flag: left for the rule to refuse
+    assert canonical(2.5, int) == 2.5 and canonical("3", float) == "3" and canonical(True, float) is True
+    with pytest.raises(ValueError, match="must be a positive integer, got 2.5"):
+        complete_kwargs(settings, {"steps": 2.5})
+    full = complete_kwargs(settings, {"steps": 2.0, "rate": 0, "flag": 1})
+    assert (full["steps"], full["rate"], full["flag"]) == (2, 0.0, True) and type(full["rate"]) is float

@@ -168,3 +168,50 @@ def test_checkpoints_go_where_a_requeued_task_finds_them(pipeline, tmp_path, mon
     monkeypatch.delenv("NEUREG_CHECKPOINTS")
     store = dj.config.get_store_spec("neureg")["location"]
     assert pipeline.training.checkpoint_dir() == Path(store) / "checkpoints"
+
+
+def test_equal_configs_are_one_row_however_their_numbers_are_written(pipeline):
+    """Values take their annotation's form before hashing: 0 and 0.0, 2 and 2.0, (1, 2) and [1, 2] are one
+    config and one row, whatever table (settings function, registry of variants, the regularizer)."""
+    tr, rb = pipeline.training, pipeline.robustness
+    assert tr.RegularizerConfig.add(dict(alpha=0, pairs_per_step=31)) == tr.RegularizerConfig.add(
+        dict(alpha=0.0, pairs_per_step=31.0)
+    )
+    stored = (tr.RegularizerConfig & tr.RegularizerConfig.add(dict(alpha=0, pairs_per_step=31))).fetch1()
+    assert stored["regularizer_config"]["alpha"] == 0.0 and isinstance(stored["regularizer_config"]["alpha"], float)
+    assert tr.NetworkConfig.add(dict(arch="resnet18", width=1)) == tr.NetworkConfig.add(
+        dict(arch="resnet18", width=1.0)
+    )
+    assert tr.TrainConfig.add(dict(epochs=2.0, lr=1)) == tr.TrainConfig.add(dict(epochs=2, lr=1.0))
+    assert rb.NoiseConfig.add(sigmas=(0, 0.1), n_images=7) == rb.NoiseConfig.add(sigmas=[0.0, 0.1], n_images=7.0)
+    with pytest.raises(ValueError, match="'epochs' must be a positive integer, got 2.5"):
+        tr.TrainConfig.add(dict(epochs=2.5))
+
+
+def test_a_row_keyed_before_values_were_canonical_is_found_by_its_config(pipeline):
+    """A row the older code keyed with an int where a float is meant keeps its key (its results hang off
+    it); adding the same config today, in either spelling, returns that row and adds none."""
+    tr = pipeline.training
+    full = tr.TrainConfig.complete(dict(epochs=3, lr=0.5))
+    legacy = dict(full, lr=2)  # as the older code stored lr=2: an int, hashed as one
+    key = {"train_hash": stable_hash(legacy)}
+    assert key != tr.TrainConfig.key_of(tr.TrainConfig.complete(legacy))
+    tr.TrainConfig.insert1({**key, "train_config": legacy, "train_label": "legacy"})
+    regularizer = tr.RegularizerConfig.complete(dict(alpha=0.0, pairs_per_step=29))[0]
+    old_regularizer = dict(regularizer, alpha=0)
+    reg_key = {"regularizer_hash": stable_hash({"config": old_regularizer, "target": {}})}
+    tr.RegularizerConfig.insert1(dict(reg_key, regularizer_config=old_regularizer, regularizer_label="legacy"))
+    try:
+        before = len(tr.TrainConfig()), len(tr.RegularizerConfig())
+        assert tr.TrainConfig.add(dict(epochs=3, lr=2)) == key
+        assert tr.TrainConfig.add(dict(epochs=3, lr=2.0)) == key
+        assert tr.TrainConfig.non_canonical() == {
+            tr.TrainConfig.key_of(tr.TrainConfig.complete(legacy))["train_hash"]: key["train_hash"]
+        }
+        assert tr.RegularizerConfig.add(dict(alpha=0.0, pairs_per_step=29)) == reg_key
+        assert tr.RegularizerConfig.add(dict(alpha=0, pairs_per_step=29)) == reg_key
+        assert list(tr.RegularizerConfig.non_canonical().values()) == [reg_key["regularizer_hash"]]
+        assert (len(tr.TrainConfig()), len(tr.RegularizerConfig())) == before
+    finally:
+        (tr.TrainConfig & key).delete_quick()
+        (tr.RegularizerConfig & reg_key).delete_quick()
