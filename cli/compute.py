@@ -90,10 +90,17 @@ def cmd_plan(args) -> int:
 def cmd_report(args) -> int:
     """`neureg report`: write the figures of one part of the analysis from the database (robustness: also the
     results table as CSV and Markdown)."""
+    try:
+        restriction = _restriction(args.restrict, args.what)
+    except ValueError as exc:
+        return refuse(exc)
     pipeline = connect_from(args)
     module = importlib.import_module(f"neureg.reports.{args.what}")
     try:
-        paths = getattr(module, f"{args.what}_figures")(pipeline, Path(args.out))
+        extra = [restriction] if restriction else []
+        paths = getattr(module, f"{args.what}_figures")(pipeline, Path(args.out), *extra)
+    except ValueError as exc:
+        return refuse(exc)
     except LookupError as exc:
         return refuse(exc, EXIT_FAILED)
     if args.json:
@@ -102,6 +109,19 @@ def cmd_report(args) -> int:
     for path in paths:
         print(path)
     return 0
+
+
+def _restriction(pairs: list[str], what: str) -> dict:
+    """``--restrict ATTR=VALUE`` options as one dict restriction (integers as integers)."""
+    if pairs and what != "robustness":
+        raise ValueError(f"--restrict applies to the robustness report, not {what}")
+    restriction = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--restrict {pair!r}: expected ATTRIBUTE=VALUE, e.g. seed=0 or condition=None")
+        restriction[name.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value
+    return restriction
 
 
 def cmd_demo(args) -> int:
@@ -148,6 +168,14 @@ def register(sub) -> None:
     p.add_argument("what", choices=["oracle", "similarity", "robustness"], help="which figures")
     p.add_argument("--out", default="neureg_figures", help="folder for the PNGs (default ./neureg_figures)")
     p.add_argument("--json", action="store_true", help="print the written files as one JSON list")
+    p.add_argument(
+        "--restrict",
+        action="append",
+        default=[],
+        metavar="ATTR=VALUE",
+        help="robustness: only networks with this attribute value (repeatable, all must hold): a plan's "
+        "dataset, network_hash, train_hash, regularizer_hash, a seed, a condition, a scan_set",
+    )
 
     p = add_command(sub, cmd_demo, "the main job: simulate a small cohort and run the pipeline on it")
     p.add_argument("--out", type=Path, help="folder for the scan folders and figures (default: HOME/demo)")

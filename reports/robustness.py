@@ -15,51 +15,112 @@ from ..models.conditions import BASELINE, ordered
 from ..models.robustness import attacks
 from ..models.robustness.comparison import compare_with_baseline
 from ._plot import plt, save
+from .lineage import EXPERIMENT, LINEAGE, lineage_settings, tell_apart
 
 
 def per_network_metrics(pipeline, restriction=None) -> list[dict]:
-    """One dict per trained network: condition, seed and every robustness number it has."""
+    """One dict per trained network: its group label ('condition'), seed, lineage and every robustness number
+    it has, each under the name of the config that computed it.
+
+    ``restriction``: any DataJoint restriction of trained networks (a plan key, ``{"seed": 0}``, a condition,
+    ``{"scan_set": ...}``, a list of keys, an SQL string). Networks are grouped by lineage (``lineage.py``):
+    two lineages with one condition label, and two configs with one metric name, are told apart by what
+    differs between them, never averaged together."""
     tr, rb = pipeline.training, pipeline.robustness
-    networks = tr.TrainedNetwork * tr.TrainingPlan.proj("condition")
+    networks = tr.TrainedNetwork * tr.TrainingPlan.proj("condition") * tr.RegularizerConfig.proj("scan_set")
     if restriction is not None:
+        _check_restriction(restriction, networks.heading.names)
         networks = networks & restriction
-    rows = []
-    for net in networks.to_dicts(order_by="KEY"):
+    nets = networks.to_dicts(order_by="KEY")
+    lineages = {tuple(net[k] for k in LINEAGE): net["condition"] for net in nets}
+    groups = tell_apart(
+        {lin: (condition, lineage_settings(tr, dict(zip(LINEAGE, lin)))) for lin, condition in lineages.items()}
+    )
+    rows, metrics = [], {}  # metrics: (name, config table, hash) -> (name, config), told apart below
+    for net in nets:
         key = {k: net[k] for k in tr.TrainedNetwork.primary_key}
-        row = {"condition": net["condition"], "seed": net["seed"], "key": key, "clean accuracy": net["test_accuracy"]}
-        levels = (rb.NoiseAccuracy.Level & key).to_dicts(order_by="level")
-        if levels:
-            row["noise curve"] = ([lv["sigma"] for lv in levels], [lv["accuracy"] for lv in levels])
-            row[f"noise accuracy (sigma {levels[-1]['sigma']:g})"] = levels[-1]["accuracy"]
-            above = [lv["sigma"] for lv in levels if lv["accuracy"] >= 0.5]
-            row["noise sigma at 50% accuracy"] = max(above) if above else 0.0
-        for mp in (rb.MinimalPerturbation * rb.PerturbationConfig & key).to_dicts():
-            config = mp["perturbation_config"]
-            attacked = {
-                attacks.attack_norm(rb.AttackConfig.config_of({"attack_hash": h}))
-                for h in config["attacks"] + config.get("cross_checks", [])
-            }
-            for norm in attacked:
-                value = mp[f"median_{norm}"]  # null: most images unbroken, so the median is beyond every attack
-                row[f"median {'L2' if norm == 'l2' else 'Linf'} perturbation"] = (
-                    float("inf") if value is None else value
-                )
-        for ra in (rb.RobustAccuracy * rb.RobustConfig & key).to_dicts():
-            cfg = ra["robust_config"]
-            name = f"robust accuracy {cfg['norm'].replace('linf', 'Linf').replace('l2', 'L2')} {cfg['epsilon']:.3g}"
-            row[name] = ra["robust_accuracy"]
-        for ca in (rb.CorruptionAccuracy & key).to_dicts():
-            row["corruption accuracy"] = ca["mean_accuracy"]
+        lineage = tuple(net[k] for k in LINEAGE)
+        row = {
+            "condition": groups[lineage],
+            "plan condition": net["condition"],
+            "seed": net["seed"],
+            "key": key,
+            "lineage": dict(zip(LINEAGE, lineage)),
+            "clean accuracy": net["test_accuracy"],
+        }
+        values = {}
+        for config, value, name in _evaluations(rb, key, row):
+            metrics[(name, *config)] = (name, config[2])
+            values[(name, *config)] = value
+        row["values"] = values
         rows.append(row)
+    names = tell_apart({metric: (name, config) for metric, (name, config) in metrics.items()})
+    for row in rows:
+        row.update({names[metric]: value for metric, value in row.pop("values").items()})
     return rows
 
 
+def _check_restriction(restriction, attributes) -> None:
+    """A dict restriction (or a list of them) names only attributes of the networks queried: DataJoint would
+    silently drop the others and return every network."""
+    for part in restriction if isinstance(restriction, (list, tuple)) else [restriction]:
+        unknown = sorted(set(part) - set(attributes)) if isinstance(part, dict) else []
+        if unknown:
+            raise ValueError(f"cannot restrict trained networks by {unknown}; known: {sorted(attributes)}")
+
+
+def _evaluations(rb, key: dict, row: dict):
+    """(config (table, hash, settings), value, metric name) of every robustness number of one network; the
+    noise curve goes into ``row`` itself (one per network: the first noise config's)."""
+    for noise in (rb.NoiseAccuracy * rb.NoiseConfig & key).to_dicts(order_by="noise_hash"):
+        config = ("noise", noise["noise_hash"], dict(noise["noise_config"], label=noise["noise_label"]))
+        levels = (rb.NoiseAccuracy.Level & key & {"noise_hash": noise["noise_hash"]}).to_dicts(order_by="level")
+        row.setdefault("noise curve", ([lv["sigma"] for lv in levels], [lv["accuracy"] for lv in levels]))
+        yield config, levels[-1]["accuracy"], f"noise accuracy (sigma {levels[-1]['sigma']:g})"
+        above = [lv["sigma"] for lv in levels if lv["accuracy"] >= 0.5]
+        yield config, max(above) if above else 0.0, "noise sigma at 50% accuracy"
+    for mp in (rb.MinimalPerturbation * rb.PerturbationConfig & key).to_dicts():
+        settings = mp["perturbation_config"]
+        config = ("perturbation", mp["perturbation_hash"], dict(settings, label=mp["perturbation_label"]))
+        attacked = {
+            attacks.attack_norm(rb.AttackConfig.config_of({"attack_hash": h}))
+            for h in settings["attacks"] + settings.get("cross_checks", [])
+        }
+        for norm in sorted(attacked):
+            value = mp[f"median_{norm}"]  # null: most images unbroken, so the median is beyond every attack
+            yield config, float("inf") if value is None else value, f"median {_NORMS[norm]} perturbation"
+    for ra in (rb.RobustAccuracy * rb.RobustConfig & key).to_dicts():
+        settings = ra["robust_config"]
+        config = ("robust", ra["robust_hash"], dict(settings, label=ra["robust_label"]))
+        name = f"robust accuracy {_NORMS[settings['norm']]} {settings['epsilon']:.3g}"
+        yield config, ra["robust_accuracy"], name
+    for ca in (rb.CorruptionAccuracy * rb.CorruptionConfig & key).to_dicts():
+        config = ("corruption", ca["corruption_hash"], dict(ca["corruption_config"], label=ca["corruption_label"]))
+        yield config, ca["mean_accuracy"], "corruption accuracy"
+
+
+_NORMS = {"linf": "Linf", "l2": "L2"}
+_NOT_METRICS = ("condition", "plan condition", "seed", "key", "lineage", "noise curve")
+
+
+def group_order(rows: list[dict]) -> list[str]:
+    """The groups' labels in table order: by their plan condition's place (``models.conditions``), then label."""
+    base = {r["condition"]: r.get("plan condition", r["condition"]) for r in rows}
+    rank = {c: i for i, c in enumerate(ordered(set(base.values())))}
+    return sorted(base, key=lambda label: (rank[base[label]], label))
+
+
 def results_table(pipeline, restriction=None) -> list[dict]:
-    """Condition x metric: for each condition, ``{metric: (mean, sem, n_seeds)}`` plus 'condition'."""
-    rows = per_network_metrics(pipeline, restriction)
+    """Group x metric: for each lineage group, ``{metric: (mean, sem, n_seeds)}`` plus 'condition' (its
+    label); ``restriction`` as for :func:`per_network_metrics`."""
+    return table_of(per_network_metrics(pipeline, restriction))
+
+
+def table_of(rows: list[dict]) -> list[dict]:
+    """The results table of :func:`per_network_metrics`' rows: mean, SEM and n over each group's seeds."""
     metrics = comparison_metrics(rows)
     table = []
-    for condition in ordered({r["condition"] for r in rows}):
+    for condition in group_order(rows):
         entry = {"condition": condition}
         for metric in metrics:
             values = np.array([r[metric] for r in rows if r["condition"] == condition and metric in r], dtype=float)
@@ -102,19 +163,41 @@ def write_table(table: list[dict], out: Path) -> tuple[Path, Path]:
 
 def comparison_metrics(rows: list[dict]) -> list[str]:
     """The scalar metrics of the per-network rows, in table order."""
-    return sorted(
-        {m for r in rows for m in r if m not in ("condition", "seed", "key", "noise curve")}, key=_metric_order
-    )
+    return sorted({m for r in rows for m in r if m not in _NOT_METRICS}, key=_metric_order)
 
 
 def write_comparison(rows: list[dict], out: Path) -> Path:
-    """Markdown: per condition and metric, the paired difference from None over seeds with its 95% CI; '*'
-    marks a difference significant after Holm's correction (see models/robustness/comparison.py)."""
+    """Markdown: per group and metric, the paired difference from None over seeds with its 95% CI; '*'
+    marks a difference significant after Holm's correction (see models/robustness/comparison.py). Groups
+    are compared only with the None group of their own experiment (same dataset, network and schedule):
+    one section per experiment that has exactly one."""
     metrics = comparison_metrics(rows)
-    found = compare_with_baseline(rows, metrics)
-    conditions = [c for c in ordered({d.condition for d in found})]
-    lines = ["| condition - None | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-    for condition in conditions:
+    experiments: dict[tuple, list[dict]] = {}
+    for row in rows:
+        experiments.setdefault(tuple(row["lineage"][k] for k in EXPERIMENT), []).append(row)
+    lines = []
+    for experiment, members in experiments.items():
+        baselines = {r["condition"] for r in members if r.get("plan condition", r["condition"]) == BASELINE}
+        if len(baselines) != 1:
+            continue
+        if len(experiments) > 1:
+            lines += [f"### dataset {experiment[0]}, network {experiment[1][:8]}, schedule {experiment[2][:8]}", ""]
+        lines += _comparison_lines(members, metrics, baselines.pop())
+    lines += [
+        "Mean paired difference over seeds (condition minus None, same seed), [95% CI] from Student's t, "
+        "two-sided paired t-test p; * significant at 0.05 after Holm's correction over the conditions of "
+        "each metric. n/a: fewer than two paired seeds, or a value beyond every attack."
+    ]
+    path = out / "robustness_vs_none.md"
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _comparison_lines(rows: list[dict], metrics: list[str], baseline: str) -> list[str]:
+    found = compare_with_baseline(rows, metrics, baseline)
+    lines = [f"| condition - {baseline} | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for condition in [c for c in group_order(rows) if c != baseline]:
         cells = []
         for metric in metrics:
             d = next((x for x in found if x.condition == condition and x.metric == metric), None)
@@ -123,22 +206,13 @@ def write_comparison(rows: list[dict], out: Path) -> Path:
             else:
                 cells.append(f"{d.mean:+.3g} [{d.low:+.3g}, {d.high:+.3g}] p={d.p:.2g}{' *' if d.significant else ''}")
         lines.append(f"| {condition} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Mean paired difference over seeds (condition minus None, same seed), [95% CI] from Student's t, "
-        "two-sided paired t-test p; * significant at 0.05 after Holm's correction over the conditions of "
-        "each metric. n/a: fewer than two paired seeds, or a value beyond every attack.",
-    ]
-    path = out / "robustness_vs_none.md"
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return lines + [""]
 
 
 def noise_figure(rows: list[dict], out: Path) -> Path:
     """Fig. 4A: accuracy against Gaussian noise level, mean and SEM over seeds per condition."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for condition in ordered({r["condition"] for r in rows if "noise curve" in r}):
+    for condition in group_order([r for r in rows if "noise curve" in r]):
         curves = [r["noise curve"] for r in rows if r["condition"] == condition and "noise curve" in r]
         sigmas = np.asarray(curves[0][0])
         acc = np.array([c[1] for c in curves])
@@ -155,10 +229,10 @@ def noise_figure(rows: list[dict], out: Path) -> Path:
 
 def perturbation_figure(rows: list[dict], out: Path) -> Path:
     """Fig. 5: median minimal perturbation per condition (Linf and L2), seeds as points."""
-    norms = [m for m in ("median Linf perturbation", "median L2 perturbation") if any(m in r for r in rows)]
+    norms = [m for m in comparison_metrics(rows) if m.startswith("median ")]
     fig, axes = plt.subplots(1, max(1, len(norms)), figsize=(5 * max(1, len(norms)), 4), squeeze=False)
     for ax, metric in zip(axes.flat, norms):
-        conditions = ordered({r["condition"] for r in rows if metric in r})
+        conditions = group_order([r for r in rows if metric in r])
         for i, condition in enumerate(conditions):
             values = np.array([r[metric] for r in rows if r["condition"] == condition and metric in r])
             finite = values[np.isfinite(values)]
@@ -208,14 +282,16 @@ def write_attack_coverage(pipeline, out: Path) -> Path | None:
     return path
 
 
-def robustness_figures(pipeline, out: Path) -> list[Path]:
+def robustness_figures(pipeline, out: Path, restriction=None) -> list[Path]:
     """`neureg report robustness`: the table (CSV, Markdown), both figures, and which attack ran on how many
-    images (``attack_coverage.md``)."""
-    rows = per_network_metrics(pipeline)
+    images (``attack_coverage.md``), of the networks ``restriction`` selects (all when None)."""
+    rows = per_network_metrics(pipeline, restriction)
     if not rows:
+        if restriction is not None:
+            raise LookupError(f"no trained network matches the restriction {restriction!r}")
         raise LookupError("no trained networks yet: plan training runs and populate the training stage")
-    paths = list(write_table(results_table(pipeline), out))
-    if any(r["condition"] == BASELINE for r in rows):
+    paths = list(write_table(table_of(rows), out))
+    if any(r["plan condition"] == BASELINE for r in rows):
         paths.append(write_comparison(rows, out))
     if any("noise curve" in r for r in rows):
         paths.append(noise_figure(rows, out))

@@ -307,3 +307,14 @@ def test_a_bad_group_size_is_refused_before_any_work(tmp_path):
     batch = run_cli("worker", "--once", env={"NEUREG_HOME": str(home), "NEUREG_ATTACK_BATCH": "lots"})
     assert batch.returncode == 2 and "NEUREG_ATTACK_BATCH='lots'" in batch.stderr, batch.stderr
     assert "Traceback" not in batch.stderr and len(batch.stderr.strip().splitlines()) == 1
+
+
+def test_report_restrictions_are_checked_before_connecting(tmp_path):
+    env = {"NEUREG_HOME": str(tmp_path)}
+    run = run_cli("report", "robustness", "--restrict", "seed", env=env)
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "error: --restrict 'seed': expected ATTRIBUTE=VALUE, e.g. seed=0 or condition=None"
+    ]
+    run = run_cli("report", "oracle", "--restrict", "seed=0", env=env)
+    assert run.returncode == 2 and "--restrict applies to the robustness report, not oracle" in run.stderr
+    assert not (tmp_path / "neureg_figures").exists()
