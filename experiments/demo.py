@@ -62,6 +62,15 @@ SIZES = {
 }
 
 
+#: What ``--fast`` is, said at its start and above each of its tables.
+PLUMBING = (
+    "--fast checks the plumbing at the smallest sizes: its networks train too briefly to learn (near chance, "
+    "10% on ten digits), so the numbers below are not results, and no p-values are printed"
+)
+#: A group whose mean clean accuracy is below this many times chance has not learned its task.
+CHANCE_FACTOR = 1.5
+
+
 def _say(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
@@ -182,6 +191,8 @@ def run_demo(pipeline, out: Path | None = None, fast: bool = False) -> int:
     sizes = SIZES["fast" if fast else "full"]
     out = Path(out) if out else home_folder() / ("demo_fast" if fast else "demo")
     out.mkdir(parents=True, exist_ok=True)
+    if fast:
+        _say(PLUMBING)
     exp, pred, sim, tr, rb = (
         pipeline.experiment,
         pipeline.predictive,
@@ -223,6 +234,8 @@ def run_demo(pipeline, out: Path | None = None, fast: bool = False) -> int:
     else:
         _say("VGG control skipped: set NEUREG_VGG_WEIGHTS to torchvision's VGG19 state_dict to include it")
     _populate(pipeline, "similarity", keys=[dict(k, **predictor) for k in scan_keys] + list(targets.values()))
+    if fast:
+        _say(PLUMBING)
     predictive_check(pipeline, dict(zip(folders, scan_keys)), predictor)
 
     for seed in sizes["seeds"]:
@@ -254,9 +267,14 @@ def run_demo(pipeline, out: Path | None = None, fast: bool = False) -> int:
         + similarity_figures(pipeline, figures)
         + robustness_figures(pipeline, figures)
     )
+    if fast:
+        _say(PLUMBING)
     _say("results (mean ± SEM over seeds):")
     print((figures / "robustness_results.md").read_text())
-    if (figures / "robustness_vs_none.md").exists():
+    _warn_at_chance(pipeline)
+    if fast:
+        _say(f"comparisons with None not printed (--fast); written to {figures / 'robustness_vs_none.md'}")
+    elif (figures / "robustness_vs_none.md").exists():
         _say("each condition against None (paired over seeds):")
         print((figures / "robustness_vs_none.md").read_text())
     _say("figures and tables:")
@@ -267,6 +285,17 @@ def run_demo(pipeline, out: Path | None = None, fast: bool = False) -> int:
         f"done in {time.perf_counter() - start:.0f} s"
     )
     return 0
+
+
+def _warn_at_chance(pipeline) -> None:
+    """One line per group of networks that has not learned its task (mean clean accuracy near chance)."""
+    from ..reports.robustness import per_network_metrics, table_of
+
+    chance = 1 / 10  # the MNIST demo digits
+    for row in table_of(per_network_metrics(pipeline)):
+        mean = row["clean accuracy"][0]
+        if mean < CHANCE_FACTOR * chance:
+            _say(f"warning: {row['condition']} networks are at chance (clean accuracy {mean:.2f}): not a result")
 
 
 def predictive_check(pipeline, scans: dict, predictor: dict) -> list[dict]:

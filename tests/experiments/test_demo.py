@@ -45,7 +45,13 @@ def test_demo_runs_the_whole_chain_and_reports_the_contract():
     compared = {line.split("|")[1].strip() for line in versus.splitlines()[2:] if line.startswith("| ")}
     assert compared == set(CONDITIONS) - {"None"}
     assert re.search(r"\[[-+][\d.e-]+, [-+][\d.e-]+\] p=", versus), "differences carry a 95% CI and a p value"
-    assert "each condition against None" in run.stdout
+    assert "each condition against None" not in run.stdout and " p=" not in run.stdout  # plumbing only
+    banner = "[demo] --fast checks the plumbing at the smallest sizes"
+    lines = run.stdout.splitlines()
+    first = next(line for line in lines if line.startswith("[demo]"))
+    assert first.startswith(banner) and run.stdout.count(banner) == 3  # at the start, above both tables
+    below = next(i for i, line in enumerate(lines) if line.startswith("[demo] results (mean"))
+    assert lines[below - 1].startswith(banner)
     fig_1d = re.findall(r"S\^model (\S+) vs S\^data (\S+) .*median r\(predicted, true rate\) (\S+)", run.stdout)
     assert len(fig_1d) == SIZES["fast"]["cohort"]["scans_per_day"], run.stdout  # one line per scan
     expected = {
