@@ -95,10 +95,13 @@ def cmd_report(args) -> int:
     except ValueError as exc:
         return refuse(exc)
     pipeline = connect_from(args)
+    from ..database.connect import figures_folder
+
     module = importlib.import_module(f"neureg.reports.{args.what}")
     try:
         extra = [restriction] if restriction else []
-        paths = getattr(module, f"{args.what}_figures")(pipeline, Path(args.out), *extra)
+        out = Path(args.out) if args.out else figures_folder()
+        paths = getattr(module, f"{args.what}_figures")(pipeline, out, *extra)
     except ValueError as exc:
         return refuse(exc)
     except LookupError as exc:
@@ -166,7 +169,9 @@ def register(sub) -> None:
 
     p = add_command(sub, cmd_report, "write figures (PNG) from the database")
     p.add_argument("what", choices=["oracle", "similarity", "robustness"], help="which figures")
-    p.add_argument("--out", default="neureg_figures", help="folder for the PNGs (default ./neureg_figures)")
+    p.add_argument(
+        "--out", help="folder for the figures and tables (default: NEUREG_FIGURES, else figures/ in the home)"
+    )
     p.add_argument("--json", action="store_true", help="print the written files as one JSON list")
     p.add_argument(
         "--restrict",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -83,6 +84,13 @@ def home_folder() -> Path:
     """The home of the connected pipeline (``--home`` honoured), else ``NEUREG_HOME`` or the per-user folder:
     where scratch files, demo folders and (with no shared store) checkpoints go."""
     return _active.settings.home if _active.settings is not None else default_home().resolve()
+
+
+def figures_folder() -> Path:
+    """Where figures and tables go unless a command is told otherwise: ``NEUREG_FIGURES``, else ``figures/``
+    in the home. One folder for ``neureg report``, ``neureg demo`` and the notebook."""
+    chosen = os.environ.get("NEUREG_FIGURES", "").strip()
+    return Path(chosen).expanduser() if chosen else home_folder() / "figures"
 
 
 def connect(home=None, prefix=None, backend=None, *, create_tables=True) -> Pipeline:

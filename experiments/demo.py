@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..database.connect import home_folder
+from ..database.connect import figures_folder, home_folder
 from ..errors import ScanExistsError
 from ..ingestion import ingest_folder
 from ..models.neural.targets import methods_reading
@@ -189,6 +189,7 @@ def run_demo(pipeline, out: Path | None = None, fast: bool = False) -> int:
     """The whole chain on a simulated cohort: ingest, oracle, predictive, targets, training, robustness, report."""
     start = time.perf_counter()
     sizes = SIZES["fast" if fast else "full"]
+    explicit_out = out is not None
     out = Path(out) if out else home_folder() / ("demo_fast" if fast else "demo")
     out.mkdir(parents=True, exist_ok=True)
     if fast:
@@ -261,7 +262,7 @@ def run_demo(pipeline, out: Path | None = None, fast: bool = False) -> int:
     from ..reports.robustness import robustness_figures
     from ..reports.similarity import similarity_figures
 
-    figures = out / "figures"
+    figures = out / "figures" if explicit_out else figures_folder()
     paths = (
         oracle_figures(pipeline, figures)
         + similarity_figures(pipeline, figures)
