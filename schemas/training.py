@@ -136,7 +136,7 @@ class RegularizerConfig(dj.Lookup):
     @classmethod
     def add(cls, config: dict | None = None, target: dict | None = None, label: str = "") -> dict:
         full, target_key = cls.complete(config, target)
-        key = cls._key_of(full, target_key)
+        key = {"regularizer_hash": stable_hash({"config": full, "target": target_key})}
         if not (cls & key):
             twin = cls.non_canonical().get(key["regularizer_hash"])
             if twin is not None:  # stored before values were canonical: that row is this config
@@ -144,26 +144,16 @@ class RegularizerConfig(dj.Lookup):
             cls.insert1(dict(key, regularizer_config=full, regularizer_label=label[:64], **target_key))
         return key
 
-    @staticmethod
-    def _key_of(full: dict, target_key: dict) -> dict:
-        return {"regularizer_hash": stable_hash({"config": full, "target": target_key})}
-
     @classmethod
     def non_canonical(cls) -> dict[str, str]:
-        """{canonical hash: stored hash} of rows keyed before config values were canonical (``alpha: 20``
-        where ``20.0`` is meant; ``ConfigTable.non_canonical``)."""
-        hashes, configs, scan_sets, targets = cls().to_arrays(
-            "regularizer_hash", "regularizer_config", "scan_set", "target_hash"
+        """{canonical hash: stored hash} of rows keyed before values were canonical (as ``ConfigTable``'s)."""
+        canonical = lambda row: stable_hash(  # noqa: E731
+            {
+                "config": complete_kwargs(schedule.regularizer_settings, row["regularizer_config"]),
+                "target": {k: row[k] for k in ("scan_set", "target_hash")} if isinstance(row["scan_set"], str) else {},
+            }
         )
-        rows = [(h, (c, s, t)) for h, c, s, t in zip(hashes, configs, scan_sets, targets)]
-
-        def canonical_hash(stored):
-            config, scan_set, target_hash = stored
-            full = complete_kwargs(schedule.regularizer_settings, config, "RegularizerConfig")
-            target = {"scan_set": scan_set, "target_hash": target_hash} if isinstance(scan_set, str) else {}
-            return cls._key_of(full, target)["regularizer_hash"]
-
-        return stored_twins(rows, canonical_hash)
+        return stored_twins(((row["regularizer_hash"], row) for row in cls().to_dicts()), canonical)
 
 
 @schema
