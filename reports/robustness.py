@@ -49,9 +49,9 @@ def per_network_metrics(pipeline, restriction=None) -> list[dict]:
             "clean accuracy": net["test_accuracy"],
         }
         values = {}
-        for config, value, name in _evaluations(rb, key, row):
-            metrics[(name, *config)] = (name, config[2])
-            values[(name, *config)] = value
+        for (table, config_hash, settings), value, name in _evaluations(rb, key, row):
+            metrics[(name, table, config_hash)] = (name, settings)
+            values[(name, table, config_hash)] = value
         row["values"] = values
         rows.append(row)
     names = tell_apart({metric: (name, config) for metric, (name, config) in metrics.items()})
