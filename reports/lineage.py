@@ -13,8 +13,9 @@ from collections.abc import Hashable
 
 #: The lineage fields of a trained network other than its seed (``TrainingPlan``'s primary key).
 LINEAGE = ("dataset", "network_hash", "train_hash", "regularizer_hash")
-#: Networks paired by seed in a comparison share these: the same data, architecture and schedule.
-EXPERIMENT = ("dataset", "network_hash", "train_hash")
+#: Networks paired by seed in a comparison share these: the same data and schedule (the architecture is a
+#: condition of its own: VOne is compared with None).
+EXPERIMENT = ("dataset", "train_hash")
 
 
 def _shown(value) -> str:

@@ -169,8 +169,8 @@ def comparison_metrics(rows: list[dict]) -> list[str]:
 def write_comparison(rows: list[dict], out: Path) -> Path:
     """Markdown: per group and metric, the paired difference from None over seeds with its 95% CI; '*'
     marks a difference significant after Holm's correction (see models/robustness/comparison.py). Groups
-    are compared only with the None group of their own experiment (same dataset, network and schedule):
-    one section per experiment that has exactly one."""
+    are compared only with the None group of their own experiment (same dataset and schedule): one section
+    per experiment that has exactly one."""
     metrics = comparison_metrics(rows)
     experiments: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -181,7 +181,7 @@ def write_comparison(rows: list[dict], out: Path) -> Path:
         if len(baselines) != 1:
             continue
         if len(experiments) > 1:
-            lines += [f"### dataset {experiment[0]}, network {experiment[1][:8]}, schedule {experiment[2][:8]}", ""]
+            lines += [f"### dataset {experiment[0]}, schedule {experiment[1][:8]}", ""]
         lines += _comparison_lines(members, metrics, baselines.pop())
     lines += [
         "Mean paired difference over seeds (condition minus None, same seed), [95% CI] from Student's t, "
