@@ -144,7 +144,10 @@ def plan_epoch(
 def augment_batch(
     x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, mode: str, pad: int = 4
 ) -> torch.Tensor:
-    """Random crop of the zero-padded images (and horizontal flip) as one gather on x's device."""
+    """Random crop of the zero-padded images (and horizontal flip) as one gather on x's device. The gather
+    comes out channels-last; it is copied to plain NCHW strides, because a 1-channel tensor with NHWC strides
+    counts as contiguous (``contiguous()`` keeps it) and sends oneDNN down its NHWC kernels, whose weight
+    gradient crashes the process on some CPUs (an AMD EPYC, 2026-12-07; ``models/runtime.py``)."""
     if mode == "none":
         return x
     n, _, h, w = x.shape
@@ -153,7 +156,11 @@ def augment_batch(
     cols = dx[:, None] + torch.arange(w, device=x.device)
     cols = torch.where(flip[:, None], cols.flip(1), cols)
     batch = torch.arange(n, device=x.device)[:, None, None]
-    return padded[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    return (
+        padded[batch, rows[:, :, None], cols[:, None, :]]
+        .permute(0, 3, 1, 2)
+        .clone(memory_format=torch.contiguous_format)
+    )
 
 
 def training_step(
