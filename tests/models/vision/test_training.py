@@ -114,9 +114,11 @@ def test_stimulus_pass_leaves_batchnorm_running_statistics_alone():
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("arch", ["resnet18", "vone_resnet18"])
-def test_resume_equals_uninterrupted_run(tmp_path, arch, channels_last):
+def test_resume_equals_uninterrupted_run(tmp_path, arch, channels_last, nhwc_crashes):
     """Kill after epoch 2 of 3 (the checkpoint is written), rerun: the result is bitwise the same, in either
-    memory layout (channels_last is the CPU workers' default)."""
+    memory layout (channels_last is opt-in on the CPU)."""
+    if channels_last and nhwc_crashes:
+        pytest.skip("this CPU's oneDNN crashes in NHWC weight gradients (why NHWC is opt-in: models/runtime.py)")
     data = tiny_dataset()
     stimuli, target = quadrant_stimuli(n=24)
     net = {
