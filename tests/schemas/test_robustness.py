@@ -76,7 +76,7 @@ def test_results_table_is_mean_and_sem_over_seeds(pipeline, trained, evaluated, 
         assert n == 2 and mean == pytest.approx(np.mean(values))
         assert sem == pytest.approx(np.std(values, ddof=1) / np.sqrt(2))
         assert "median Linf perturbation" in table[condition] and "corruption accuracy" in table[condition]
-    paths = robustness_figures(pipeline, tmp_path)
+    paths = robustness_figures(pipeline, tmp_path, restriction)  # other tests train None networks of their own
     names = {p.name for p in paths}
     assert {
         "robustness_results.csv",
